@@ -1,0 +1,19 @@
+"""GPT-Neo: ``attn.attention.{q,k,v,out}_proj`` (global and local layers alike)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ._hf import layout_from_attention_modules, num_heads_of
+from .base import AttentionLayout, register_layout
+
+
+@register_layout("gpt_neo")
+def gpt_neo_layout(model: nn.Module) -> AttentionLayout:
+    heads, _ = num_heads_of(model.config)
+    return layout_from_attention_modules(
+        model,
+        r"h\.(\d+)\.attn\.attention",
+        {"Q": "q_proj", "K": "k_proj", "V": "v_proj", "O": "out_proj"},
+        num_heads=heads,
+    )
