@@ -192,7 +192,9 @@ class AttentionLayout:
             elif fused == "interleaved":
                 d = q_out // (3 * num_heads)
             else:
-                raise LayoutError(f"unknown fused layout {fused!r}: 'concat', 'interleaved' or None")
+                raise LayoutError(
+                    f"unknown fused layout {fused!r}: 'concat', 'interleaved' or None"
+                )
             head_dim = head_dim or d
             if fused is None:
                 idx = {
@@ -494,5 +496,7 @@ def find_layer_modules(model: nn.Module, pattern: str, num_layers: int | None = 
     if not found or sorted(found) != list(range(len(found))):
         raise LayoutError(f"no layers matching {pattern!r} in {type(model).__name__}")
     if num_layers is not None and len(found) != num_layers:
-        raise LayoutError(f"found {len(found)} layers matching {pattern!r}, config says {num_layers}")
+        raise LayoutError(
+            f"found {len(found)} layers matching {pattern!r}, config says {num_layers}"
+        )
     return [found[i] for i in range(len(found))]

@@ -1,0 +1,265 @@
+"""Per-sample gradients of the Q/K/V/O projections from ONE batched forward/backward.
+
+For a projection ``y = x W^T`` (``nn.Linear``, weight ``[out, in]``) or ``y = x W`` (transformers
+``Conv1D``, weight ``[in, out]``) applied to ``x: [B, T, in]``, sample b's share of the weight
+gradient is ``sum_t grad_y[b, t]^T x[b, t]``: one ``bmm`` over the batch from the activations the
+forward hook saw and the output gradient a tensor hook sees. Its cost equals the weight-gradient
+matmul autograd does anyway, so a flagged step costs about ``1 + (attention weight-grad FLOPs /
+step FLOPs)`` (~1.1x), instead of the ~B forward/backward passes of a micro-batch-1 loop.
+
+Scaling convention: what the hooks see is sample b's share of the gradient of whatever loss was
+backpropagated. :func:`fisher_callbacks.losses.reduction_scale` gives the per-sample factors that
+turn the share of a training loss (token mean, sample mean, sum; AMP loss scale; gradient
+accumulation) into ``grad l_b``, the gradient of sample b's own mean loss; :meth:`pop` applies them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+from torch import nn
+
+from .layouts import AttentionLayout
+from .losses import (
+    LossType,
+    forward_logits,
+    infer_loss_type,
+    per_sample_loss,
+    sample_true_labels,
+)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+class PerSampleGradientCapture:
+    """Forward/backward hooks on the monitored projection modules.
+
+    Attach once (``attach``), then ``arm`` before a forward whose backward should be captured and
+    ``pop`` after the backward. While disarmed the hooks return at once. Hooks only act on forwards
+    that build a graph (``output.requires_grad``), so validation passes under ``no_grad`` are free.
+
+    Args:
+        model: the module whose parameters the layout names.
+        layout: the attention layout; its ``monitored_parameters()`` are captured.
+
+    Example:
+        >>> capture = PerSampleGradientCapture(model, layout).attach()
+        >>> capture.arm()
+        >>> loss = model(**batch).loss; loss.backward()
+        >>> grads = capture.pop(scale)   # {name: [B, *param.shape]} fp32
+    """
+
+    def __init__(self, model: nn.Module, layout: AttentionLayout) -> None:
+        self.model = model
+        self.layout = layout
+        self.param_names = layout.monitored_parameters()
+        modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
+        # module name -> {"weight": param name or None, "bias": param name or None}
+        self._targets: dict[str, dict[str, str | None]] = {}
+        for name in self.param_names:
+            mod_name, _, kind = name.rpartition(".")
+            if mod_name not in modules or name not in params:
+                raise ValueError(f"{name} is not a parameter of {type(model).__name__}")
+            module = modules[mod_name]
+            if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+                raise TypeError(
+                    f"per-sample capture supports nn.Linear and transformers Conv1D, "
+                    f"not {type(module).__name__} ({mod_name})"
+                )
+            self._targets.setdefault(mod_name, {"weight": None, "bias": None})[kind] = name
+        self._modules = {n: modules[n] for n in self._targets}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._armed = False
+        self._samples: torch.Tensor | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.batch_size: int | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self) -> PerSampleGradientCapture:
+        """Register the forward hooks (idempotent)."""
+        if not self._handles:
+            for mod_name, module in self._modules.items():
+                hook = partial(self._forward_hook, mod_name)
+                self._handles.append(module.register_forward_hook(hook))
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook and drop buffers."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.disarm()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def armed(self) -> bool:
+        return self._armed
+
+    def arm(self, samples: torch.Tensor | None = None) -> None:
+        """Capture the next backward(s).
+
+        Args:
+            samples: batch indices to capture (``[k]`` long), e.g. a random subset for a cheap EMA
+                update; ``None`` captures every sample.
+        """
+        self._buffers.clear()
+        self.batch_size = None
+        self._samples = None if samples is None else samples.long()
+        self._armed = True
+
+    def disarm(self) -> None:
+        self._armed = False
+        self._samples = None
+        self._buffers.clear()
+        self.batch_size = None
+
+    @contextlib.contextmanager
+    def capturing(self, samples: torch.Tensor | None = None) -> Iterator[PerSampleGradientCapture]:
+        """Attach (if needed) and arm for the block; hooks attached here are removed on exit,
+        also when the block raises."""
+        was_attached = self.attached
+        self.attach()
+        self.arm(samples)
+        try:
+            yield self
+        finally:
+            self._armed = False
+            if not was_attached:
+                for handle in self._handles:
+                    handle.remove()
+                self._handles.clear()
+
+    # ------------------------------------------------------------------ hooks
+    def _forward_hook(self, mod_name: str, module: nn.Module, inputs, output) -> None:
+        if not self._armed or not torch.is_tensor(output) or not output.requires_grad:
+            return
+        x = inputs[0].detach()
+        if self.batch_size is None:
+            self.batch_size = x.shape[0]
+        if self._samples is not None:
+            x = x.index_select(0, self._samples.to(x.device))
+        output.register_hook(partial(self._grad_hook, mod_name, module, x))
+
+    def _grad_hook(self, mod_name: str, module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+        go = grad.detach()
+        if self._samples is not None:
+            go = go.index_select(0, self._samples.to(go.device))
+        b = x.shape[0]
+        with torch.autocast(device_type=go.device.type, enabled=False):
+            x3 = x.reshape(b, -1, x.shape[-1]).float()  # [B, T, in]
+            g3 = go.reshape(b, -1, go.shape[-1]).float()  # [B, T, out]
+            target = self._targets[mod_name]
+            if target["weight"] is not None:
+                if _is_conv1d(module):
+                    gw = torch.bmm(x3.transpose(1, 2), g3)  # [B, in, out]
+                else:
+                    gw = torch.bmm(g3.transpose(1, 2), x3)  # [B, out, in]
+                self._accumulate(target["weight"], gw)
+            if target["bias"] is not None:
+                self._accumulate(target["bias"], g3.sum(1))  # [B, out]
+
+    def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        # A module used twice in one forward (weight sharing) contributes the sum of both uses.
+        if name in self._buffers:
+            self._buffers[name] += value
+        else:
+            self._buffers[name] = value
+
+    # ------------------------------------------------------------------ results
+    def pop(self, scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-sample gradients of the captured backward(s), and disarm.
+
+        Args:
+            scale: ``[B']`` per-sample factors (see :func:`fisher_callbacks.losses.reduction_scale`;
+                for a subset capture, the factors of the captured samples).
+
+        Returns:
+            ``{param name: [B', *param.shape]}`` fp32, in the layout's parameter order; empty when
+            no backward reached the hooks.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name in self.param_names:
+            if name not in self._buffers:
+                continue
+            g = self._buffers[name]
+            if scale is not None:
+                s = scale.to(device=g.device, dtype=g.dtype)
+                g.mul_(s.view(-1, *([1] * (g.dim() - 1))))
+            out[name] = g
+        missing = [n for n in self.param_names if n not in self._buffers]
+        if out and missing:
+            warnings.warn(
+                f"no gradient reached {len(missing)} monitored parameter(s) "
+                f"(e.g. {missing[0]}); they are zero for this batch",
+                stacklevel=2,
+            )
+            n = next(iter(out.values())).shape[0]
+            params = dict(self.model.named_parameters())
+            for name in missing:
+                out[name] = torch.zeros(n, *params[name].shape, device=params[name].device)
+            out = {n_: out[n_] for n_ in self.param_names}
+        self.disarm()
+        return out
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    batch: dict,
+    layout: AttentionLayout | None = None,
+    *,
+    loss_type: LossType | None = None,
+    fisher_type: str = "empirical",
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Exact per-sample gradients of every monitored Q/K/V/O weight, in one batched pass.
+
+    ``g_i = grad l_i`` where ``l_i`` is sample i's own mean loss (see :mod:`fisher_callbacks.losses`):
+    identical to running sample i alone (micro-batch 1) in the model's current mode. ``.grad`` is
+    not touched (``torch.autograd.grad``), the train/eval mode is not changed, and the hooks are
+    removed even if the forward raises.
+
+    Args:
+        model: a Hugging Face model or a module wrapping one.
+        batch: ``input_ids`` (and ``attention_mask`` etc.) plus ``labels``.
+        layout: defaults to ``AttentionLayout.from_model(model)``.
+        loss_type: ``"causal_lm"``, ``"masked_lm"`` or ``"sequence_classification"`` (inferred).
+        fisher_type: ``"empirical"`` (the batch labels) or ``"true"`` (labels sampled from the
+            model's predictive distribution with ``generator``).
+
+    Returns:
+        ``{param name: [B, *param.shape]}`` fp32.
+    """
+    if fisher_type not in ("empirical", "true"):
+        raise ValueError(f"fisher_type must be 'empirical' or 'true', got {fisher_type!r}")
+    if "labels" not in batch:
+        raise ValueError("the batch has no 'labels': per-sample gradients need targets")
+    labels = batch["labels"]
+    if labels.shape[0] == 0:
+        raise ValueError("the batch is empty")
+    layout = layout or AttentionLayout.from_model(model)
+    loss_type = loss_type or infer_loss_type(model)
+    capture = PerSampleGradientCapture(model, layout)
+    with capture.capturing(), torch.enable_grad():
+        logits = forward_logits(model, batch)
+        if fisher_type == "true":
+            labels = sample_true_labels(logits, labels, loss_type, generator)
+        losses, _ = per_sample_loss(logits, labels, loss_type)
+        params = dict(model.named_parameters())
+        weights = [params[n] for n in capture.param_names]
+        if not all(w.requires_grad for w in weights):
+            raise ValueError(
+                "monitored attention weights are frozen (requires_grad=False); unfreeze them "
+                "to capture their per-sample gradients"
+            )
+        torch.autograd.grad(losses.sum(), weights, allow_unused=True)
+        return capture.pop()

@@ -1,0 +1,582 @@
+"""FisherCollector: signed per-sample gradients within a memory budget, contribution and EMA Fisher.
+
+Definitions (DESIGN section 2), for each monitored weight entry k:
+
+- contribution of sample i: ``C_i = g_i ** 2``, with ``g_i`` the gradient of sample i's own mean loss;
+- contribution Fisher of task T: ``I_T = mean_i C_i`` over every sample of T seen so far, kept as an
+  fp32 sum and a count (so DDP ranks reduce it with a sum);
+- EMA Fisher: ``F_t = beta F_{t-1} + (1 - beta) mean_batch C``, reported bias-corrected
+  ``F_t / (1 - beta ** t)``.
+
+The signed ``g_i`` are stored (C is derived; every interference variant needs the sign or ``|g|``)
+in ``storage_dtype`` under the key ``f"{task}_{id}"`` with the sample's TRUE id. Storage never
+exceeds ``gradient_memory_mb``: each task keeps a reservoir sample (Algorithm R), so after any
+number of samples the stored ones are a uniform random subset of those seen; when a new task
+arrives the per-task capacity shrinks and the other reservoirs drop random members (still uniform).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import per_sample_gradients
+from .layouts import AttentionLayout
+from .losses import LossType
+
+SampleId = int | str
+
+
+@dataclass
+class _TaskState:
+    """Everything the collector keeps for one task."""
+
+    ids: list[SampleId] = field(default_factory=list)  # stored ids, row k of each tensor
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [capacity, *shape]
+    capacity: int = 0
+    seen: int = 0  # reservoir candidates offered (valid samples)
+    fisher_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32 sum of C_i
+    fisher_count: int = 0
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32, not bias-corrected
+    ema_steps: int = 0
+    next_id: int = 0  # running counter for samples without ids
+
+
+class FisherCollector:
+    """Per-sample gradients, contribution Fisher and EMA Fisher of the monitored Q/K/V/O weights.
+
+    Args:
+        model: a Hugging Face model or a module wrapping one.
+        layout: attention layout (default ``AttentionLayout.from_model(model)``).
+        ema_decay: ``beta`` of the EMA Fisher.
+        storage_dtype: dtype of the stored signed gradients (fp32, bf16 or fp16); Fisher sums are
+            always fp32.
+        gradient_memory_mb: hard cap on the stored per-sample gradients, all tasks together.
+        fisher_type: ``"empirical"`` (batch labels) or ``"true"`` (labels sampled from the model).
+        max_samples_per_task: optional cap on stored samples per task (besides the memory cap).
+        min_samples_for_fisher: :meth:`fisher` warns below this many samples.
+        loss_type: per-sample loss (inferred from the model's head when ``None``).
+        seed: seeds the reservoir and the true-Fisher label sampling.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: AttentionLayout | None = None,
+        ema_decay: float = 0.99,
+        storage_dtype: torch.dtype = torch.float32,
+        gradient_memory_mb: float = 512,
+        fisher_type: str = "empirical",
+        max_samples_per_task: int | None = None,
+        min_samples_for_fisher: int = 10,
+        loss_type: LossType | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if storage_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"storage_dtype must be float32, bfloat16 or float16, got {storage_dtype}"
+            )
+        if gradient_memory_mb < 0:
+            raise ValueError("gradient_memory_mb must be >= 0")
+        if fisher_type not in ("empirical", "true"):
+            raise ValueError(f"fisher_type must be 'empirical' or 'true', got {fisher_type!r}")
+        if max_samples_per_task is not None and max_samples_per_task < 0:
+            raise ValueError("max_samples_per_task must be >= 0")
+        self.model = model
+        self.layout = layout or AttentionLayout.from_model(model)
+        self.ema_decay = float(ema_decay)
+        self.storage_dtype = storage_dtype
+        self.gradient_memory_mb = float(gradient_memory_mb)
+        self.fisher_type = fisher_type
+        self.max_samples_per_task = max_samples_per_task
+        self.min_samples_for_fisher = int(min_samples_for_fisher)
+        self.loss_type = loss_type
+        self.param_names = self.layout.monitored_parameters()
+        params = dict(model.named_parameters())
+        self.param_shapes = {n: tuple(params[n].shape) for n in self.param_names}
+        self.skipped_nonfinite = 0
+        self._tasks: dict[str, _TaskState] = {}
+        self._fisher_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._generator = torch.Generator().manual_seed(seed)
+        self._warned_budget = False
+
+    # ------------------------------------------------------------------ budget
+    @property
+    def bytes_per_sample(self) -> int:
+        """Bytes one stored sample takes (all monitored parameters, ``storage_dtype``)."""
+        itemsize = torch.empty((), dtype=self.storage_dtype).element_size()
+        return sum(math.prod(s) for s in self.param_shapes.values()) * itemsize
+
+    def _capacity_per_task(self, n_tasks: int) -> int:
+        total = int(self.gradient_memory_mb * 2**20) // max(self.bytes_per_sample, 1)
+        cap = total // max(n_tasks, 1)
+        if self.max_samples_per_task is not None:
+            cap = min(cap, self.max_samples_per_task)
+        return cap
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes allocated for stored per-sample gradients (never above the budget)."""
+        return sum(
+            t.numel() * t.element_size() for s in self._tasks.values() for t in s.rows.values()
+        )
+
+    def _task(self, task: str) -> _TaskState:
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"task must be a non-empty string, got {task!r}")
+        state = self._tasks.get(task)
+        if state is None:
+            state = _TaskState()
+            self._tasks[task] = state
+            self._rebalance()
+        return state
+
+    def _rebalance(self) -> None:
+        """Give every task the same capacity; shrink reservoirs by dropping random members."""
+        cap = self._capacity_per_task(len(self._tasks))
+        if cap == 0 and not self._warned_budget:
+            warnings.warn(
+                f"gradient_memory_mb={self.gradient_memory_mb} holds no sample of "
+                f"{self.bytes_per_sample / 2**20:.1f} MB for {len(self._tasks)} task(s): per-sample "
+                "gradients are not stored (Fisher sums still are); raise the budget, lower "
+                "storage_dtype or monitor fewer layers",
+                stacklevel=3,
+            )
+            self._warned_budget = True
+        for state in self._tasks.values():
+            if state.capacity == cap:
+                continue
+            n = len(state.ids)
+            keep = torch.arange(n)
+            if n > cap:
+                keep = torch.randperm(n, generator=self._generator)[:cap].sort().values
+            state.ids = [state.ids[i] for i in keep.tolist()]
+            # Free the old rows before allocating the new ones so the cap holds.
+            old, state.rows = state.rows, {}
+            kept = {name: rows.index_select(0, keep) for name, rows in old.items()}
+            del old
+            state.capacity = cap
+            if cap > 0 and kept:
+                for name, rows in kept.items():
+                    new = rows.new_zeros((cap, *rows.shape[1:]))
+                    new[: rows.shape[0]] = rows
+                    state.rows[name] = new
+
+    # ------------------------------------------------------------------ ingest
+    def collect(
+        self, batch: dict, task: str, sample_ids: Sequence[SampleId] | torch.Tensor | None = None
+    ) -> int:
+        """Per-sample gradients of ``batch`` (one batched pass, ``.grad`` untouched), then store.
+
+        Returns:
+            the number of samples accepted (finite gradients).
+        """
+        grads = per_sample_gradients(
+            self.model,
+            batch,
+            self.layout,
+            loss_type=self.loss_type,
+            fisher_type=self.fisher_type,
+            generator=self._generator,
+        )
+        return self.add_gradients(grads, task, sample_ids)
+
+    def add_gradients(
+        self,
+        grads: dict[str, torch.Tensor],
+        task: str,
+        sample_ids: Sequence[SampleId] | torch.Tensor | None = None,
+    ) -> int:
+        """Add already-captured per-sample gradients ``{name: [B, *shape]}`` of ``task``.
+
+        Samples with a non-finite entry are skipped, counted in ``skipped_nonfinite`` and warned
+        about. Each valid sample adds ``g_i**2`` to the task's fp32 Fisher sum and is offered to
+        the task's reservoir under its true id (a running counter when ``sample_ids`` is None).
+
+        Returns:
+            the number of samples accepted.
+        """
+        self._check_grads(grads)
+        n = next(iter(grads.values())).shape[0]
+        ids = self._resolve_ids(task, sample_ids, n)
+        state = self._task(task)
+        finite = torch.ones(n, dtype=torch.bool)
+        for g in grads.values():
+            finite &= torch.isfinite(g.reshape(n, -1)).all(1).cpu()
+        n_bad = int((~finite).sum())
+        if n_bad:
+            self.skipped_nonfinite += n_bad
+            bad = [ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
+            warnings.warn(
+                f"task {task!r}: skipped {n_bad} sample(s) with non-finite gradients "
+                f"(ids {bad[:5]}{'...' if n_bad > 5 else ''}); {self.skipped_nonfinite} so far",
+                stacklevel=2,
+            )
+        keep = torch.nonzero(finite).flatten()
+        if keep.numel() == 0:
+            return 0
+        for name in self.param_names:
+            g = grads[name].index_select(0, keep.to(grads[name].device)).float()
+            c = (g * g).sum(0)
+            if name in state.fisher_sum:
+                state.fisher_sum[name] += c
+            else:
+                state.fisher_sum[name] = c
+        state.fisher_count += keep.numel()
+        self._fisher_cache.pop(task, None)
+        self._reservoir_add(state, grads, keep.tolist(), [ids[i] for i in keep.tolist()])
+        return keep.numel()
+
+    def _check_grads(self, grads: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.param_names if n not in grads]
+        if missing:
+            raise KeyError(
+                f"gradients missing for {len(missing)} monitored parameter(s): {missing[:3]}"
+            )
+        sizes = {g.shape[0] for g in grads.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"per-sample gradients disagree on the batch size: {sorted(sizes)}")
+        for name in self.param_names:
+            if tuple(grads[name].shape[1:]) != self.param_shapes[name]:
+                raise ValueError(
+                    f"{name}: per-sample gradient shape {tuple(grads[name].shape)}, expected "
+                    f"[B, {', '.join(map(str, self.param_shapes[name]))}]"
+                )
+
+    def _resolve_ids(
+        self, task: str, sample_ids: Sequence[SampleId] | torch.Tensor | None, n: int
+    ) -> list[SampleId]:
+        if sample_ids is None:
+            state = self._task(task)
+            ids = list(range(state.next_id, state.next_id + n))
+            state.next_id += n
+            return ids
+        if torch.is_tensor(sample_ids):
+            sample_ids = sample_ids.flatten().tolist()
+        ids = list(sample_ids)
+        if len(ids) != n:
+            raise ValueError(f"{len(ids)} sample ids for {n} samples")
+        return ids
+
+    def _reservoir_add(
+        self,
+        state: _TaskState,
+        grads: dict[str, torch.Tensor],
+        rows: list[int],
+        ids: list[SampleId],
+    ) -> None:
+        if state.capacity == 0:
+            state.seen += len(rows)
+            return
+        if not state.rows:
+            for name in self.param_names:
+                shape = (state.capacity, *self.param_shapes[name])
+                state.rows[name] = torch.zeros(
+                    shape, dtype=self.storage_dtype, device=grads[name].device
+                )
+        # Algorithm R: fill, then sample n (1-based) replaces a uniform slot with prob cap / n.
+        src, dst = [], []
+        for row, sid in zip(rows, ids):
+            state.seen += 1
+            if len(state.ids) < state.capacity:
+                slot = len(state.ids)
+                state.ids.append(sid)
+            else:
+                j = int(torch.randint(state.seen, (1,), generator=self._generator))
+                if j >= state.capacity:
+                    continue
+                slot = j
+                state.ids[slot] = sid
+            # A later sample of this batch may take the same slot: the last writer wins.
+            if slot in dst:
+                src[dst.index(slot)] = row
+            else:
+                src.append(row)
+                dst.append(slot)
+        if not dst:
+            return
+        for name in self.param_names:
+            g = grads[name]
+            s = torch.tensor(src, device=g.device)
+            d = torch.tensor(dst, device=state.rows[name].device)
+            state.rows[name].index_copy_(0, d, g.index_select(0, s).to(self.storage_dtype))
+
+    # ------------------------------------------------------------------ EMA
+    def update_ema(self, batch: dict, task: str) -> None:
+        """One EMA step from the per-sample gradients of ``batch`` (one batched pass)."""
+        grads = per_sample_gradients(
+            self.model,
+            batch,
+            self.layout,
+            loss_type=self.loss_type,
+            fisher_type=self.fisher_type,
+            generator=self._generator,
+        )
+        self.update_ema_from_gradients(grads, task)
+
+    def update_ema_from_gradients(self, grads: dict[str, torch.Tensor], task: str) -> bool:
+        """``F <- beta F + (1 - beta) mean_batch g**2`` over the finite samples of ``grads``.
+
+        Returns:
+            False (and no update) when no sample is finite.
+        """
+        self._check_grads(grads)
+        n = next(iter(grads.values())).shape[0]
+        finite = torch.ones(n, dtype=torch.bool)
+        for g in grads.values():
+            finite &= torch.isfinite(g.reshape(n, -1)).all(1).cpu()
+        if not bool(finite.any()):
+            self.skipped_nonfinite += n
+            warnings.warn(f"task {task!r}: EMA step skipped, no finite gradient", stacklevel=2)
+            return False
+        keep = torch.nonzero(finite).flatten()
+        state = self._task(task)
+        beta = self.ema_decay
+        for name in self.param_names:
+            g = grads[name].index_select(0, keep.to(grads[name].device)).float()
+            mean_c = (g * g).mean(0)
+            if name in state.ema:
+                state.ema[name].mul_(beta).add_(mean_c, alpha=1.0 - beta)
+            else:
+                state.ema[name] = mean_c.mul_(1.0 - beta)
+        state.ema_steps += 1
+        return True
+
+    def fisher_ema(self, task: str) -> dict[str, torch.Tensor]:
+        """Bias-corrected EMA Fisher ``F_t / (1 - beta**t)``; ``{}`` before the first update."""
+        state = self._tasks.get(task)
+        if state is None or state.ema_steps == 0:
+            return {}
+        correction = 1.0 - self.ema_decay**state.ema_steps
+        return {name: f / correction for name, f in state.ema.items()}
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    def num_samples(self, task: str) -> int:
+        """Samples in the task's contribution Fisher (all seen, not only the stored ones)."""
+        state = self._tasks.get(task)
+        return 0 if state is None else state.fisher_count
+
+    def num_stored(self, task: str) -> int:
+        state = self._tasks.get(task)
+        return 0 if state is None else len(state.ids)
+
+    def ema_steps(self, task: str) -> int:
+        state = self._tasks.get(task)
+        return 0 if state is None else state.ema_steps
+
+    def sample_ids(self, task: str) -> list[SampleId]:
+        """True ids of the stored samples of ``task``."""
+        state = self._tasks.get(task)
+        return [] if state is None else list(state.ids)
+
+    def stored_gradients(self, task: str) -> tuple[list[SampleId], dict[str, torch.Tensor]]:
+        """``(ids, {name: [n, *shape]})``: the stored signed gradients (``storage_dtype``, views).
+
+        Row k of every tensor belongs to ``ids[k]``. An unknown or empty task gives ``([], {})``.
+        """
+        state = self._tasks.get(task)
+        if state is None or not state.ids:
+            return [], {}
+        n = len(state.ids)
+        return list(state.ids), {name: rows[:n] for name, rows in state.rows.items()}
+
+    def get_gradient(self, task: str, sample_id: SampleId) -> dict[str, torch.Tensor]:
+        """Stored signed gradient of one sample, by TRUE id."""
+        state = self._tasks.get(task)
+        if state is None:
+            raise KeyError(f"no task {task!r}; tasks: {self.tasks}")
+        try:
+            row = state.ids.index(sample_id)
+        except ValueError:
+            raise KeyError(
+                f"sample {sample_id!r} of task {task!r} is not stored "
+                f"({len(state.ids)} stored; the reservoir keeps a uniform subset)"
+            ) from None
+        return {name: rows[row] for name, rows in state.rows.items()}
+
+    def fisher(self, task: str) -> dict[str, torch.Tensor]:
+        """Contribution Fisher ``I_task = mean_i g_i**2`` (fp32), cached until new samples arrive.
+
+        ``{}`` (and a warning) for a task without samples; a warning below
+        ``min_samples_for_fisher`` samples.
+        """
+        state = self._tasks.get(task)
+        if state is None or state.fisher_count == 0:
+            warnings.warn(f"no samples for task {task!r}: its Fisher is empty", stacklevel=2)
+            return {}
+        if task not in self._fisher_cache:
+            if state.fisher_count < self.min_samples_for_fisher:
+                warnings.warn(
+                    f"Fisher of task {task!r} from only {state.fisher_count} sample(s) "
+                    f"(< min_samples_for_fisher={self.min_samples_for_fisher}): noisy estimate",
+                    stacklevel=2,
+                )
+            count = float(state.fisher_count)
+            self._fisher_cache[task] = {n: s / count for n, s in state.fisher_sum.items()}
+        return self._fisher_cache[task]
+
+    def fisher_state(self, task: str) -> tuple[dict[str, torch.Tensor], int]:
+        """``(sum of C_i, count)``: the reducible state behind :meth:`fisher`."""
+        state = self._tasks.get(task)
+        if state is None:
+            return {}, 0
+        return state.fisher_sum, state.fisher_count
+
+    @property
+    def contribution_cache(self) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        """``{task: {f"{task}_{id}": {name: C_i}}}`` (fp32, computed from the stored ``g_i``)."""
+        out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        for task in self._tasks:
+            ids, rows = self.stored_gradients(task)
+            out[task] = {
+                f"{task}_{sid}": {name: r[k].float() ** 2 for name, r in rows.items()}
+                for k, sid in enumerate(ids)
+            }
+        return out
+
+    # ------------------------------------------------------------------ distributed
+    def sync(self, tasks: Iterable[str] | None = None) -> None:
+        """Sum Fisher sums/counts and average EMA states across ``torch.distributed`` ranks.
+
+        Collective: every rank must call it with the same tasks. After it, every rank holds the
+        Fisher of the union of all ranks' samples; stored per-sample gradients stay local. Call
+        once per reduction point: the local sums are replaced by the global ones (calling again
+        would count other ranks' samples twice), so sync only at the end or keep using
+        :meth:`synced_fisher`.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for task in tasks if tasks is not None else self.tasks:
+            fisher, count = self.synced_fisher_state(task)
+            state = self._task(task)
+            state.fisher_sum, state.fisher_count = fisher, count
+            self._fisher_cache.pop(task, None)
+
+    def synced_fisher_state(self, task: str) -> tuple[dict[str, torch.Tensor], int]:
+        """Global ``(sum of C_i, count)`` across ranks without changing local state (collective)."""
+        state = self._task(task)
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return {n: s.clone() for n, s in state.fisher_sum.items()}, state.fisher_count
+        device = _collective_device()
+        count = torch.tensor([float(state.fisher_count)], device=device)
+        dist.all_reduce(count)
+        sums = {}
+        for name in self.param_names:
+            local = state.fisher_sum.get(name)
+            t = (
+                local.to(device).clone()
+                if local is not None
+                else torch.zeros(self.param_shapes[name], device=device)
+            )
+            dist.all_reduce(t)
+            sums[name] = t
+        return sums, int(count.item())
+
+    def synced_fisher(self, task: str) -> dict[str, torch.Tensor]:
+        """Global contribution Fisher across ranks (collective; local :meth:`fisher` if not DDP)."""
+        sums, count = self.synced_fisher_state(task)
+        if count == 0:
+            return {}
+        return {n: s / count for n, s in sums.items()}
+
+    def synced_fisher_ema(self, task: str) -> dict[str, torch.Tensor]:
+        """Bias-corrected EMA Fisher averaged across ranks (collective)."""
+        local = self.fisher_ema(task)
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return local
+        device = _collective_device()
+        world = dist.get_world_size()
+        out = {}
+        for name in self.param_names:
+            t = (
+                local[name].to(device).clone()
+                if name in local
+                else torch.zeros(self.param_shapes[name], device=device)
+            )
+            dist.all_reduce(t)
+            out[name] = t / world
+        return out
+
+    # ------------------------------------------------------------------ state
+    def reset(self, task: str | None = None) -> None:
+        """Forget one task (or all)."""
+        if task is None:
+            self._tasks.clear()
+            self._fisher_cache.clear()
+        else:
+            self._tasks.pop(task, None)
+            self._fisher_cache.pop(task, None)
+        self._rebalance()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: stored gradients, Fisher sums, EMA, counters, RNG."""
+        tasks = {}
+        for name, s in self._tasks.items():
+            n = len(s.ids)
+            tasks[name] = {
+                "ids": list(s.ids),
+                "rows": {p: r[:n].clone() for p, r in s.rows.items()},
+                "seen": s.seen,
+                "fisher_sum": {p: t.clone() for p, t in s.fisher_sum.items()},
+                "fisher_count": s.fisher_count,
+                "ema": {p: t.clone() for p, t in s.ema.items()},
+                "ema_steps": s.ema_steps,
+                "next_id": s.next_id,
+            }
+        return {
+            "tasks": tasks,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "generator": self._generator.get_state(),
+            "ema_decay": self.ema_decay,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._tasks.clear()
+        self._fisher_cache.clear()
+        for name, s in state["tasks"].items():
+            t = _TaskState(
+                ids=list(s["ids"]),
+                seen=int(s["seen"]),
+                fisher_sum={p: v.float() for p, v in s["fisher_sum"].items()},
+                fisher_count=int(s["fisher_count"]),
+                ema={p: v.float() for p, v in s["ema"].items()},
+                ema_steps=int(s["ema_steps"]),
+                next_id=int(s["next_id"]),
+            )
+            t.rows = {p: r.to(self.storage_dtype) for p, r in s["rows"].items()}
+            t.capacity = len(t.ids)
+            self._tasks[name] = t
+        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
+        if "generator" in state:
+            self._generator.set_state(state["generator"])
+        # Re-establish the budget's per-task capacity (may shrink if the budget is smaller now).
+        self._rebalance()
+
+    def __repr__(self) -> str:
+        tasks = ", ".join(f"{t}: {self.num_stored(t)}/{self.num_samples(t)}" for t in self._tasks)
+        return (
+            f"FisherCollector({self.layout.model_type}, {len(self.param_names)} params, "
+            f"stored/seen {{{tasks}}}, {self.stored_bytes / 2**20:.1f}/{self.gradient_memory_mb} MB)"
+        )
+
+
+def _collective_device() -> torch.device:
+    """Device for collectives: CUDA for NCCL, CPU for gloo."""
+    backend = torch.distributed.get_backend()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,28 @@
+"""Slow, obviously-correct references: the micro-batch-1 loop."""
+
+from __future__ import annotations
+
+import torch
+
+from fisher_callbacks.losses import infer_loss_type, per_sample_losses
+
+
+def microbatch_gradients(model, batch, names, loss_type=None, trim=False):
+    """``{name: [B, *shape]}``: each sample run alone, gradient of its own mean loss."""
+    loss_type = loss_type or infer_loss_type(model)
+    params = dict(model.named_parameters())
+    out = {n: [] for n in names}
+    for i in range(batch["labels"].shape[0]):
+        one = {k: v[i : i + 1] for k, v in batch.items() if torch.is_tensor(v)}
+        if trim and "attention_mask" in one:
+            n_real = int(one["attention_mask"].sum())
+            one = {k: v[:, :n_real] for k, v in one.items()}
+        loss = per_sample_losses(model, one, loss_type).sum()
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        for n, g in zip(names, grads):
+            out[n].append(g)
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+def max_rel_error(a: dict, b: dict) -> float:
+    return max(((a[n] - b[n]).norm() / b[n].norm().clamp_min(1e-30)).item() for n in b)
