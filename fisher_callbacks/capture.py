@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -239,6 +240,46 @@ def per_sample_gradients(
     Returns:
         ``{param name: [B, *param.shape]}`` fp32.
     """
+    return probe_pass(
+        model, batch, layout, loss_type=loss_type, fisher_type=fisher_type, generator=generator
+    ).grads
+
+
+@dataclass
+class ProbeResult:
+    """What one batched probe pass yields.
+
+    Attributes:
+        grads: ``{name: [B, *shape]}`` fp32 per-sample gradients of the monitored weights.
+        losses: ``[B]`` each sample's own mean loss (detached, under the batch labels even for the
+            true Fisher).
+        counts: ``[B]`` target tokens per sample.
+        summed: ``{name: grad of sum_i l_i}`` for the ``sum_params`` asked for (empty otherwise).
+    """
+
+    grads: dict[str, torch.Tensor]
+    losses: torch.Tensor
+    counts: torch.Tensor
+    summed: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def probe_pass(
+    model: nn.Module,
+    batch: dict,
+    layout: AttentionLayout | None = None,
+    *,
+    loss_type: LossType | None = None,
+    fisher_type: str = "empirical",
+    generator: torch.Generator | None = None,
+    sum_params: dict[str, torch.Tensor] | None = None,
+) -> ProbeResult:
+    """One forward and one ``torch.autograd.grad`` backward: per-sample gradients of the monitored
+    weights (hooks), per-sample losses, and optionally the summed gradient of other parameters.
+
+    See :func:`per_sample_gradients` for the guarantees (``.grad`` and mode untouched, hooks
+    removed on error). ``sum_params`` (``{name: parameter}``) get ``grad sum_i l_i`` in ``summed``,
+    e.g. every trainable parameter for a first-order forgetting prediction.
+    """
     if fisher_type not in ("empirical", "true"):
         raise ValueError(f"fisher_type must be 'empirical' or 'true', got {fisher_type!r}")
     if "labels" not in batch:
@@ -249,17 +290,26 @@ def per_sample_gradients(
     layout = layout or AttentionLayout.from_model(model)
     loss_type = loss_type or infer_loss_type(model)
     capture = PerSampleGradientCapture(model, layout)
+    params = dict(model.named_parameters())
+    weights = [params[n] for n in capture.param_names]
+    if not all(w.requires_grad for w in weights):
+        raise ValueError(
+            "monitored attention weights are frozen (requires_grad=False); unfreeze them "
+            "to capture their per-sample gradients"
+        )
+    extra = {n: p for n, p in (sum_params or {}).items() if p.requires_grad}
     with capture.capturing(), torch.enable_grad():
         logits = forward_logits(model, batch)
+        losses, counts = per_sample_loss(logits, labels, loss_type)
         if fisher_type == "true":
-            labels = sample_true_labels(logits, labels, loss_type, generator)
-        losses, _ = per_sample_loss(logits, labels, loss_type)
-        params = dict(model.named_parameters())
-        weights = [params[n] for n in capture.param_names]
-        if not all(w.requires_grad for w in weights):
-            raise ValueError(
-                "monitored attention weights are frozen (requires_grad=False); unfreeze them "
-                "to capture their per-sample gradients"
-            )
-        torch.autograd.grad(losses.sum(), weights, allow_unused=True)
-        return capture.pop()
+            sampled = sample_true_labels(logits, labels, loss_type, generator)
+            objective, _ = per_sample_loss(logits, sampled, loss_type)
+        else:
+            objective = losses
+        inputs = weights + list(extra.values())
+        out = torch.autograd.grad(objective.sum(), inputs, allow_unused=True)
+        summed = {
+            n: (g if g is not None else torch.zeros_like(p))
+            for (n, p), g in zip(extra.items(), out[len(weights) :])
+        }
+        return ProbeResult(capture.pop(), losses.detach(), counts, summed)

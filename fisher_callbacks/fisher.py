@@ -43,6 +43,8 @@ class _TaskState:
     seen: int = 0  # reservoir candidates offered (valid samples)
     fisher_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32 sum of C_i
     fisher_count: int = 0
+    synced_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # global sum up to last sync
+    synced_count: int = 0
     ema: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32, not bias-corrected
     ema_steps: int = 0
     next_id: int = 0  # running counter for samples without ids
@@ -81,9 +83,7 @@ class FisherCollector:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if storage_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"storage_dtype must be float32, bfloat16 or float16, got {storage_dtype}"
-            )
+            raise ValueError(f"storage_dtype must be float32, bfloat16 or float16, got {storage_dtype}")
         if gradient_memory_mb < 0:
             raise ValueError("gradient_memory_mb must be >= 0")
         if fisher_type not in ("empirical", "true"):
@@ -125,9 +125,7 @@ class FisherCollector:
     @property
     def stored_bytes(self) -> int:
         """Bytes allocated for stored per-sample gradients (never above the budget)."""
-        return sum(
-            t.numel() * t.element_size() for s in self._tasks.values() for t in s.rows.values()
-        )
+        return sum(t.numel() * t.element_size() for s in self._tasks.values() for t in s.rows.values())
 
     def _task(self, task: str) -> _TaskState:
         if not isinstance(task, str) or not task:
@@ -238,9 +236,7 @@ class FisherCollector:
     def _check_grads(self, grads: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.param_names if n not in grads]
         if missing:
-            raise KeyError(
-                f"gradients missing for {len(missing)} monitored parameter(s): {missing[:3]}"
-            )
+            raise KeyError(f"gradients missing for {len(missing)} monitored parameter(s): {missing[:3]}")
         sizes = {g.shape[0] for g in grads.values()}
         if len(sizes) != 1:
             raise ValueError(f"per-sample gradients disagree on the batch size: {sorted(sizes)}")
@@ -279,9 +275,7 @@ class FisherCollector:
         if not state.rows:
             for name in self.param_names:
                 shape = (state.capacity, *self.param_shapes[name])
-                state.rows[name] = torch.zeros(
-                    shape, dtype=self.storage_dtype, device=grads[name].device
-                )
+                state.rows[name] = torch.zeros(shape, dtype=self.storage_dtype, device=grads[name].device)
         # Algorithm R: fill, then sample n (1-based) replaces a uniform slot with prob cap / n.
         src, dst = [], []
         for row, sid in zip(rows, ids):
@@ -365,8 +359,7 @@ class FisherCollector:
 
     def num_samples(self, task: str) -> int:
         """Samples in the task's contribution Fisher (all seen, not only the stored ones)."""
-        state = self._tasks.get(task)
-        return 0 if state is None else state.fisher_count
+        return self.fisher_state(task)[1]
 
     def num_stored(self, task: str) -> int:
         state = self._tasks.get(task)
@@ -412,27 +405,29 @@ class FisherCollector:
         ``{}`` (and a warning) for a task without samples; a warning below
         ``min_samples_for_fisher`` samples.
         """
-        state = self._tasks.get(task)
-        if state is None or state.fisher_count == 0:
+        sums, count = self.fisher_state(task)
+        if count == 0:
             warnings.warn(f"no samples for task {task!r}: its Fisher is empty", stacklevel=2)
             return {}
         if task not in self._fisher_cache:
-            if state.fisher_count < self.min_samples_for_fisher:
+            if count < self.min_samples_for_fisher:
                 warnings.warn(
-                    f"Fisher of task {task!r} from only {state.fisher_count} sample(s) "
+                    f"Fisher of task {task!r} from only {count} sample(s) "
                     f"(< min_samples_for_fisher={self.min_samples_for_fisher}): noisy estimate",
                     stacklevel=2,
                 )
-            count = float(state.fisher_count)
-            self._fisher_cache[task] = {n: s / count for n, s in state.fisher_sum.items()}
+            self._fisher_cache[task] = {n: s / float(count) for n, s in sums.items()}
         return self._fisher_cache[task]
 
     def fisher_state(self, task: str) -> tuple[dict[str, torch.Tensor], int]:
-        """``(sum of C_i, count)``: the reducible state behind :meth:`fisher`."""
+        """``(sum of C_i, count)`` behind :meth:`fisher` (synced total plus local since the sync)."""
         state = self._tasks.get(task)
         if state is None:
             return {}, 0
-        return state.fisher_sum, state.fisher_count
+        if not state.synced_sum:
+            return state.fisher_sum, state.fisher_count
+        sums = {n: state.synced_sum[n] + state.fisher_sum[n] for n in state.synced_sum}
+        return sums, state.synced_count + state.fisher_count
 
     @property
     def contribution_cache(self) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
@@ -448,68 +443,54 @@ class FisherCollector:
 
     # ------------------------------------------------------------------ distributed
     def sync(self, tasks: Iterable[str] | None = None) -> None:
-        """Sum Fisher sums/counts and average EMA states across ``torch.distributed`` ranks.
+        """Reduce the Fisher sums and counts across ``torch.distributed`` ranks (collective).
 
-        Collective: every rank must call it with the same tasks. After it, every rank holds the
-        Fisher of the union of all ranks' samples; stored per-sample gradients stay local. Call
-        once per reduction point: the local sums are replaced by the global ones (calling again
-        would count other ranks' samples twice), so sync only at the end or keep using
-        :meth:`synced_fisher`.
+        Every rank must call it with the same tasks (in the same order). Like a torchmetrics
+        state, the sums added since the last sync are all-reduced with ``sum`` and folded into a
+        global total, so calling it again never counts a sample twice; afterwards every rank's
+        :meth:`fisher` is the Fisher of the union of all ranks' samples. EMA states are averaged
+        across ranks (each rank's EMA is over its local batches; with equal batch sizes the mean
+        is the EMA of the global batch mean). Stored per-sample gradients stay local.
+        No-op outside an initialised process group.
         """
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        for task in tasks if tasks is not None else self.tasks:
-            fisher, count = self.synced_fisher_state(task)
-            state = self._task(task)
-            state.fisher_sum, state.fisher_count = fisher, count
-            self._fisher_cache.pop(task, None)
-
-    def synced_fisher_state(self, task: str) -> tuple[dict[str, torch.Tensor], int]:
-        """Global ``(sum of C_i, count)`` across ranks without changing local state (collective)."""
-        state = self._task(task)
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return {n: s.clone() for n, s in state.fisher_sum.items()}, state.fisher_count
-        device = _collective_device()
-        count = torch.tensor([float(state.fisher_count)], device=device)
-        dist.all_reduce(count)
-        sums = {}
-        for name in self.param_names:
-            local = state.fisher_sum.get(name)
-            t = (
-                local.to(device).clone()
-                if local is not None
-                else torch.zeros(self.param_shapes[name], device=device)
-            )
-            dist.all_reduce(t)
-            sums[name] = t
-        return sums, int(count.item())
-
-    def synced_fisher(self, task: str) -> dict[str, torch.Tensor]:
-        """Global contribution Fisher across ranks (collective; local :meth:`fisher` if not DDP)."""
-        sums, count = self.synced_fisher_state(task)
-        if count == 0:
-            return {}
-        return {n: s / count for n, s in sums.items()}
-
-    def synced_fisher_ema(self, task: str) -> dict[str, torch.Tensor]:
-        """Bias-corrected EMA Fisher averaged across ranks (collective)."""
-        local = self.fisher_ema(task)
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return local
         device = _collective_device()
         world = dist.get_world_size()
-        out = {}
-        for name in self.param_names:
-            t = (
-                local[name].to(device).clone()
-                if name in local
-                else torch.zeros(self.param_shapes[name], device=device)
-            )
-            dist.all_reduce(t)
-            out[name] = t / world
-        return out
+        for task in tasks if tasks is not None else self.tasks:
+            state = self._task(task)
+            count = torch.tensor([float(state.fisher_count), float(state.ema_steps)], device=device)
+            dist.all_reduce(count)
+            for name in self.param_names:
+                local = state.fisher_sum.get(name)
+                t = (
+                    local.to(device)
+                    if local is not None
+                    else torch.zeros(self.param_shapes[name], device=device)
+                )
+                dist.all_reduce(t)
+                home = self._home_device(name, local, state.synced_sum.get(name))
+                state.synced_sum[name] = state.synced_sum.get(name, torch.zeros_like(t, device=home)) + t.to(
+                    home
+                )
+                state.fisher_sum[name] = torch.zeros_like(state.synced_sum[name])
+                ema = state.ema.get(name)
+                e = ema.to(device) if ema is not None else torch.zeros(self.param_shapes[name], device=device)
+                dist.all_reduce(e)
+                if count[1] > 0:
+                    state.ema[name] = (e / world).to(home)
+            state.synced_count += int(count[0].item())
+            state.fisher_count = 0
+            state.ema_steps = round(count[1].item() / world)
+            self._fisher_cache.pop(task, None)
+
+    @staticmethod
+    def _home_device(name: str, *candidates: torch.Tensor | None) -> torch.device:
+        for t in candidates:
+            if t is not None:
+                return t.device
+        return torch.device("cpu")
 
     # ------------------------------------------------------------------ state
     def reset(self, task: str | None = None) -> None:
@@ -533,6 +514,8 @@ class FisherCollector:
                 "seen": s.seen,
                 "fisher_sum": {p: t.clone() for p, t in s.fisher_sum.items()},
                 "fisher_count": s.fisher_count,
+                "synced_sum": {p: t.clone() for p, t in s.synced_sum.items()},
+                "synced_count": s.synced_count,
                 "ema": {p: t.clone() for p, t in s.ema.items()},
                 "ema_steps": s.ema_steps,
                 "next_id": s.next_id,
@@ -553,6 +536,8 @@ class FisherCollector:
                 seen=int(s["seen"]),
                 fisher_sum={p: v.float() for p, v in s["fisher_sum"].items()},
                 fisher_count=int(s["fisher_count"]),
+                synced_sum={p: v.float() for p, v in s.get("synced_sum", {}).items()},
+                synced_count=int(s.get("synced_count", 0)),
                 ema={p: v.float() for p, v in s["ema"].items()},
                 ema_steps=int(s["ema_steps"]),
                 next_id=int(s["next_id"]),
