@@ -70,9 +70,12 @@ def _step_up(p: Tensor, dependence_factor: bool) -> Tensor:
         ranks = torch.arange(1, m + 1, dtype=torch.float64, device=flat.device)  # [m]
         c_m = ranks.reciprocal().sum() if dependence_factor else 1.0
         order = torch.argsort(values, stable=True)
-        raw = values[order] * (m * c_m) / ranks  # [m], p_(i) m c(m) / i
-        # Step-up: q_(i) = min_{k >= i} p_(k) m c(m) / k, then at most 1.
-        adjusted = raw.flip(0).cummin(0).values.flip(0).clamp(max=1.0)
+        ordered = values[order]  # [m], p_(1) <= ... <= p_(m)
+        raw = ordered * (m * c_m) / ranks  # [m], p_(i) m c(m) / i
+        # Step-up: q_(i) = min_{k >= i} p_(k) m c(m) / k, then at most 1. The maximum with p_(i)
+        # only undoes round-off (p m / m can round below p); exactly, q_(i) >= p_(i) already.
+        adjusted = raw.flip(0).cummin(0).values.flip(0)
+        adjusted = torch.maximum(adjusted, ordered).clamp(max=1.0)
         q_tested = torch.empty_like(values)
         q_tested[order] = adjusted
         q[tested] = q_tested
@@ -177,53 +180,47 @@ class ConflictTestResult:
     n_permutations: int
 
 
-def _permutation_weights(
-    n_a: int, n_b: int, n_permutations: int, seed: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Averaging weights of the two relabelled groups for every permutation.
-
-    Permutation ``k`` gives pooled sample ``i`` (rows of ``cat([x_a, x_b])``) the label A iff the
-    rank of ``U[k, i]`` within row ``k`` is below ``n_a``, where
-    ``U = torch.rand((P, n_a + n_b), generator=torch.Generator().manual_seed(seed),
-    dtype=torch.float64)`` (drawn on the CPU, so every device gives the same permutations).
+def _permutation_weights(n_a: int, n_b: int, n_permutations: int, seed: int) -> Tensor:
+    """Group-A averaging weights of every permutation (scheme in :func:`permutation_conflict_test`).
 
     Returns:
-        ``(w_a, w_b)``, each ``[P, n_a + n_b]`` float64: ``1 / n_a`` on the A rows (resp.
-        ``1 / n_b`` on the B rows) and 0 elsewhere, so ``w_a @ pooled`` is the group-A mean.
+        ``[P, n_a + n_b]`` float64 on the CPU: ``1 / n_a`` on the rows relabelled as task A, 0
+        elsewhere, so ``w_a @ pooled`` is the relabelled group-A mean.
     """
     generator = torch.Generator().manual_seed(seed)
     u = torch.rand((n_permutations, n_a + n_b), generator=generator, dtype=torch.float64)
     is_a = u.argsort(dim=1).argsort(dim=1) < n_a  # [P, n], exactly n_a True per row
-    is_a = is_a.to(device)
-    w_a = is_a.to(torch.float64) / n_a
-    w_b = (~is_a).to(torch.float64) / n_b
-    return w_a, w_b
+    return is_a.to(torch.float64) / n_a
 
 
 def _group_statistic(
-    gram: Tensor, w_a: Tensor, w_b: Tensor, zero_level: Tensor, statistic: str
+    gram: Tensor, w_a: Tensor, n_a: int, n_b: int, zero_level: Tensor, statistic: str
 ) -> tuple[Tensor, Tensor]:
-    """Statistic of the group means for many labellings from the per-test Gram matrices.
+    """Statistic of the two group means for many labellings, from the per-test Gram matrices.
 
-    With ``m_a = w_a @ X_t`` and ``m_b = w_b @ X_t``: ``<m_a, m_b> = w_a^T G_t w_b`` and likewise
-    for the squared norms, so no mean vector is ever formed (the cost does not depend on ``d``).
+    With ``m_a = w_a^T X_t``, the complementary group mean is ``m_b = (s - n_a m_a) / n_b`` for the
+    pooled sum ``s = 1^T X_t``, so every inner product is a quadratic form of ``G_t = X_t X_t^T``:
+    ``||m_a||^2 = w_a^T G w_a``, ``<m_a, m_b> = (w_a^T G 1 - n_a ||m_a||^2) / n_b`` and
+    ``||m_b||^2 = (1^T G 1 - 2 n_a w_a^T G 1 + n_a^2 ||m_a||^2) / n_b^2``. One batched matmul per
+    chunk, and the cost does not depend on ``d``.
 
     Args:
-        gram: ``[Tc, n, n]`` float64, ``G_t = X_t X_t^T``.
-        w_a: ``[Pc, n]`` group-A weights; w_b: ``[Pc, n]`` group-B weights.
+        gram: ``[Tc, n, n]`` float64 Gram matrices of the pooled samples.
+        w_a: ``[Pc, n]`` float64 group-A weights (``1 / n_a`` on the group's rows).
+        n_a: group-A size; n_b: group-B size.
         zero_level: ``[Tc]``; a squared mean norm at or below it counts as a zero vector.
         statistic: ``"cosine"`` or ``"dot"``.
 
     Returns:
         ``(stat, valid)``, each ``[Tc, Pc]``: the statistic (0 where a mean vector is zero) and
-        whether both mean vectors were non-zero.
+        whether both mean vectors are non-zero.
     """
-    pc = w_a.shape[0]
-    gw = gram @ torch.cat([w_a, w_b], dim=0).T  # [Tc, n, 2 Pc]
-    gw_a, gw_b = gw[..., :pc], gw[..., pc:]  # [Tc, n, Pc] each
-    ab = torch.einsum("tip,pi->tp", gw_b, w_a)  # [Tc, Pc], <m_a, m_b>
-    aa = torch.einsum("tip,pi->tp", gw_a, w_a)  # [Tc, Pc], ||m_a||^2
-    bb = torch.einsum("tip,pi->tp", gw_b, w_b)  # [Tc, Pc], ||m_b||^2
+    row_sums = gram.sum(dim=2)  # [Tc, n], G 1
+    total = row_sums.sum(dim=1, keepdim=True)  # [Tc, 1], 1^T G 1 = ||s||^2
+    aa = ((gram @ w_a.T) * w_a.T).sum(dim=1)  # [Tc, Pc], ||m_a||^2
+    a_s = row_sums @ w_a.T  # [Tc, Pc], <m_a, s>
+    ab = (a_s - n_a * aa) / n_b  # [Tc, Pc], <m_a, m_b>
+    bb = (total - 2 * n_a * a_s + n_a**2 * aa) / n_b**2  # [Tc, Pc], ||m_b||^2
     level = zero_level[:, None]
     valid = (aa > level) & (bb > level)
     if statistic == "cosine":
@@ -264,8 +261,10 @@ def permutation_conflict_test(
     over all ``n_a * n_b`` pairs; with whitened inputs ``u_ij`` is the signed QK-OV score of the
     pair. ``mean_ij(u_ij) = <m_a, m_b>``, so its sign is that of the statistic; it is scale-free,
     larger = stronger conflict, and capped at ``+-1e3`` (reached only when all pair scores are
-    equal). Everything is computed in closed form from the Gram matrices ``X_t X_t^T`` of the
-    pooled samples, chunked over tests and permutations; no pair or mean vector is materialised.
+    equal). Everything is computed in closed form from the Gram matrices ``G_t = X_t X_t^T`` of
+    the pooled samples (the pair scores are a block of ``G_t``, the statistic of a labelling a few
+    quadratic forms of it), chunked over tests and permutations: no mean vector is formed, and
+    after the Gram matrices the cost, ``O(T n^2 P)``, does not depend on ``d``.
 
     Degenerate tests (``n_a == 0`` or ``n_b == 0``, a zero task mean vector, any non-finite entry in
     the test's inputs) get ``statistic = 0``, ``p = 1``, ``effect_size = 0`` and a warning; the
@@ -278,8 +277,11 @@ def permutation_conflict_test(
         n_permutations: number of random relabellings ``P`` (>= 1); the smallest p-value is
             ``1 / (1 + P)``, so use ``P >= m c(m) / alpha`` for ``m`` tests to let
             Benjamini-Yekutieli reject anything.
-        seed: seed of the ``torch.Generator`` that draws the permutations (reproducible, identical
-            on every device; see :func:`_permutation_weights` for the exact scheme).
+        seed: seed of the permutations, reproducible and identical on every device: with
+            ``U = torch.rand((P, n_a + n_b), generator=torch.Generator().manual_seed(seed),
+            dtype=torch.float64)`` (drawn on the CPU), permutation ``k`` labels pooled sample ``i``
+            (row ``i`` of ``cat([x_a, x_b])``) as task A iff the rank of ``U[k, i]`` in its row is
+            below ``n_a``.
         statistic: ``"cosine"`` (default, scale-free) or ``"dot"``.
         max_chunk_elements: bound on the float64 elements of the intermediates of one chunk.
 
@@ -311,14 +313,16 @@ def permutation_conflict_test(
     if not out_dtype.is_floating_point:
         out_dtype = torch.get_default_dtype()
 
-    def _result(stat, p, effect, null_mean, null_std, degenerate) -> ConflictTestResult:
+    def _result(
+        stat: Tensor, p: Tensor, effect: Tensor, null_mean: Tensor, null_std: Tensor, degen: Tensor
+    ) -> ConflictTestResult:
         return ConflictTestResult(
             statistic=stat.to(out_dtype),
             p_values=p.to(out_dtype),
             effect_size=effect.to(out_dtype),
             null_mean=null_mean.to(out_dtype),
             null_std=null_std.to(out_dtype),
-            degenerate=degenerate,
+            degenerate=degen,
             n_permutations=n_permutations,
         )
 
@@ -333,12 +337,12 @@ def permutation_conflict_test(
         degenerate = torch.ones(num_tests, dtype=torch.bool, device=device)
         return _result(zeros, zeros + 1.0, zeros, zeros, zeros, degenerate)
 
-    w_a, w_b = _permutation_weights(n_a, n_b, n_permutations, seed, device)  # [P, n] each
-    w_a_obs = torch.cat([torch.full((n_a,), 1.0 / n_a), torch.zeros(n_b)]).to(device, torch.float64)
-    w_b_obs = torch.cat([torch.zeros(n_a), torch.full((n_b,), 1.0 / n_b)]).to(device, torch.float64)
+    w_a = _permutation_weights(n_a, n_b, n_permutations, seed).to(device)  # [P, n]
+    w_a_obs = torch.cat([torch.full((1, n_a), 1.0 / n_a), torch.zeros(1, n_b)], dim=1)
+    w_a_obs = w_a_obs.to(device, torch.float64)  # [1, n], the observed split
 
-    perm_chunk = min(n_permutations, 512)
-    per_test = n * dim + n * n + 3 * n * perm_chunk + 4 * n_permutations + n_a * n_b
+    perm_chunk = max(1, min(n_permutations, 1024, max_chunk_elements // (4 * n)))
+    per_test = n * dim + 2 * n * n + 3 * n * perm_chunk + 2 * n_permutations + n_a * n_b
     test_chunk = max(1, max_chunk_elements // per_test)
 
     stat_out = torch.zeros(num_tests, dtype=torch.float64, device=device)
@@ -356,17 +360,13 @@ def permutation_conflict_test(
         gram = torch.einsum("itd,jtd->tij", pooled, pooled)  # [Tc, n, n]
         zero_level = _REL_ZERO * torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1)  # [Tc]
 
-        observed, valid = _group_statistic(
-            gram, w_a_obs[None], w_b_obs[None], zero_level, statistic
-        )  # [Tc, 1] each
+        observed, valid = _group_statistic(gram, w_a_obs, n_a, n_b, zero_level, statistic)
         observed, ok = observed[:, 0], valid[:, 0] & finite  # [Tc]
         tie_tol = _TIE_RTOL * (1.0 if statistic == "cosine" else 1.0 + zero_level / _REL_ZERO)
 
         null = torch.cat(
             [
-                _group_statistic(
-                    gram, w_a[p0 : p0 + perm_chunk], w_b[p0 : p0 + perm_chunk], zero_level, statistic
-                )[0]
+                _group_statistic(gram, w_a[p0 : p0 + perm_chunk], n_a, n_b, zero_level, statistic)[0]
                 for p0 in range(0, n_permutations, perm_chunk)
             ],
             dim=1,

@@ -170,14 +170,15 @@ def unflatten_like(flat: Tensor, like: TensorDict) -> dict[str, Tensor]:
     Returns:
         ``{name: flat[slice].reshape(like[name].shape)}`` (views into ``flat``).
     """
+    total = sum(t.numel() for t in like.values())
+    if flat.numel() != total:
+        raise ValueError(f"flat vector has {flat.numel()} entries but the dict holds {total}")
     out: dict[str, Tensor] = {}
     offset = 0
     for key, t in like.items():
         n = t.numel()
         out[key] = flat[offset : offset + n].reshape(t.shape)
         offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} entries but the dict holds {offset}")
     return out
 
 
