@@ -1,0 +1,291 @@
+"""ForgettingRiskMonitor: measured and predicted forgetting of reference tasks, early warning, stop.
+
+All math lives in :mod:`fisher_callbacks.functional.forgetting`; this callback keeps the anchor,
+the history and the accumulators, and talks to the loggers.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from ..functional.forgetting import (
+    FirstOrderForgettingAccumulator,
+    early_warning,
+    ewc_penalty,
+    fisher_damage_asymmetry,
+)
+from ..loggers import AlertSender, log_figure
+from ..plots import plot_layer_head_heatmaps
+from .fisher_monitor import FisherMonitor
+
+log = logging.getLogger("fisher_callbacks")
+
+
+class ForgettingRiskMonitor(Callback):
+    """Watch the loss of reference tasks while training on another, and warn before it is lost.
+
+    The anchor theta_0 is taken at fit start (or restored from a checkpoint, so a resumed run
+    measures against the ORIGINAL anchor). At each validation boundary (never in the sanity check),
+    for each reference task A (a probe set of ``fisher_monitor.reference_tasks``) it logs:
+
+    - ``forgetting/{A}/measured``: ``L_A(theta_t) - L_A(theta_0)`` on the probe set (nats);
+    - ``forgetting/{A}/predicted``: first-order ``sum_s g_A(theta_s) . (theta_{s+1} - theta_s)``
+      over the validation boundaries, trapezoid rule with the gradients at both ends, over every
+      trainable parameter; its split over attention layers/heads/blocks is logged as the figure
+      ``forgetting/{A}/attribution``;
+    - ``forgetting/{A}/ewc_quadratic``: ``0.5 sum F_A(theta_0) (theta - theta_0)^2`` on the
+      monitored weights, with task A's contribution Fisher at the anchor. It underestimates real
+      forgetting by orders of magnitude on fine-tuning paths (see
+      :func:`~fisher_callbacks.functional.forgetting.ewc_penalty`) and never drives the warning;
+    - ``forgetting/{A}/damage_from_{train}`` and ``/damage_log_ratio`` (Fisher-weighted damage of
+      one unit step on the training task, and its asymmetry) when the training task has samples;
+    - ``forgetting/{A}/risk`` in [0, 1] and ``forgetting/{A}/warning`` (0/1) from
+      :func:`~fisher_callbacks.functional.forgetting.early_warning`: the measured drift crossed
+      ``warn_threshold`` or its significant rising trend reaches it within ``horizon_steps``.
+
+    On a warning: one log line, an entry in ``alerts`` (``step``, ``task``, ``measured``,
+    ``predicted``, ``risk``, ``reason``), a rate-limited ``wandb.alert`` when a W&B logger is
+    attached. When the measured drift reaches ``stop_threshold`` the run stops (decision reduced
+    across ranks like EarlyStopping).
+
+    Args:
+        fisher_monitor: the :class:`FisherMonitor` with the reference probe sets.
+        reference_tasks: tasks to watch (must be probe sets of the monitor).
+        warn_threshold: drift (nats, or a fraction of the baseline loss if ``relative``).
+        relative: compare ``drift / L_A(theta_0)``.
+        horizon_steps: warn when the trend reaches the threshold within this many steps (default:
+            before the next validation).
+        stop_threshold: stop training when the measured drift reaches it (same units).
+        alert_wait_seconds: minimum time between two W&B alerts of the same task.
+    """
+
+    def __init__(
+        self,
+        fisher_monitor: FisherMonitor,
+        reference_tasks: Sequence[str] = ("general",),
+        warn_threshold: float = 0.1,
+        relative: bool = False,
+        horizon_steps: float | None = None,
+        stop_threshold: float | None = None,
+        alert_wait_seconds: float = 600.0,
+    ) -> None:
+        if warn_threshold <= 0:
+            raise ValueError(f"warn_threshold must be > 0, got {warn_threshold}")
+        if stop_threshold is not None and stop_threshold <= 0:
+            raise ValueError(f"stop_threshold must be > 0, got {stop_threshold}")
+        self.fisher_monitor = fisher_monitor
+        self.reference_tasks = list(reference_tasks)
+        self.warn_threshold = warn_threshold
+        self.relative = relative
+        self.horizon_steps = horizon_steps
+        self.stop_threshold = stop_threshold
+        self.alerts: list[dict[str, Any]] = []
+        self.history: dict[str, dict[str, list[float]]] = {}
+        self._alert = AlertSender(alert_wait_seconds)
+        self._anchor: dict[str, torch.Tensor] | None = None  # monitored weights at theta_0
+        self._prev: dict[str, torch.Tensor] | None = None  # trainable params at the last boundary
+        self._prev_grad: dict[str, dict[str, torch.Tensor]] = {}
+        self._baseline: dict[str, float] = {}
+        self._anchor_fisher: dict[str, dict[str, torch.Tensor]] = {}  # F_A at theta_0 (EWC)
+        self._acc: dict[str, FirstOrderForgettingAccumulator] = {}
+        self._acc_state: dict[str, Any] = {}
+        self.stopped_at: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(reference_tasks=self.reference_tasks)
+
+    # ------------------------------------------------------------------ anchor
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        missing = [t for t in self.reference_tasks if t not in self.fisher_monitor.reference_tasks]
+        if missing:
+            raise ValueError(
+                f"ForgettingRiskMonitor watches {missing}, which are not probe sets of the "
+                f"FisherMonitor (reference_tasks={list(self.fisher_monitor.reference_tasks)})"
+            )
+        layout = self.fisher_monitor.layout
+        for task in self.reference_tasks:
+            self._acc.setdefault(task, FirstOrderForgettingAccumulator(layout))
+            if task in self._acc_state:
+                self._acc[task].load_state_dict(self._acc_state.pop(task))
+        if self._anchor is not None:  # restored from a checkpoint: keep the original anchor
+            return
+        params = dict(pl_module.named_parameters())
+        self._anchor = {n: params[n].detach().clone() for n in layout.monitored_parameters()}
+        self._prev = _trainable(pl_module)
+        for task in self.reference_tasks:
+            probe = self.fisher_monitor.run_probe(
+                pl_module, task, self.fisher_monitor.reference_tasks[task], trainer.global_step
+            )
+            self._baseline[task] = probe["loss"]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fisher0 = self.fisher_monitor.collector.fisher(task)
+            self._anchor_fisher[task] = {n: f.clone() for n, f in fisher0.items()}
+            self._prev_grad[task] = probe["grad"]
+            self.history[task] = {"step": [], "measured": [], "predicted": []}
+
+    # ------------------------------------------------------------------ boundary
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self._anchor is None:
+            return
+        self.fisher_monitor.refresh(trainer, pl_module)
+        step = trainer.global_step
+        now = _trainable(pl_module)
+        delta = {n: now[n] - self._prev[n] for n in now if n in self._prev}
+        stop = False
+        for task in self.reference_tasks:
+            probe = self.fisher_monitor.probe.get(task)
+            if probe is None or probe["step"] != step:
+                continue
+            try:
+                stop |= self._evaluate(trainer, pl_module, task, probe, delta, step)
+            except Exception as err:
+                rank_zero_warn(f"ForgettingRiskMonitor: {task} failed at step {step}: {err!r}")
+        self._prev = now
+        if self.stop_threshold is not None:
+            should_stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            if should_stop and not trainer.should_stop:
+                trainer.should_stop = True
+                self.stopped_at = step
+                log.warning("fisher_callbacks: stopping at step %d (forgetting >= stop_threshold)", step)
+
+    def _evaluate(self, trainer, pl_module, task: str, probe: dict, delta: dict, step: int) -> bool:
+        grad_now = probe["grad"]
+        acc = self._acc[task]
+        prev = self._prev_grad.get(task, grad_now)
+        names = [n for n in delta if n in prev and n in grad_now]
+        acc.update(
+            {n: prev[n] for n in names},
+            {n: delta[n] for n in names},
+            grad_a_end={n: grad_now[n] for n in names},
+        )
+        self._prev_grad[task] = grad_now
+        measured = probe["loss"] - self._baseline[task]
+        predicted = acc.total
+        collector = self.fisher_monitor.collector
+        params = dict(pl_module.named_parameters())
+        current = {n: params[n].detach() for n in self._anchor}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fisher_a = collector.fisher(task)
+        fisher0 = self._anchor_fisher.get(task) or fisher_a
+        ewc = ewc_penalty(fisher0, current, self._anchor) if fisher0 else 0.0
+        hist = self.history.setdefault(task, {"step": [], "measured": [], "predicted": []})
+        hist["step"].append(step)
+        hist["measured"].append(measured)
+        hist["predicted"].append(predicted)
+        decision = early_warning(
+            hist["step"],
+            hist["measured"],
+            self.warn_threshold,
+            relative=self.relative,
+            baseline=self._baseline[task],
+            horizon_steps=self.horizon_steps,
+        )
+        prefix = f"forgetting/{task}"
+        sync = trainer.world_size > 1
+        values = {
+            f"{prefix}/measured": measured,
+            f"{prefix}/predicted": predicted,
+            f"{prefix}/ewc_quadratic": ewc,
+            f"{prefix}/risk": decision.risk,
+            f"{prefix}/warning": float(decision.warn),
+        }
+        values.update(self._damage(task, fisher_a, grad_now, prefix))
+        for name, value in values.items():
+            pl_module.log(name, float(value), sync_dist=sync)
+        if decision.warn:
+            self._warn(trainer, task, step, measured, predicted, decision)
+        if trainer.is_global_zero:
+            fig = plot_layer_head_heatmaps(
+                acc.per_block_head(),
+                title=f"Predicted forgetting of {task!r} by layer/head/block (step {step}, "
+                f"total {predicted:+.3g} nats)",
+                value_label="first-order share (nats)",
+                diverging=True,
+            )
+            log_figure(trainer.loggers, f"{prefix}/attribution", fig, step)
+            fig.clf()
+        scaled = measured / abs(self._baseline[task]) if self.relative else measured
+        return self.stop_threshold is not None and scaled >= self.stop_threshold
+
+    def _damage(self, task: str, fisher_a: dict, grad_a: dict, prefix: str) -> dict[str, float]:
+        collector = self.fisher_monitor.collector
+        train = self.fisher_monitor.train_task
+        _, rows = collector.stored_gradients(train)
+        if not rows or not fisher_a:
+            return {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fisher_b = collector.fisher(train)
+        grad_b = {n: r.float().mean(0) for n, r in rows.items()}
+        grad_a = {n: grad_a[n] for n in grad_b if n in grad_a}
+        if len(grad_a) != len(grad_b):
+            return {}
+        res = fisher_damage_asymmetry(fisher_a, grad_a, fisher_b, grad_b)
+        return {
+            f"{prefix}/damage_from_{train}": res["a_from_b"],
+            f"{prefix}/damage_log_ratio": res["log_ratio"],
+        }
+
+    def _warn(self, trainer, task: str, step: int, measured: float, predicted: float, decision) -> None:
+        alert = {
+            "step": step,
+            "task": task,
+            "measured": measured,
+            "predicted": predicted,
+            "risk": decision.risk,
+            "reason": decision.reason,
+        }
+        self.alerts.append(alert)
+        if trainer.is_global_zero:
+            text = (
+                f"step {step}: forgetting of {task!r} at {measured:+.4f} nats (predicted "
+                f"{predicted:+.4f}); {decision.reason}"
+            )
+            log.warning("fisher_callbacks: %s", text)
+            self._alert(trainer.loggers, f"Forgetting risk: {task}", text)
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "anchor": self._anchor,
+            "prev": self._prev,
+            "prev_grad": self._prev_grad,
+            "baseline": self._baseline,
+            "anchor_fisher": self._anchor_fisher,
+            "history": self.history,
+            "alerts": self.alerts,
+            "accumulators": {t: a.state_dict() for t, a in self._acc.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._anchor = state_dict.get("anchor")
+        self._prev = state_dict.get("prev")
+        self._prev_grad = state_dict.get("prev_grad", {})
+        self._baseline = dict(state_dict.get("baseline", {}))
+        self._anchor_fisher = dict(state_dict.get("anchor_fisher", {}))
+        self.history = state_dict.get("history", {})
+        self.alerts = list(state_dict.get("alerts", []))
+        self._acc_state = dict(state_dict.get("accumulators", {}))
+        for task, acc in list(self._acc.items()):
+            if task in self._acc_state:
+                acc.load_state_dict(self._acc_state.pop(task))
+
+
+def _trainable(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}

@@ -1,0 +1,224 @@
+"""QKOVInterferenceMonitor: QK-OV heatmaps, head maps, conflict tests and top conflicts at
+validation boundaries, logged to every attached logger. All math is in
+:class:`~fisher_callbacks.interference.QKOVInterferenceMetric`."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from matplotlib.figure import Figure
+from typing_extensions import override
+
+from ..interference import QKOVInterferenceMetric
+from ..layouts import BLOCKS
+from ..loggers import log_figure, log_table, save_arrays
+from ..plots import plot_layer_head_heatmaps
+from .fisher_monitor import FisherMonitor
+
+_SCORE_UNITS = {
+    "directional": "sum C_i |g_j| / I  (loss units)",
+    "signed": "sum g_i g_j / I  (<0 conflict)",
+    "symmetric": "sum |g_i||g_j| / I  (loss units)",
+}
+
+
+class QKOVInterferenceMonitor(Callback):
+    """Per layer, head and block (Q, K, V, O) interference between task pairs.
+
+    At each validation boundary (every ``every_n_validations``; never in the sanity check) and for
+    each ``(task_a, task_b)`` in ``pairs`` it computes the heatmap from the per-sample gradients
+    stored by ``fisher_monitor`` and logs, under ``qkov/{task_a}_vs_{task_b}/``:
+
+    - scalars per block ``{block}/mean_score`` (mean pair score; mostly task B's gradient size,
+      see the averaging trap), ``{block}/fisher_overlap`` (mean over heads, in [0, 1]),
+      ``{block}/conflict_cosine_min``, ``{block}/n_significant``, and overall
+      ``most_conflicting_layer`` / ``most_conflicting_head`` (lowest conflict cosine) and
+      ``n_significant``;
+    - figures (rank zero, every logger) ``heatmap/conflict_cosine``, ``heatmap/fisher_overlap``
+      and ``heatmap/{variant}_score`` (layer x head, one panel per block, significant conflicts
+      marked); a table ``top_conflicts`` (W&B table / CSV) with TRUE sample ids; the raw arrays
+      as ``.npz`` beside ``metrics.csv`` for CSV loggers.
+
+    Args:
+        fisher_monitor: the :class:`FisherMonitor` whose collector holds the samples.
+        pairs: task pairs ``(task_a, task_b)``; task A's samples are ``i``, its Fisher normalises.
+        variant: ``"directional"``, ``"signed"`` or ``"symmetric"``.
+        fdr_alpha, min_conflict_effect_size, n_permutations: conflict test settings.
+        top_k: top conflicts kept per block.
+        fisher: ``"task_a"`` or ``"pooled"`` Fisher for the pair scores.
+        max_samples: stored samples per task used (all by default).
+        every_n_validations: compute at every n-th validation boundary.
+        log_figures: draw and send figures.
+    """
+
+    def __init__(
+        self,
+        fisher_monitor: FisherMonitor,
+        pairs: Sequence[Sequence[str]] = (("general", "train"),),
+        variant: str = "directional",
+        fdr_alpha: float = 0.05,
+        min_conflict_effect_size: float = 0.2,
+        n_permutations: int = 200,
+        top_k: int = 10,
+        fisher: str = "task_a",
+        max_samples: int | None = None,
+        every_n_validations: int = 1,
+        log_figures: bool = True,
+    ) -> None:
+        if variant not in _SCORE_UNITS:
+            raise ValueError(f"variant must be one of {tuple(_SCORE_UNITS)}, got {variant!r}")
+        self.fisher_monitor = fisher_monitor
+        self.pairs = [tuple(p) for p in pairs]
+        if any(len(p) != 2 for p in self.pairs):
+            raise ValueError(f"pairs must be (task_a, task_b) tuples, got {pairs!r}")
+        self.variant = variant
+        self.fdr_alpha = fdr_alpha
+        self.min_conflict_effect_size = min_conflict_effect_size
+        self.n_permutations = n_permutations
+        self.top_k = top_k
+        self.fisher = fisher
+        self.max_samples = max_samples
+        self.every_n_validations = max(1, int(every_n_validations))
+        self.log_figures = log_figures
+        self.latest: dict[tuple[str, str], Any] = {}
+        self.figure_paths: list[str] = []
+        self._validations = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(pairs=self.pairs, variant=self.variant)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._validations += 1
+        if (self._validations - 1) % self.every_n_validations:
+            return
+        self.fisher_monitor.refresh(trainer, pl_module)
+        collector = self.fisher_monitor.collector
+        if collector is None:
+            return
+        metric = QKOVInterferenceMetric(
+            self.fisher_monitor.layout,
+            collector,
+            variant=self.variant,
+            fisher=self.fisher,
+            n_permutations=self.n_permutations,
+            fdr_alpha=self.fdr_alpha,
+            min_conflict_effect_size=self.min_conflict_effect_size,
+            top_k=self.top_k,
+        )
+        for task_a, task_b in self.pairs:
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    heatmap = metric.compute_heatmap(task_a, task_b, max_samples=self.max_samples)
+                for w in caught[:1]:
+                    rank_zero_warn(f"QKOVInterferenceMonitor {task_a} vs {task_b}: {w.message}")
+            except Exception as err:
+                rank_zero_warn(f"QKOVInterferenceMonitor: {task_a} vs {task_b} failed: {err!r}")
+                continue
+            self.latest[(task_a, task_b)] = heatmap
+            self._log_scalars(trainer, pl_module, heatmap, task_a, task_b)
+            if trainer.is_global_zero and self.log_figures:
+                self._log_figures(trainer, heatmap, task_a, task_b)
+
+    # ------------------------------------------------------------------ logging
+    def _log_scalars(self, trainer, pl_module, heatmap, task_a: str, task_b: str) -> None:
+        prefix = f"qkov/{task_a}_vs_{task_b}"
+        sync = trainer.world_size > 1
+        values: dict[str, float] = {}
+        n_sig_total = 0
+        worst = (float("inf"), 0, 0)
+        for block in BLOCKS:
+            res = heatmap[block]
+            values[f"{prefix}/{block}/mean_score"] = float(res["layer_head_avg"].float().mean())
+            values[f"{prefix}/{block}/fisher_overlap"] = float(res["fisher_overlap"].float().mean())
+            cos = res["conflict_cosine"].float()
+            values[f"{prefix}/{block}/conflict_cosine_min"] = float(cos.min()) if cos.numel() else 0.0
+            n_sig = int(res["significant"].sum()) if "significant" in res else 0
+            values[f"{prefix}/{block}/n_significant"] = float(n_sig)
+            n_sig_total += n_sig
+            if block == "Q" and cos.numel():
+                flat = int(cos.argmin())
+                layer, head = divmod(flat, cos.shape[1])
+                worst = (float(cos.min()), int(res["layers"][layer]), int(res["heads"][head]))
+        values[f"{prefix}/n_significant"] = float(n_sig_total)
+        values[f"{prefix}/most_conflicting_layer"] = float(worst[1])
+        values[f"{prefix}/most_conflicting_head"] = float(worst[2])
+        for name, value in values.items():
+            pl_module.log(name, value if np.isfinite(value) else 0.0, sync_dist=sync)
+
+    def _log_figures(self, trainer, heatmap, task_a: str, task_b: str) -> None:
+        step = trainer.global_step
+        key = f"qkov/{task_a}_vs_{task_b}/heatmap"
+        pair = f"{task_a} vs {task_b}"
+        sig = {b: heatmap[b]["significant"] for b in BLOCKS if "significant" in heatmap[b]}
+        figs: dict[str, Figure] = {
+            "conflict_cosine": plot_layer_head_heatmaps(
+                {b: heatmap[b]["conflict_cosine"] for b in BLOCKS},
+                title=f"QK-OV conflict cosine, {pair} (step {step}); <0 = conflict",
+                value_label="cos_F(g_A, g_B) (unitless)",
+                significant=sig or None,
+                significance_label=f"significant conflict (q<={self.fdr_alpha})",
+                diverging=True,
+            ),
+            "fisher_overlap": plot_layer_head_heatmaps(
+                {b: heatmap[b]["fisher_overlap"] for b in BLOCKS},
+                title=f"QK-OV Fisher overlap, {pair} (step {step})",
+                value_label="overlap of unit-trace Fisher (0-1)",
+                diverging=False,
+            ),
+            f"{self.variant}_score": plot_layer_head_heatmaps(
+                {b: heatmap[b]["layer_head_avg"] for b in BLOCKS},
+                title=f"QK-OV {self.variant} score (mean over pairs), {pair} (step {step})",
+                value_label=_SCORE_UNITS[self.variant],
+            ),
+        }
+        for name, fig in figs.items():
+            paths = log_figure(trainer.loggers, f"{key}/{name}", fig, step)
+            self.figure_paths.extend(str(p) for p in paths)
+            fig.clf()
+        rows = [
+            [b, c["sample_i"], c["sample_j"], c["layer"], c["head"], float(c["score"])]
+            for b in BLOCKS
+            for c in heatmap[b]["top_conflicts"]
+        ]
+        log_table(
+            trainer.loggers,
+            f"qkov/{task_a}_vs_{task_b}/top_conflicts",
+            ["block", f"sample_{task_a}", f"sample_{task_b}", "layer", "head", "score"],
+            rows,
+            step,
+        )
+        arrays = {}
+        for b in BLOCKS:
+            for entry in (
+                "layer_head_avg",
+                "fisher_overlap",
+                "conflict_cosine",
+                "p_values",
+                "q_values",
+                "effect_size",
+                "significant",
+            ):
+                if entry in heatmap[b]:
+                    value = heatmap[b][entry]
+                    arrays[f"{b}_{entry}"] = value.numpy() if torch.is_tensor(value) else value
+        save_arrays(trainer.loggers, f"qkov/{task_a}_vs_{task_b}", arrays, step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self._validations}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validations = int(state_dict.get("validations", 0))

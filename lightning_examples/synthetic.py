@@ -1,0 +1,174 @@
+"""Synthetic tasks and a tiny GPT-2 LightningModule: everything the demos and tests need, no downloads.
+
+- "general": counting sequences, ``x_{t+1} = x_t + 1`` over a token range (a skill to keep);
+- "math": triples ``a b (a+b) mod K`` repeated (the new task that overwrites it).
+Every sample carries its dataset index as ``sample_id`` and its ``task`` name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import AutoConfig, AutoModelForCausalLM
+
+OFFSET = 3  # tokens 0..2 are reserved (pad, sep, bos)
+
+
+class SyntheticTask(Dataset):
+    """``n`` sequences of one synthetic task, deterministic given ``seed``."""
+
+    def __init__(self, task: str, n: int, seq_len: int = 24, modulus: int = 20, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        if task == "general":
+            start = torch.randint(0, modulus, (n, 1), generator=g)
+            seqs = (start + torch.arange(seq_len)) % modulus
+        elif task == "math":
+            n_trip = seq_len // 3
+            a = torch.randint(0, modulus, (n, n_trip), generator=g)
+            b = torch.randint(0, modulus, (n, n_trip), generator=g)
+            seqs = torch.stack([a, b, (a + b) % modulus], dim=-1).reshape(n, -1)
+            seqs = torch.nn.functional.pad(seqs, (0, seq_len - seqs.shape[1]), value=-OFFSET)
+        else:
+            raise ValueError(f"unknown synthetic task {task!r}: 'general' or 'math'")
+        self.task = task
+        self.input_ids = seqs + OFFSET  # padding (if any) becomes token 0
+        self.labels = self.input_ids.masked_fill(self.input_ids == 0, -100)
+        self.attention_mask = (self.input_ids != 0).long()
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            "input_ids": self.input_ids[i],
+            "attention_mask": self.attention_mask[i],
+            "labels": self.labels[i],
+            "sample_id": i,
+            "task": self.task,
+        }
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        out[key] = (
+            torch.stack(values)
+            if torch.is_tensor(values[0])
+            else (torch.tensor(values) if isinstance(values[0], int) else values)
+        )
+    return out
+
+
+class SyntheticTasks(pl.LightningDataModule):
+    """Train on ``train_task``; validate on it; probe sets of every task via ``probe_dataloader``."""
+
+    def __init__(
+        self,
+        train_task: str = "math",
+        n_train: int = 512,
+        n_val: int = 64,
+        n_probe: int = 32,
+        seq_len: int = 24,
+        modulus: int = 20,
+        batch_size: int = 16,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set = SyntheticTask(train_task, n_train, seq_len, modulus, seed)
+        self.val_set = SyntheticTask(train_task, n_val, seq_len, modulus, seed + 1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            self.hparams.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, self.hparams.batch_size, collate_fn=collate)
+
+    def probe_dataloader(self, task: str) -> DataLoader:
+        h = self.hparams
+        data = SyntheticTask(task, h.n_probe, h.seq_len, h.modulus, h.seed + 7)
+        return DataLoader(data, h.batch_size, collate_fn=collate)
+
+
+class TinyGPT(pl.LightningModule):
+    """A tiny GPT-2 built from a config, optionally pretrained on "general" in ``setup``."""
+
+    def __init__(
+        self,
+        n_layer: int = 2,
+        n_head: int = 4,
+        n_embd: int = 64,
+        vocab_size: int = 32,
+        n_positions: int = 32,
+        lr: float = 3e-3,
+        pretrain_steps: int = 150,
+        pretrain_lr: float = 3e-3,
+        seq_len: int = 24,
+        modulus: int = 20,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(seed)
+        config = AutoConfig.for_model(
+            "gpt2",
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            vocab_size=vocab_size,
+            n_positions=n_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=2,
+            eos_token_id=2,
+        )
+        self.model = AutoModelForCausalLM.from_config(config)
+        self._pretrained = pretrain_steps == 0
+
+    def pretrain_general(self) -> None:
+        """A plain torch loop on the "general" task: the skill fine-tuning will erode."""
+        h = self.hparams
+        data = SyntheticTask("general", 256, h.seq_len, h.modulus, seed=h.seed + 100)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=h.pretrain_lr)
+        g = torch.Generator().manual_seed(h.seed)
+        self.model.train()
+        for _ in range(h.pretrain_steps):
+            idx = torch.randint(0, len(data), (32,), generator=g)
+            batch = collate([data[i] for i in idx.tolist()])
+            loss = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        self._pretrained = True
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and not self._pretrained:
+            self.pretrain_general()
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def training_step(self, batch, batch_idx):
+        loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+        self.log("val/loss", loss, prog_bar=True)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
