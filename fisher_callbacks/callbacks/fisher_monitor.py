@@ -383,6 +383,19 @@ def _as_list(value: Any, n: int, default: Any) -> list:
     return list(value)
 
 
+def find_fisher_monitor(trainer: pl.Trainer, given: FisherMonitor | None, who: str) -> FisherMonitor:
+    """``given``, or the FisherMonitor attached to ``trainer`` (a clear error when there is none)."""
+    if given is not None:
+        return given
+    found = [cb for cb in trainer.callbacks if isinstance(cb, FisherMonitor)]
+    if len(found) != 1:
+        raise ValueError(
+            f"{who} needs a FisherMonitor: pass fisher_monitor=... or attach exactly one "
+            f"FisherMonitor to the Trainer (found {len(found)})"
+        )
+    return found[0]
+
+
 def _probe_loader(trainer: pl.Trainer, pl_module: pl.LightningModule, task: str) -> DataLoader:
     for owner in (getattr(trainer, "datamodule", None), pl_module):
         fn = getattr(owner, "probe_dataloader", None)

@@ -25,7 +25,7 @@ from ..functional.forgetting import (
 )
 from ..loggers import AlertSender, log_figure
 from ..plots import plot_layer_head_heatmaps
-from .fisher_monitor import FisherMonitor
+from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
 log = logging.getLogger("fisher_callbacks")
 
@@ -58,7 +58,8 @@ class ForgettingRiskMonitor(Callback):
     across ranks like EarlyStopping).
 
     Args:
-        fisher_monitor: the :class:`FisherMonitor` with the reference probe sets.
+        fisher_monitor: the :class:`FisherMonitor` (default: the one in ``trainer.callbacks``, so a
+            LightningCLI YAML can list the callbacks independently) with the reference probe sets.
         reference_tasks: tasks to watch (must be probe sets of the monitor).
         warn_threshold: drift (nats, or a fraction of the baseline loss if ``relative``).
         relative: compare ``drift / L_A(theta_0)``.
@@ -66,17 +67,22 @@ class ForgettingRiskMonitor(Callback):
             before the next validation).
         stop_threshold: stop training when the measured drift reaches it (same units).
         alert_wait_seconds: minimum time between two W&B alerts of the same task.
+        trend_window: validations the trend is fitted on (>= 3).
+        noise_sigmas: a trend counts only when its slope exceeds this many standard errors
+            (lower warns earlier on short, accelerating series; higher resists noise).
     """
 
     def __init__(
         self,
-        fisher_monitor: FisherMonitor,
+        fisher_monitor: FisherMonitor | None = None,
         reference_tasks: Sequence[str] = ("general",),
         warn_threshold: float = 0.1,
         relative: bool = False,
         horizon_steps: float | None = None,
         stop_threshold: float | None = None,
         alert_wait_seconds: float = 600.0,
+        trend_window: int = 3,
+        noise_sigmas: float = 3.0,
     ) -> None:
         if warn_threshold <= 0:
             raise ValueError(f"warn_threshold must be > 0, got {warn_threshold}")
@@ -88,6 +94,8 @@ class ForgettingRiskMonitor(Callback):
         self.relative = relative
         self.horizon_steps = horizon_steps
         self.stop_threshold = stop_threshold
+        self.trend_window = trend_window
+        self.noise_sigmas = noise_sigmas
         self.alerts: list[dict[str, Any]] = []
         self.history: dict[str, dict[str, list[float]]] = {}
         self._alert = AlertSender(alert_wait_seconds)
@@ -99,6 +107,10 @@ class ForgettingRiskMonitor(Callback):
         self._acc: dict[str, FirstOrderForgettingAccumulator] = {}
         self._acc_state: dict[str, Any] = {}
         self.stopped_at: int | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.fisher_monitor = find_fisher_monitor(trainer, self.fisher_monitor, type(self).__name__)
 
     @property
     def state_key(self) -> str:
@@ -193,6 +205,8 @@ class ForgettingRiskMonitor(Callback):
             relative=self.relative,
             baseline=self._baseline[task],
             horizon_steps=self.horizon_steps,
+            window=self.trend_window,
+            noise_sigmas=self.noise_sigmas,
         )
         prefix = f"forgetting/{task}"
         sync = trainer.world_size > 1

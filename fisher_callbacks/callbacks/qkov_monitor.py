@@ -20,12 +20,12 @@ from ..interference import QKOVInterferenceMetric
 from ..layouts import BLOCKS
 from ..loggers import log_figure, log_table, save_arrays
 from ..plots import plot_layer_head_heatmaps
-from .fisher_monitor import FisherMonitor
+from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
 _SCORE_UNITS = {
-    "directional": "sum C_i |g_j| / I  (loss units)",
-    "signed": "sum g_i g_j / I  (<0 conflict)",
-    "symmetric": "sum |g_i||g_j| / I  (loss units)",
+    "directional": "C_i |g_j| / I",
+    "signed": "g_i g_j / I (<0 conflict)",
+    "symmetric": "|g_i| |g_j| / I",
 }
 
 
@@ -47,7 +47,8 @@ class QKOVInterferenceMonitor(Callback):
       as ``.npz`` beside ``metrics.csv`` for CSV loggers.
 
     Args:
-        fisher_monitor: the :class:`FisherMonitor` whose collector holds the samples.
+        fisher_monitor: the :class:`FisherMonitor` (default: the one in ``trainer.callbacks``, so a
+            LightningCLI YAML can list the callbacks independently) whose collector holds the samples.
         pairs: task pairs ``(task_a, task_b)``; task A's samples are ``i``, its Fisher normalises.
         variant: ``"directional"``, ``"signed"`` or ``"symmetric"``.
         fdr_alpha, min_conflict_effect_size, n_permutations: conflict test settings.
@@ -60,7 +61,7 @@ class QKOVInterferenceMonitor(Callback):
 
     def __init__(
         self,
-        fisher_monitor: FisherMonitor,
+        fisher_monitor: FisherMonitor | None = None,
         pairs: Sequence[Sequence[str]] = (("general", "train"),),
         variant: str = "directional",
         fdr_alpha: float = 0.05,
@@ -90,6 +91,10 @@ class QKOVInterferenceMonitor(Callback):
         self.latest: dict[tuple[str, str], Any] = {}
         self.figure_paths: list[str] = []
         self._validations = 0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.fisher_monitor = find_fisher_monitor(trainer, self.fisher_monitor, type(self).__name__)
 
     @property
     def state_key(self) -> str:
@@ -165,21 +170,21 @@ class QKOVInterferenceMonitor(Callback):
         figs: dict[str, Figure] = {
             "conflict_cosine": plot_layer_head_heatmaps(
                 {b: heatmap[b]["conflict_cosine"] for b in BLOCKS},
-                title=f"QK-OV conflict cosine, {pair} (step {step}); <0 = conflict",
-                value_label="cos_F(g_A, g_B) (unitless)",
+                title=f"Conflict cosine {pair}, step {step} (<0 = conflict)",
+                value_label="cos_F (unitless)",
                 significant=sig or None,
                 significance_label=f"significant conflict (q<={self.fdr_alpha})",
                 diverging=True,
             ),
             "fisher_overlap": plot_layer_head_heatmaps(
                 {b: heatmap[b]["fisher_overlap"] for b in BLOCKS},
-                title=f"QK-OV Fisher overlap, {pair} (step {step})",
-                value_label="overlap of unit-trace Fisher (0-1)",
+                title=f"Fisher overlap {pair}, step {step}",
+                value_label="overlap (0-1)",
                 diverging=False,
             ),
             f"{self.variant}_score": plot_layer_head_heatmaps(
                 {b: heatmap[b]["layer_head_avg"] for b in BLOCKS},
-                title=f"QK-OV {self.variant} score (mean over pairs), {pair} (step {step})",
+                title=f"{self.variant.capitalize()} score {pair}, step {step} (mean over pairs)",
                 value_label=_SCORE_UNITS[self.variant],
             ),
         }
