@@ -170,9 +170,7 @@ def forward_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     return logits
 
 
-def per_sample_losses(
-    model: nn.Module, batch: dict, loss_type: LossType | None = None
-) -> torch.Tensor:
+def per_sample_losses(model: nn.Module, batch: dict, loss_type: LossType | None = None) -> torch.Tensor:
     """``[B]`` each sample's own mean loss under ``model`` (forward only, current mode)."""
     if "labels" not in batch:
         raise ValueError("the batch has no 'labels': per-sample losses need targets")

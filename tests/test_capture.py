@@ -44,10 +44,7 @@ def test_masked_lm_and_sequence_classification():
     batch["labels"] = labels
     names = fc.AttentionLayout.from_model(model).monitored_parameters()
     assert (
-        max_rel_error(
-            fc.per_sample_gradients(model, batch), microbatch_gradients(model, batch, names)
-        )
-        <= TOL
+        max_rel_error(fc.per_sample_gradients(model, batch), microbatch_gradients(model, batch, names)) <= TOL
     )
     for arch in ("bert", "roberta"):
         clf = tiny_classifier(arch, num_labels=3)
@@ -85,9 +82,7 @@ def _training_loss(logits, labels, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["token_mean", "sample_mean", "sum", "token_sum"])
-@pytest.mark.parametrize(
-    ("accumulate", "loss_scale"), [(1, 1.0), (4, 1.0), (1, 1024.0), (2, 65536.0)]
-)
+@pytest.mark.parametrize(("accumulate", "loss_scale"), [(1, 1.0), (4, 1.0), (1, 1024.0), (2, 65536.0)])
 def test_training_backward_rescaled_to_per_sample(reduction, accumulate, loss_scale):
     """The caller runs the backward (as Lightning does); pop(scale) gives grad l_i."""
     model = tiny_causal_lm("gpt2")
@@ -141,12 +136,8 @@ def test_subset_capture_and_disarmed_hooks_cost_nothing():
 def test_true_fisher_labels_seeded_and_exact():
     model = tiny_causal_lm("gpt2")
     batch = lm_batch(batch=3, seq=8)
-    g1 = fc.per_sample_gradients(
-        model, batch, fisher_type="true", generator=torch.Generator().manual_seed(5)
-    )
-    g2 = fc.per_sample_gradients(
-        model, batch, fisher_type="true", generator=torch.Generator().manual_seed(5)
-    )
+    g1 = fc.per_sample_gradients(model, batch, fisher_type="true", generator=torch.Generator().manual_seed(5))
+    g2 = fc.per_sample_gradients(model, batch, fisher_type="true", generator=torch.Generator().manual_seed(5))
     emp = fc.per_sample_gradients(model, batch)
     name = next(iter(g1))
     assert torch.equal(g1[name], g2[name])
@@ -156,9 +147,7 @@ def test_true_fisher_labels_seeded_and_exact():
 
     with torch.no_grad():
         logits = forward_logits(model, batch)
-    drawn = sample_true_labels(
-        logits, batch["labels"], "causal_lm", torch.Generator().manual_seed(5)
-    )
+    drawn = sample_true_labels(logits, batch["labels"], "causal_lm", torch.Generator().manual_seed(5))
     assert torch.equal(drawn == -100, batch["labels"] == -100)
     again = fc.per_sample_gradients(model, {**batch, "labels": drawn})
     assert max_rel_error(g1, again) <= TOL

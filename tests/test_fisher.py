@@ -20,8 +20,7 @@ def model():
 def _fake_grads(collector, n, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return {
-        name: torch.randn(n, *shape, generator=g) * scale
-        for name, shape in collector.param_shapes.items()
+        name: torch.randn(n, *shape, generator=g) * scale for name, shape in collector.param_shapes.items()
     }
 
 

@@ -192,9 +192,7 @@ class AttentionLayout:
             elif fused == "interleaved":
                 d = q_out // (3 * num_heads)
             else:
-                raise LayoutError(
-                    f"unknown fused layout {fused!r}: 'concat', 'interleaved' or None"
-                )
+                raise LayoutError(f"unknown fused layout {fused!r}: 'concat', 'interleaved' or None")
             head_dim = head_dim or d
             if fused is None:
                 idx = {
@@ -317,8 +315,7 @@ class AttentionLayout:
         shape = self.param_shapes[name]
         if tuple(t.shape[t.dim() - len(shape) :]) != tuple(shape):
             raise ValueError(
-                f"tensor of shape {tuple(t.shape)} does not end with the shape {tuple(shape)} "
-                f"of {name}"
+                f"tensor of shape {tuple(t.shape)} does not end with the shape {tuple(shape)} of {name}"
             )
         axis = 0 if bias else spec.axis
         return t.dim() - len(shape) + axis, name
@@ -346,9 +343,7 @@ class AttentionLayout:
             return t.narrow(axis, int(rows[0]), self.head_dim)
         return t.index_select(axis, rows.to(t.device))
 
-    def head_view(
-        self, t: torch.Tensor, layer: int, block: str, bias: bool = False
-    ) -> torch.Tensor:
+    def head_view(self, t: torch.Tensor, layer: int, block: str, bias: bool = False) -> torch.Tensor:
         """All heads of a block at once, flattened per head.
 
         Args:
@@ -474,9 +469,7 @@ def _out_axis(module: nn.Module) -> int:
         return 0
     if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D, weight [in, out]
         return 1
-    raise LayoutError(
-        f"unsupported projection module {type(module).__name__}: expected nn.Linear or Conv1D"
-    )
+    raise LayoutError(f"unsupported projection module {type(module).__name__}: expected nn.Linear or Conv1D")
 
 
 def find_layer_modules(model: nn.Module, pattern: str, num_layers: int | None = None) -> list[str]:
@@ -496,7 +489,5 @@ def find_layer_modules(model: nn.Module, pattern: str, num_layers: int | None = 
     if not found or sorted(found) != list(range(len(found))):
         raise LayoutError(f"no layers matching {pattern!r} in {type(model).__name__}")
     if num_layers is not None and len(found) != num_layers:
-        raise LayoutError(
-            f"found {len(found)} layers matching {pattern!r}, config says {num_layers}"
-        )
+        raise LayoutError(f"found {len(found)} layers matching {pattern!r}, config says {num_layers}")
     return [found[i] for i in range(len(found))]

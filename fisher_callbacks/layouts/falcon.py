@@ -35,10 +35,7 @@ def falcon_layout(model: nn.Module) -> AttentionLayout:
     )
     index = grouped_qkv_heads(heads, kv, layout.head_dim)
     layers = [
-        {
-            b: BlockSpec(s.param, s.axis, index[b], s.bias) if b in index else s
-            for b, s in specs.items()
-        }
+        {b: BlockSpec(s.param, s.axis, index[b], s.bias) if b in index else s for b, s in specs.items()}
         for specs in layout.layers
     ]
     return AttentionLayout(layers, heads, kv, layout.head_dim, layout.param_shapes)
