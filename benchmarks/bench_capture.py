@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import bench_model, interleaved, lm_data, verdict  # noqa: E402
+from common import bench_model, interleaved, lm_data, verdict
 
-import fisher_callbacks as fc  # noqa: E402
-from fisher_callbacks.losses import per_sample_losses, reduction_scale  # noqa: E402
+import fisher_callbacks as fc
+from fisher_callbacks.losses import per_sample_losses, reduction_scale
 
 
 def run(kind: str, batch: int, seq: int, repeats: int) -> None:
@@ -71,13 +71,21 @@ def run(kind: str, batch: int, seq: int, repeats: int) -> None:
             one = {k: v[i : i + 1] for k, v in data.items()}
             torch.autograd.grad(per_sample_losses(model, one).sum(), [p[n] for n in names])
 
-    fns = {"plain": plain, "flagged": flagged, "ema": ema_step, "disarmed": disarmed,
-           "standalone": standalone, "loop": loop}
+    fns = {
+        "plain": plain,
+        "flagged": flagged,
+        "ema": ema_step,
+        "disarmed": disarmed,
+        "standalone": standalone,
+        "loop": loop,
+    }
     t = interleaved(fns, repeats)
     capture.remove()
     base = t["plain"]
-    print(f"\n{kind}: {layout.num_layers} layers, {layout.num_heads} heads "
-          f"({layout.num_kv_heads} KV), B={batch}, T={seq}; plain step {base * 1e3:.1f} ms")
+    print(
+        f"\n{kind}: {layout.num_layers} layers, {layout.num_heads} heads "
+        f"({layout.num_kv_heads} KV), B={batch}, T={seq}; plain step {base * 1e3:.1f} ms"
+    )
     rows = [
         ("flagged step, capture in training backward", t["flagged"] / base, 1.15),
         ("non-flagged step, EMA from 4 samples", t["ema"] / base, 1.05),

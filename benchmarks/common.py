@@ -15,13 +15,25 @@ def bench_model(kind: str, layers: int = 4, hidden: int = 256, heads: int = 8, v
     torch.manual_seed(0)
     if kind == "gpt2":
         cfg = AutoConfig.for_model(
-            "gpt2", n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=vocab, n_positions=128,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            "gpt2",
+            n_layer=layers,
+            n_embd=hidden,
+            n_head=heads,
+            vocab_size=vocab,
+            n_positions=128,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
         )
     else:
         cfg = AutoConfig.for_model(
-            "llama", num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 4), intermediate_size=4 * hidden, vocab_size=vocab,
+            "llama",
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 4),
+            intermediate_size=4 * hidden,
+            vocab_size=vocab,
             max_position_embeddings=128,
         )
     cfg._attn_implementation = "sdpa"

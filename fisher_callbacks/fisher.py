@@ -162,11 +162,8 @@ class FisherCollector:
             kept = {name: rows.index_select(0, keep) for name, rows in old.items()}
             del old
             state.capacity = cap
-            if cap > 0 and kept:
-                for name, rows in kept.items():
-                    new = rows.new_zeros((cap, *rows.shape[1:]))
-                    new[: rows.shape[0]] = rows
-                    state.rows[name] = new
+            if cap > 0 and kept and keep.numel():
+                state.rows = kept  # grows on demand (see _ensure_rows)
 
     # ------------------------------------------------------------------ ingest
     def collect(
@@ -272,10 +269,7 @@ class FisherCollector:
         if state.capacity == 0:
             state.seen += len(rows)
             return
-        if not state.rows:
-            for name in self.param_names:
-                shape = (state.capacity, *self.param_shapes[name])
-                state.rows[name] = torch.zeros(shape, dtype=self.storage_dtype, device=grads[name].device)
+        self._ensure_rows(state, min(state.capacity, len(state.ids) + len(rows)), grads)
         # Algorithm R: fill, then sample n (1-based) replaces a uniform slot with prob cap / n.
         src, dst = [], []
         for row, sid in zip(rows, ids):
@@ -302,6 +296,20 @@ class FisherCollector:
             s = torch.tensor(src, device=g.device)
             d = torch.tensor(dst, device=state.rows[name].device)
             state.rows[name].index_copy_(0, d, g.index_select(0, s).to(self.storage_dtype))
+
+    def _ensure_rows(self, state: _TaskState, needed: int, grads: dict[str, torch.Tensor]) -> None:
+        """Grow the task's row storage geometrically up to its capacity (never past the cap)."""
+        have = next(iter(state.rows.values())).shape[0] if state.rows else 0
+        if needed <= have:
+            return
+        size = min(state.capacity, max(needed, 2 * have, 8))
+        for name in self.param_names:
+            old = state.rows.get(name)
+            device = old.device if old is not None else grads[name].device
+            new = torch.zeros((size, *self.param_shapes[name]), dtype=self.storage_dtype, device=device)
+            if old is not None:
+                new[:have] = old
+            state.rows[name] = new
 
     # ------------------------------------------------------------------ EMA
     def update_ema(self, batch: dict, task: str) -> None:

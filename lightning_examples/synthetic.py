@@ -101,7 +101,12 @@ class SyntheticTasks(pl.LightningDataModule):
 
 
 class TinyGPT(pl.LightningModule):
-    """A tiny GPT-2 built from a config, optionally pretrained on "general" in ``setup``."""
+    """A small causal LM built from a config (GPT-2 by default), pretrained on "general" in ``setup``.
+
+    ``model_type``/``hf_config`` build any Hugging Face causal LM instead, e.g. ``model_type="llama"``
+    with ``hf_config={"num_hidden_layers": 4, "hidden_size": 128, "num_attention_heads": 8,
+    "num_key_value_heads": 2, "intermediate_size": 256}`` (``vocab_size`` is filled in).
+    """
 
     def __init__(
         self,
@@ -116,23 +121,29 @@ class TinyGPT(pl.LightningModule):
         seq_len: int = 24,
         modulus: int = 20,
         seed: int = 0,
+        model_type: str = "gpt2",
+        hf_config: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(seed)
-        config = AutoConfig.for_model(
-            "gpt2",
-            n_layer=n_layer,
-            n_head=n_head,
-            n_embd=n_embd,
-            vocab_size=vocab_size,
-            n_positions=n_positions,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=2,
-            eos_token_id=2,
-        )
+        if model_type == "gpt2" and not hf_config:
+            config = AutoConfig.for_model(
+                "gpt2",
+                n_layer=n_layer,
+                n_head=n_head,
+                n_embd=n_embd,
+                vocab_size=vocab_size,
+                n_positions=n_positions,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=2,
+                eos_token_id=2,
+            )
+        else:
+            base = {"vocab_size": vocab_size, "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 0}
+            config = AutoConfig.for_model(model_type, **{**base, **(hf_config or {})})
         self.model = AutoModelForCausalLM.from_config(config)
         self._pretrained = pretrain_steps == 0
 

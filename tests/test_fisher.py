@@ -201,3 +201,12 @@ def test_state_dict_round_trip_continues_identically(model):
     _, rows_a = a.stored_gradients("x")
     _, rows_b = b.stored_gradients("x")
     assert all(torch.equal(rows_a[n], rows_b[n]) for n in rows_a)
+
+
+def test_storage_grows_with_samples_not_with_the_budget(model):
+    collector = fc.FisherCollector(model, gradient_memory_mb=512)
+    collector.add_gradients(_fake_grads(collector, 1), "a")
+    assert collector.stored_bytes <= 8 * collector.bytes_per_sample
+    collector.add_gradients(_fake_grads(collector, 20, seed=2), "a")
+    assert collector.num_stored("a") == 21
+    assert collector.stored_bytes <= 2 * 21 * collector.bytes_per_sample

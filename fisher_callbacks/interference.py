@@ -1,0 +1,775 @@
+"""QK-OV interference between two tasks, per layer, head and attention block (Q, K, V, O).
+
+:class:`QKOVInterferenceMetric` reads the stored signed per-sample gradients and the contribution
+Fisher of a :class:`~fisher_callbacks.fisher.FisherCollector` and calls the pure kernels of
+:mod:`fisher_callbacks.functional.interference` and :mod:`fisher_callbacks.stats`.
+
+What it reports for task A (samples i) against task B (samples j), per block and ``(layer, head)``
+(K and V have ``num_kv_heads`` heads; asked for query head h they use the KV head serving h):
+
+* ``scores[i, j, l, h]``: the per-pair interference of the chosen variant over the head's weight
+  slice, with ``D = 1 / (max(I, eps) + lambda)`` and ``I`` task A's Fisher (``fisher="task_a"``) or
+  ``(I_A + I_B) / 2`` (``fisher="pooled"``):
+
+  - ``"directional"`` (main): ``M_ij = sum_k C_ik D_k |g_jk|``, how strongly sample i relies on
+    the entries that sample j moves;
+  - ``"signed"``: ``sum_k g_ik D_k g_jk`` (negative = conflict, positive = synergy);
+  - ``"symmetric"``: ``sum_k |g_ik| D_k |g_jk|``.
+
+  ``top_conflicts`` are the largest pair scores (for ``"signed"`` the most negative) with the TRUE
+  sample ids.
+* ``layer_head_avg``: ``mean_ij scores``. **The averaging trap**: with the default task-A Fisher
+  computed from the same task-A samples i (every sample seen is stored, no ``max_samples``),
+  ``mean_i M_ij = sum_k I_k D_k |g_jk|`` exactly, and ``I_k D_k ~ 1`` wherever
+  ``I_k >> eps + lambda`` (0 where ``I_k = 0``): this map is then mostly the size of task B's
+  gradient on task A's support and says little else about task A (tested in
+  ``tests/test_interference.py``). Read it together with the two maps where both tasks count:
+* ``fisher_overlap``: each task's Fisher slice normalised to unit trace, ``sum_k sqrt(fA_k fB_k)``
+  in ``[0, 1]``: 1 = both tasks rely on the same entries in the same proportions, 0 = disjoint.
+* ``conflict_cosine``: the task mean gradients compared in the pooled Fisher metric,
+  ``gA.D.gB / (|gA|_D |gB|_D)`` with ``D`` from ``(I_A + I_B) / 2``; negative = a step that helps
+  one task hurts the other (conflict), 0 = orthogonal or a task without gradient in that head.
+* ``p_values``/``q_values``/``effect_size``/``significant``: a permutation test of that conflict
+  (task labels shuffled over the pooled samples; the statistic is exactly ``conflict_cosine`` on
+  the whitened gradients ``g * sqrt(D)``), Benjamini-Yekutieli (or -Hochberg) q-values over all
+  (layer, head, block) tests of the call, and the standardised mean ``-mean_ij(u_ij) /
+  std_ij(u_ij)`` of the signed pair scores ``u_ij = g_i.D.g_j`` as effect size; a cell is a
+  significant conflict when ``q <= fdr_alpha`` and ``effect_size >= min_conflict_effect_size``.
+  The whitening ``D`` comes from ``(I_A + I_B) / 2``; with equal sample counts and every sample
+  stored this is the mean of ``C`` over the pooled samples, invariant under relabelling, and the
+  test is exact; otherwise ``D`` is a fixed metric estimated from more samples than are tested.
+
+Mean gradients and tests use the stored samples; Fishers use every sample the collector has seen.
+All math is fp32 on ``computation_device`` (statistics in float64), chunked over samples so that
+one chunk operand holds at most ``max_chunk_elements`` elements.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .functional.fisher_ops import ACCUM_DTYPE, fisher_overlap_tensor
+from .functional.interference import (
+    DEFAULT_MAX_CHUNK_ELEMENTS,
+    block_head_scores,
+    check_variant,
+    conflict_cosine,
+    inverse_fisher,
+    pooled_fisher,
+    whiten,
+)
+from .layouts import BLOCKS, AttentionLayout
+from .stats import FDR_METHODS, conflict_significance, permutation_conflict_test
+
+if TYPE_CHECKING:
+    from .fisher import FisherCollector
+
+__all__ = ["FISHER_SOURCES", "HEAD_MAPS", "QKOVHeatmap", "QKOVInterferenceMetric"]
+
+FISHER_SOURCES: tuple[str, ...] = ("task_a", "pooled")
+"""Fisher used for the per-pair scores: task A's, or ``(I_A + I_B) / 2``."""
+
+HEAD_MAPS: tuple[str, ...] = (
+    "layer_head_avg",
+    "fisher_overlap",
+    "conflict_cosine",
+    "p_values",
+    "q_values",
+    "effect_size",
+    "significant",
+)
+"""Per-block ``[L, H_block]`` maps of a heatmap (the last four only with ``run_stats``)."""
+
+
+class QKOVHeatmap(dict):
+    """Result of :meth:`QKOVInterferenceMetric.compute_heatmap`: ``{block: {...}}`` for Q, K, V, O.
+
+    Keys are exactly the blocks, so ``for block, res in heatmap.items()`` visits the blocks. Each
+    ``res`` holds (``n_i``/``n_j`` stored samples of task A/B used, ``L = len(layers)``,
+    ``H_block`` = selected heads of the block, ``num_kv_heads``-based for K and V):
+
+    * ``"scores"``: ``[n_i, n_j, L, H_block]`` fp32 per-pair scores;
+    * ``"layer_head_avg"``: ``[L, H_block]`` mean over pairs (see the averaging trap);
+    * ``"fisher_overlap"``, ``"conflict_cosine"``: ``[L, H_block]`` head maps;
+    * ``"p_values"``, ``"q_values"``, ``"effect_size"`` ``[L, H_block]`` fp32 and ``"significant"``
+      ``[L, H_block]`` bool (only when statistics ran);
+    * ``"top_conflicts"``: list of ``{"sample_i", "sample_j", "layer", "head", "query_heads",
+      "score"}``, strongest first, TRUE sample ids; ``head`` is the block's head index (the KV head
+      for K/V) and ``query_heads`` the query heads it serves;
+    * ``"sample_ids_a"``, ``"sample_ids_b"``: TRUE ids of the rows/columns of ``scores``;
+    * ``"layers"``, ``"heads"``: layer and block-head indices of the map rows/columns.
+
+    All tensors are on the CPU. The attributes record how the heatmap was computed.
+
+    Attributes:
+        task_a, task_b: the two tasks.
+        variant: score variant; fisher_source: ``"task_a"`` or ``"pooled"``.
+        num_fisher_samples: ``{task: samples in its Fisher}``.
+        stats: ``None`` or ``{"n_permutations", "fdr_method", "fdr_alpha",
+            "min_conflict_effect_size", "seed", "num_tests", "num_degenerate"}``.
+    """
+
+    def __init__(
+        self,
+        blocks: Mapping[str, dict[str, Any]],
+        *,
+        task_a: str,
+        task_b: str,
+        variant: str,
+        fisher_source: str,
+        num_fisher_samples: dict[str, int],
+        stats: dict[str, Any] | None,
+    ) -> None:
+        super().__init__(blocks)
+        self.task_a = task_a
+        self.task_b = task_b
+        self.variant = variant
+        self.fisher_source = fisher_source
+        self.num_fisher_samples = num_fisher_samples
+        self.stats = stats
+
+
+class QKOVInterferenceMetric:
+    """Sample-pair and head-map QK-OV interference between tasks stored in a collector.
+
+    Args:
+        layout: the attention layout (``None``: ``collector.layout``).
+        collector: a :class:`~fisher_callbacks.fisher.FisherCollector` (or an object with
+            ``stored_gradients``, ``get_gradient``, ``fisher`` and ``num_samples``).
+        epsilon: floor of the Fisher in ``D = 1 / (max(I, epsilon) + ridge_lambda)``.
+        ridge_lambda: ridge of ``D``; ``epsilon + ridge_lambda`` must be > 0.
+        min_samples_for_fisher: warn when a task's Fisher has fewer samples.
+        variant: ``"directional"`` (default), ``"signed"`` or ``"symmetric"`` (module docstring).
+        fisher: Fisher of the per-pair scores: ``"task_a"`` (default) or ``"pooled"``. The head
+            maps ``conflict_cosine`` and the tests always use the pooled Fisher.
+        computation_device: ``"cpu"`` (default), ``"cuda"`` (``"cuda:1"``...) or ``"auto"``.
+        n_permutations: permutations of the conflict test (its smallest p-value is
+            ``1 / (1 + n_permutations)``).
+        fdr_alpha: false discovery rate of ``significant``.
+        fdr_method: ``"by"`` (Benjamini-Yekutieli, default) or ``"bh"``.
+        min_conflict_effect_size: smallest effect size reported as a significant conflict.
+        top_k: entries of ``top_conflicts`` per block.
+        seed: seed of the permutations (reproducible, same on every device).
+        run_stats: run the permutation tests in :meth:`compute_heatmap`.
+        max_chunk_elements: bound on the elements of one chunk operand (fp32 elements).
+
+    Raises:
+        ValueError: an invalid option, or a device that is not available.
+    """
+
+    def __init__(
+        self,
+        layout: AttentionLayout | None,
+        collector: FisherCollector,
+        epsilon: float = 1e-10,
+        ridge_lambda: float = 1e-8,
+        min_samples_for_fisher: int = 10,
+        variant: str = "directional",
+        fisher: str = "task_a",
+        computation_device: str | torch.device = "cpu",
+        *,
+        n_permutations: int = 200,
+        fdr_alpha: float = 0.05,
+        fdr_method: str = "by",
+        min_conflict_effect_size: float = 0.2,
+        top_k: int = 10,
+        seed: int = 0,
+        run_stats: bool = True,
+        max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+    ) -> None:
+        if epsilon < 0 or ridge_lambda < 0 or epsilon + ridge_lambda <= 0:
+            raise ValueError(
+                f"need epsilon >= 0, ridge_lambda >= 0 and epsilon + ridge_lambda > 0, got "
+                f"epsilon={epsilon}, ridge_lambda={ridge_lambda}"
+            )
+        check_variant(variant)
+        if fisher not in FISHER_SOURCES:
+            raise ValueError(f"fisher must be one of {FISHER_SOURCES}, got {fisher!r}")
+        if fdr_method not in FDR_METHODS:
+            raise ValueError(f"fdr_method must be one of {FDR_METHODS}, got {fdr_method!r}")
+        if not 0.0 < fdr_alpha <= 1.0:
+            raise ValueError(f"fdr_alpha must lie in (0, 1], got {fdr_alpha}")
+        if n_permutations < 1:
+            raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if max_chunk_elements < 1:
+            raise ValueError(f"max_chunk_elements must be >= 1, got {max_chunk_elements}")
+        self.layout = layout if layout is not None else collector.layout
+        self.collector = collector
+        self.epsilon = float(epsilon)
+        self.ridge_lambda = float(ridge_lambda)
+        self.min_samples_for_fisher = int(min_samples_for_fisher)
+        self.variant = variant
+        self.fisher_source = fisher
+        self.device = _resolve_device(computation_device)
+        self.n_permutations = int(n_permutations)
+        self.fdr_alpha = float(fdr_alpha)
+        self.fdr_method = fdr_method
+        self.min_conflict_effect_size = float(min_conflict_effect_size)
+        self.top_k = int(top_k)
+        self.seed = int(seed)
+        self.run_stats = bool(run_stats)
+        self.max_chunk_elements = int(max_chunk_elements)
+
+    # ------------------------------------------------------------------ one slice
+    def compute_block_head_score(
+        self,
+        grad_i: Tensor,
+        grad_j: Tensor,
+        fisher: Tensor,
+        layer: int,
+        head: int,
+        block: str,
+        param_name: str | None = None,
+        bias: bool = False,
+    ) -> float:
+        """Score of one (sample i, sample j, layer, head, block) over one parameter's head slice.
+
+        Args:
+            grad_i: signed gradient ``g_i`` of the task-A sample (its contribution is
+                ``C_i = g_i ** 2``), full parameter shape.
+            grad_j: signed gradient ``g_j`` of the task-B sample, full parameter shape.
+            fisher: the Fisher ``I`` of the metric (task A's or pooled), full parameter shape.
+            layer: layer index.
+            head: QUERY head index (for K/V the serving KV head is sliced).
+            block: ``"Q"``, ``"K"``, ``"V"`` or ``"O"``.
+            param_name: the parameter (default: the block's weight; its bias with ``bias``).
+            bias: score the Q/K/V bias slice instead of the weight (``include_bias`` layouts).
+
+        Returns:
+            The variant's score as a Python float.
+
+        Raises:
+            ValueError: ``grad_i``, ``grad_j`` and ``fisher`` (or their head slices) do not have the
+                parameter's shape; the message names parameter, layer, head and block.
+        """
+        spec = self.layout.spec(layer, block)
+        default = spec.bias if bias else spec.param
+        name = param_name or default
+        if name != default:
+            raise ValueError(
+                f"parameter {name!r} is not the {'bias' if bias else 'weight'} of block {block} "
+                f"of layer {layer} ({default!r})"
+            )
+        if default is None:
+            raise ValueError(f"block {block} of layer {layer} has no per-head bias")
+        expected = tuple(self.layout.param_shapes[name])
+        shapes = (tuple(grad_i.shape), tuple(grad_j.shape), tuple(fisher.shape))
+        if not shapes[0] == shapes[1] == shapes[2] == expected:
+            raise ValueError(_mismatch(name, layer, head, block, shapes, f"parameter {expected}"))
+        s_i = self.layout.head_slice(grad_i, layer, head, block, bias=bias)
+        s_j = self.layout.head_slice(grad_j, layer, head, block, bias=bias)
+        s_f = self.layout.head_slice(fisher, layer, head, block, bias=bias)
+        sliced = (tuple(s_i.shape), tuple(s_j.shape), tuple(s_f.shape))
+        if not sliced[0] == sliced[1] == sliced[2]:
+            raise ValueError(_mismatch(name, layer, head, block, sliced, "equal head slices"))
+        dev = self.device
+        inv = inverse_fisher(s_f.to(dev), self.epsilon, self.ridge_lambda).reshape(1, -1)
+        score = block_head_scores(
+            s_i.to(dev).reshape(1, 1, -1), s_j.to(dev).reshape(1, 1, -1), inv, self.variant
+        )
+        return float(score[0, 0, 0])
+
+    # ------------------------------------------------------------------ one pair
+    def compute_sample_pair(
+        self,
+        task_a: str,
+        sample_i: Any,
+        task_b: str,
+        sample_j: Any,
+        layer: int,
+        head: int,
+    ) -> dict[str, float]:
+        """Interference of one task-A sample with one task-B sample in one layer and query head.
+
+        Args:
+            task_a, task_b: task names in the collector.
+            sample_i, sample_j: TRUE sample ids (as given to ``collect``/``add_gradients``).
+            layer: layer index.
+            head: query head index; K and V use the KV head serving it (GQA/MQA).
+
+        Returns:
+            ``{"Q": float, "K": float, "V": float, "O": float}`` (weight plus bias slices when the
+            layout includes biases).
+
+        Raises:
+            KeyError: a sample id that is not stored (the message names task and id).
+        """
+        if not 0 <= head < self.layout.num_heads:
+            raise IndexError(f"head {head} out of range [0, {self.layout.num_heads})")
+        g_i = self.collector.get_gradient(task_a, sample_i)
+        g_j = self.collector.get_gradient(task_b, sample_j)
+        fisher_a = self._fisher(task_a)
+        fisher_b = self._fisher(task_b) if self.fisher_source == "pooled" else {}
+        out: dict[str, float] = {}
+        for block in BLOCKS:
+            total = 0.0
+            for name, is_bias in self.layout.block_entries(layer, block):
+                _require(g_i, name, task_a)
+                _require(g_j, name, task_b)
+                _require(fisher_a, name, f"{task_a} (Fisher)")
+                fisher = fisher_a[name]
+                if self.fisher_source == "pooled":
+                    _require(fisher_b, name, f"{task_b} (Fisher)")
+                    fisher = pooled_fisher(fisher_a[name], fisher_b[name])
+                total += self.compute_block_head_score(
+                    g_i[name], g_j[name], fisher, layer, head, block, name, is_bias
+                )
+            out[block] = total
+        return out
+
+    # ------------------------------------------------------------------ heatmap
+    def compute_heatmap(
+        self,
+        task_a: str,
+        task_b: str,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+        max_samples: int | None = None,
+    ) -> QKOVHeatmap:
+        """All pairs, layers and heads of the four blocks, plus head maps and conflict tests.
+
+        Per (layer, block) the stored gradients of both tasks are gathered per head
+        (``[n, H_block, k]``, one ``index_select`` over positions from ``layout.head_view``) and
+        scored with one batched matmul per sample chunk
+        (:func:`~fisher_callbacks.functional.interference.block_head_scores`); nothing loops over
+        pairs or heads in Python.
+
+        Args:
+            task_a: the task whose samples are ``i`` (and whose Fisher normalises by default).
+            task_b: the task whose samples are ``j``.
+            layers: layer indices (default all).
+            heads: QUERY head indices (default all; sorted, duplicates dropped); K and V keep the
+                KV heads serving them.
+            max_samples: use at most this many stored samples per task (the first ones stored).
+
+        Returns:
+            :class:`QKOVHeatmap` (see there for the entries). A task without stored samples gives
+            zero-sized ``scores``, zero maps (``p_values``/``q_values`` 1, nothing significant; the
+            Fisher overlap is still computed when both Fishers exist) and a warning; never NaN.
+        """
+        layout = self.layout
+        layers = self._check_layers(layers)
+        heads = self._check_heads(heads)
+        block_heads = {b: sorted({layout.block_head(h, b) for h in heads}) for b in BLOCKS}
+        ids_a, grads_a = self._stored(task_a, max_samples)
+        ids_b, grads_b = self._stored(task_b, max_samples)
+        n_a, n_b = len(ids_a), len(ids_b)
+        fisher_a = self._fisher(task_a)
+        fisher_b = self._fisher(task_b)
+        empty = n_a == 0 or n_b == 0
+        if empty:
+            warnings.warn(
+                f"QK-OV heatmap {task_a!r} vs {task_b!r}: no stored samples for "
+                f"{' and '.join(repr(t) for t, n in ((task_a, n_a), (task_b, n_b)) if n == 0)}; "
+                "returning zero maps",
+                stacklevel=2,
+            )
+        dev = self.device
+        n_layers = len(layers)
+        index_cache: dict[tuple, tuple[Tensor, int | None]] = {}
+        blocks: dict[str, dict[str, Any]] = {}
+        stats_parts: list[tuple[str, Tensor, Tensor]] = []  # (block, p [L, Hb], effect [L, Hb])
+        num_degenerate = 0
+        for block in BLOCKS:
+            hsel = torch.tensor(block_heads[block], dtype=torch.long)
+            n_h = len(block_heads[block])
+            scores = torch.zeros(n_a, n_b, n_layers, n_h, dtype=ACCUM_DTYPE, device=dev)
+            overlap = torch.zeros(n_layers, n_h, dtype=ACCUM_DTYPE)
+            cosine = torch.zeros(n_layers, n_h, dtype=ACCUM_DTYPE)
+            p_vals = torch.ones(n_layers, n_h, dtype=torch.float64)
+            effect = torch.zeros(n_layers, n_h, dtype=torch.float64)
+            for li, layer in enumerate(layers):
+                entries = self._head_index(layer, block, hsel, index_cache)
+                fa = fb = None
+                if fisher_a and fisher_b:
+                    fa = self._rows(fisher_a, entries, task_a)  # [Hb, k] fp32
+                    fb = self._rows(fisher_b, entries, task_b)  # [Hb, k] fp32
+                    overlap[li] = fisher_overlap_tensor(fa, fb, dim=-1).cpu()
+                if empty:
+                    continue
+                if fa is None or fb is None:
+                    raise RuntimeError(
+                        f"tasks {task_a!r}/{task_b!r} have stored samples but no Fisher "
+                        "(the collector's num_samples/fisher disagree with stored_gradients)"
+                    )
+                inv_pooled = inverse_fisher(pooled_fisher(fa, fb), self.epsilon, self.ridge_lambda)
+                inv_scores = (
+                    inverse_fisher(fa, self.epsilon, self.ridge_lambda)
+                    if self.fisher_source == "task_a"
+                    else inv_pooled
+                )
+                pair, mean_a, mean_b, views = self._pair_scores(
+                    (grads_a, task_a, n_a), (grads_b, task_b, n_b), entries, inv_scores
+                )
+                scores[:, :, li] = pair  # [n_a, n_b, Hb]
+                cosine[li] = conflict_cosine(mean_a, mean_b, inv_pooled).cpu()
+                if self.run_stats:
+                    p, e, n_deg = self._conflict_test(
+                        (grads_a, task_a, n_a), (grads_b, task_b, n_b), entries, inv_pooled, views
+                    )
+                    p_vals[li], effect[li] = p, e
+                    num_degenerate += n_deg
+            scores = scores.cpu()
+            res: dict[str, Any] = {
+                "scores": scores,
+                "layer_head_avg": (scores.mean(dim=(0, 1)) if not empty else torch.zeros(n_layers, n_h)),
+                "top_conflicts": self._top_conflicts(scores, ids_a, ids_b, layers, block, hsel),
+                "sample_ids_a": list(ids_a),
+                "sample_ids_b": list(ids_b),
+                "layers": list(layers),
+                "heads": list(block_heads[block]),
+                "fisher_overlap": overlap,
+                "conflict_cosine": cosine,
+            }
+            blocks[block] = res
+            stats_parts.append((block, p_vals, effect))
+        stats_info = None
+        if self.run_stats:
+            stats_info = self._significance(blocks, stats_parts, empty, num_degenerate)
+        return QKOVHeatmap(
+            blocks,
+            task_a=task_a,
+            task_b=task_b,
+            variant=self.variant,
+            fisher_source=self.fisher_source,
+            num_fisher_samples={
+                task_a: self.collector.num_samples(task_a),
+                task_b: self.collector.num_samples(task_b),
+            },
+            stats=stats_info,
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def _chunk_rows(self, per_row: int) -> int:
+        return max(1, self.max_chunk_elements // max(per_row, 1))
+
+    def _pair_scores(
+        self,
+        side_a: tuple[Mapping[str, Tensor], str, int],
+        side_b: tuple[Mapping[str, Tensor], str, int],
+        entries: list[tuple[str, Tensor, int | None]],
+        inv: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """Scores of one (layer, block), chunked over the samples of both tasks.
+
+        Args:
+            side_a, side_b: ``(stored gradients {name: [n, *shape]}, task, n)``.
+            entries: ``[(name, index [Hb, k_e], start)]`` from :meth:`_head_index`.
+            inv: ``[Hb, k]`` ``D`` of the scores.
+
+        Returns:
+            ``(scores [n_a, n_b, Hb], mean_a [Hb, k], mean_b [Hb, k], views)``: fp32 on the
+            device; ``views`` are the whole ``[n, Hb, k]`` head views of both tasks when each
+            fitted in one chunk (reused by the tests), else ``None``.
+        """
+        (grads_a, task_a, n_a), (grads_b, task_b, n_b) = side_a, side_b
+        n_h, k = inv.shape
+        rows = self._chunk_rows(n_h * k)
+        c_a, c_b = min(n_a, rows), min(n_b, rows)
+        out = torch.empty(n_a, n_b, n_h, dtype=ACCUM_DTYPE, device=self.device)
+        sum_a = torch.zeros(n_h, k, dtype=ACCUM_DTYPE, device=self.device)
+        sum_b = torch.zeros_like(sum_a)
+        whole_a = None
+        for j0 in range(0, n_b, c_b):
+            vb = self._rows(grads_b, entries, task_b, slice(j0, j0 + c_b))  # [c_b, Hb, k]
+            sum_b += vb.sum(0)
+            for i0 in range(0, n_a, c_a):
+                if whole_a is not None:
+                    va = whole_a
+                else:
+                    va = self._rows(grads_a, entries, task_a, slice(i0, i0 + c_a))  # [c_a, Hb, k]
+                    if j0 == 0:
+                        sum_a += va.sum(0)
+                    if c_a == n_a:
+                        whole_a = va
+                out[i0 : i0 + c_a, j0 : j0 + c_b] = block_head_scores(
+                    va, vb, inv, self.variant, max_chunk_elements=self.max_chunk_elements
+                )
+        views = (whole_a, vb) if whole_a is not None and c_b == n_b else None
+        return out, sum_a / n_a, sum_b / n_b, views
+
+    def _conflict_test(
+        self,
+        side_a: tuple[Mapping[str, Tensor], str, int],
+        side_b: tuple[Mapping[str, Tensor], str, int],
+        entries: list[tuple[str, Tensor, int | None]],
+        inv_pooled: Tensor,
+        views: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, Tensor, int]:
+        """Permutation test per head of one (layer, block) on the whitened gradients ``g sqrt(D)``.
+
+        Heads are tested in chunks so that the whitened inputs of one call hold at most
+        ``max_chunk_elements`` elements (at least one head per call).
+
+        Returns:
+            ``(p [Hb], effect [Hb], number of degenerate tests)``.
+        """
+        (grads_a, task_a, n_a), (grads_b, task_b, n_b) = side_a, side_b
+        n_h, k = inv_pooled.shape
+        step = max(1, self.max_chunk_elements // max((n_a + n_b) * k, 1))
+        p_parts, e_parts, n_deg = [], [], 0
+        for h0 in range(0, n_h, step):
+            hs = slice(h0, h0 + step)
+            if views is not None:
+                va, vb = views[0][:, hs], views[1][:, hs]
+            else:
+                sub = [(name, idx[hs], None) for name, idx, _ in entries]
+                va, vb = self._rows(grads_a, sub, task_a), self._rows(grads_b, sub, task_b)
+            xa = whiten(va, inv_pooled[hs])  # [n_a, Hc, k]
+            xb = whiten(vb, inv_pooled[hs])  # [n_b, Hc, k]
+            with warnings.catch_warnings():
+                # Degenerate cells (a head without gradient in one task) are counted and reported
+                # once per heatmap instead of once per (layer, block).
+                warnings.simplefilter("ignore")
+                res = permutation_conflict_test(
+                    xa,
+                    xb,
+                    n_permutations=self.n_permutations,
+                    seed=self.seed,
+                    max_chunk_elements=self.max_chunk_elements,
+                )
+            p_parts.append(res.p_values.double().cpu())
+            e_parts.append(res.effect_size.double().cpu())
+            n_deg += int(res.degenerate.sum())
+        return torch.cat(p_parts), torch.cat(e_parts), n_deg
+
+    def _significance(
+        self,
+        blocks: dict[str, dict[str, Any]],
+        parts: list[tuple[str, Tensor, Tensor]],
+        empty: bool,
+        num_degenerate: int,
+    ) -> dict[str, Any]:
+        """FDR over all (layer, head, block) tests of the call; fills the per-block stats maps."""
+        flat_p = torch.cat([p.reshape(-1) for _, p, _ in parts])
+        flat_e = torch.cat([e.reshape(-1) for _, _, e in parts])
+        sig = conflict_significance(
+            flat_p,
+            flat_e,
+            alpha=self.fdr_alpha,
+            min_effect_size=self.min_conflict_effect_size,
+            method=self.fdr_method,
+        )
+        offset = 0
+        for block, p, e in parts:
+            n = p.numel()
+            res = blocks[block]
+            res["p_values"] = p.to(ACCUM_DTYPE)
+            res["q_values"] = sig["q_values"][offset : offset + n].reshape(p.shape).to(ACCUM_DTYPE)
+            res["effect_size"] = e.to(ACCUM_DTYPE)
+            res["significant"] = sig["significant"][offset : offset + n].reshape(p.shape)
+            offset += n
+        if num_degenerate and not empty:
+            warnings.warn(
+                f"{num_degenerate} of {flat_p.numel()} QK-OV conflict tests are degenerate (a task "
+                "mean gradient is zero in that head): p = 1, effect size 0",
+                stacklevel=3,
+            )
+        return {
+            "n_permutations": self.n_permutations,
+            "fdr_method": self.fdr_method,
+            "fdr_alpha": self.fdr_alpha,
+            "min_conflict_effect_size": self.min_conflict_effect_size,
+            "seed": self.seed,
+            "num_tests": int(flat_p.numel()),
+            "num_degenerate": int(num_degenerate) if not empty else int(flat_p.numel()),
+        }
+
+    def _top_conflicts(
+        self,
+        scores: Tensor,
+        ids_a: list,
+        ids_b: list,
+        layers: list[int],
+        block: str,
+        hsel: Tensor,
+    ) -> list[dict[str, Any]]:
+        """Strongest pairs of one block (``scores`` ``[n_a, n_b, L, Hb]``), TRUE ids."""
+        if scores.numel() == 0 or self.top_k == 0:
+            return []
+        strength = -scores if self.variant == "signed" else scores
+        flat = strength.reshape(-1)
+        values, index = torch.topk(flat, min(self.top_k, flat.numel()))
+        keep = values > 0
+        values, index = values[keep], index[keep]
+        out = []
+        for idx in index.tolist():
+            i, j, li, hi = _unravel(idx, scores.shape)
+            head = int(hsel[hi])
+            if block in ("K", "V"):
+                group = self.layout.kv_group_size
+                query_heads = list(range(head * group, (head + 1) * group))
+            else:
+                query_heads = [head]
+            out.append(
+                {
+                    "sample_i": ids_a[i],
+                    "sample_j": ids_b[j],
+                    "layer": layers[li],
+                    "head": head,
+                    "query_heads": query_heads,
+                    "score": float(scores[i, j, li, hi]),
+                }
+            )
+        return out
+
+    # ------------------------------------------------------------------ collector access
+    def _stored(self, task: str, max_samples: int | None) -> tuple[list, dict[str, Tensor]]:
+        ids, grads = self.collector.stored_gradients(task)
+        if max_samples is not None:
+            if max_samples < 0:
+                raise ValueError(f"max_samples must be >= 0, got {max_samples}")
+            ids = list(ids)[:max_samples]
+            grads = {name: g[:max_samples] for name, g in grads.items()}
+        if not ids:
+            return [], {}
+        return list(ids), grads
+
+    def _fisher(self, task: str) -> dict[str, Tensor]:
+        """The collector's contribution Fisher of ``task`` (``{}`` without samples)."""
+        n = self.collector.num_samples(task)
+        if n == 0:
+            return {}
+        if n < self.min_samples_for_fisher:
+            warnings.warn(
+                f"QK-OV: the Fisher of task {task!r} comes from {n} sample(s) "
+                f"(< min_samples_for_fisher={self.min_samples_for_fisher}); scores are noisy",
+                stacklevel=3,
+            )
+        with warnings.catch_warnings():
+            # The collector warns with its own threshold; the warning above uses this metric's.
+            warnings.simplefilter("ignore")
+            return self.collector.fisher(task)
+
+    def _head_index(
+        self, layer: int, block: str, hsel: Tensor, cache: dict[tuple, tuple[Tensor, int | None]]
+    ) -> list[tuple[str, Tensor, int | None]]:
+        """Flat positions of the selected heads' entries: ``[(name, index [Hb, k_e], start)]``.
+
+        The positions come from ``layout.head_view`` applied to an index map of the parameter, so
+        the layout stays the one place that knows where heads live; a gather with them
+        (:meth:`_rows`) is one ``index_select`` per tensor, or a plain view when the positions
+        are one contiguous range (``start``; e.g. the rows of a Linear Q/K/V weight). Layers with
+        the same head pattern share the index (``cache``, one heatmap call).
+        """
+        entries = []
+        for name, is_bias in self.layout.block_entries(layer, block):
+            shape = tuple(self.layout.param_shapes[name])
+            spec = self.layout.spec(layer, block)
+            key = (shape, is_bias, spec.axis, spec.index.numpy().tobytes(), tuple(hsel.tolist()))
+            if key not in cache:
+                numel = math.prod(shape)
+                dtype = torch.int32 if numel < 2**31 else torch.long
+                positions = torch.arange(numel, dtype=dtype).view(shape)
+                view = self.layout.head_view(positions, layer, block, bias=is_bias)  # [H, k_e]
+                index = view.index_select(0, hsel).contiguous()  # [Hb, k_e]
+                flat = index.reshape(-1)
+                start = int(flat[0]) if flat.numel() else 0
+                contiguous = torch.equal(flat, torch.arange(start, start + flat.numel(), dtype=dtype))
+                cache[key] = (index, start if contiguous else None)
+            entries.append((name, *cache[key]))
+        return entries
+
+    def _rows(
+        self,
+        tensors: Mapping[str, Tensor],
+        entries: list[tuple[str, Tensor, int | None]],
+        task: str,
+        rows: slice | None = None,
+    ) -> Tensor:
+        """Gather the head entries of ``tensors`` (``[..., *shape]``): ``[..., Hb, k]`` fp32.
+
+        ``rows`` slices the leading (sample) dim first; weight and bias entries are concatenated
+        along the last dim. The result is on the computation device; it may be a view of the
+        stored tensor (never modify it in place).
+        """
+        parts = []
+        for name, index, start in entries:
+            _require(tensors, name, task)
+            x = tensors[name]
+            shape = tuple(self.layout.param_shapes[name])
+            if tuple(x.shape[x.dim() - len(shape) :]) != shape:
+                raise ValueError(
+                    f"task {task!r}: tensor of shape {tuple(x.shape)} for {name!r} does not end "
+                    f"with the parameter shape {shape}"
+                )
+            if rows is not None:
+                x = x[rows]
+            lead = x.shape[: x.dim() - len(shape)]
+            flat = x.reshape(*lead, -1)
+            if start is not None:
+                picked = flat.narrow(-1, start, index.numel())
+            else:
+                picked = flat.index_select(-1, index.reshape(-1).to(x.device))
+            parts.append(picked.reshape(*lead, *index.shape))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return out.to(self.device, ACCUM_DTYPE)
+
+    def _check_layers(self, layers: Sequence[int] | None) -> list[int]:
+        n = self.layout.num_layers
+        if layers is None:
+            return list(range(n))
+        layers = [int(x) for x in layers]
+        bad = [x for x in layers if not 0 <= x < n]
+        if bad:
+            raise IndexError(f"layers {bad} out of range [0, {n})")
+        return layers
+
+    def _check_heads(self, heads: Sequence[int] | None) -> list[int]:
+        n = self.layout.num_heads
+        if heads is None:
+            return list(range(n))
+        heads = sorted({int(h) for h in heads})
+        bad = [h for h in heads if not 0 <= h < n]
+        if bad:
+            raise IndexError(f"heads {bad} out of range [0, {n})")
+        return heads
+
+    def __repr__(self) -> str:
+        return (
+            f"QKOVInterferenceMetric(variant={self.variant!r}, fisher={self.fisher_source!r}, "
+            f"epsilon={self.epsilon}, ridge_lambda={self.ridge_lambda}, device={self.device}, "
+            f"run_stats={self.run_stats})"
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+def _resolve_device(spec: str | torch.device) -> torch.device:
+    if isinstance(spec, str) and spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"computation_device={spec!r} but CUDA is not available; use 'cpu' or 'auto'")
+    return device
+
+
+def _mismatch(name: str, layer: int, head: int, block: str, shapes: tuple[tuple, ...], want: str) -> str:
+    return (
+        f"QK-OV shape mismatch for parameter {name!r}, layer {layer}, head {head}, block {block}: "
+        f"contribution/gradient g_i {shapes[0]}, gradient g_j {shapes[1]}, Fisher {shapes[2]}; "
+        f"expected {want}"
+    )
+
+
+def _require(tensors: Mapping[str, Tensor], name: str, task: str) -> None:
+    if name not in tensors:
+        raise KeyError(
+            f"no tensor for parameter {name!r} in task {task!r}: the collector does not monitor "
+            "the parameters of this layout"
+        )
+
+
+def _unravel(index: int, shape: Sequence[int]) -> tuple[int, ...]:
+    out = []
+    for size in reversed(shape):
+        out.append(index % size)
+        index //= size
+    return tuple(reversed(out))
