@@ -32,3 +32,11 @@ from fisher_callbacks.functional.forgetting import (
 from fisher_callbacks.functional.forgetting import measured_forgetting as measured_forgetting
 from fisher_callbacks.functional.forgetting import parameter_delta as parameter_delta
 from fisher_callbacks.functional.forgetting import probe_loss as probe_loss
+from fisher_callbacks.functional.interference import block_head_scores as block_head_scores
+from fisher_callbacks.functional.interference import conflict_cosine as conflict_cosine
+from fisher_callbacks.functional.interference import (
+    directional_mean_over_a as directional_mean_over_a,
+)
+from fisher_callbacks.functional.interference import inverse_fisher as inverse_fisher
+from fisher_callbacks.functional.interference import pooled_fisher as pooled_fisher
+from fisher_callbacks.functional.interference import whiten as whiten
