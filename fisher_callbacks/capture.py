@@ -272,13 +272,16 @@ def probe_pass(
     fisher_type: str = "empirical",
     generator: torch.Generator | None = None,
     sum_params: dict[str, torch.Tensor] | None = None,
+    forward_model: nn.Module | None = None,
 ) -> ProbeResult:
     """One forward and one ``torch.autograd.grad`` backward: per-sample gradients of the monitored
     weights (hooks), per-sample losses, and optionally the summed gradient of other parameters.
 
     See :func:`per_sample_gradients` for the guarantees (``.grad`` and mode untouched, hooks
     removed on error). ``sum_params`` (``{name: parameter}``) get ``grad sum_i l_i`` in ``summed``,
-    e.g. every trainable parameter for a first-order forgetting prediction.
+    e.g. every trainable parameter for a first-order forgetting prediction. ``forward_model``
+    (default ``model``) is the submodule to call, e.g. the Hugging Face model inside a
+    LightningModule that defines no ``forward``; names stay relative to ``model``.
     """
     if fisher_type not in ("empirical", "true"):
         raise ValueError(f"fisher_type must be 'empirical' or 'true', got {fisher_type!r}")
@@ -288,7 +291,8 @@ def probe_pass(
     if labels.shape[0] == 0:
         raise ValueError("the batch is empty")
     layout = layout or AttentionLayout.from_model(model)
-    loss_type = loss_type or infer_loss_type(model)
+    forward_model = forward_model if forward_model is not None else model
+    loss_type = loss_type or infer_loss_type(forward_model)
     capture = PerSampleGradientCapture(model, layout)
     params = dict(model.named_parameters())
     weights = [params[n] for n in capture.param_names]
@@ -299,7 +303,7 @@ def probe_pass(
         )
     extra = {n: p for n, p in (sum_params or {}).items() if p.requires_grad}
     with capture.capturing(), torch.enable_grad():
-        logits = forward_logits(model, batch)
+        logits = forward_logits(forward_model, batch)
         losses, counts = per_sample_loss(logits, labels, loss_type)
         if fisher_type == "true":
             sampled = sample_true_labels(logits, labels, loss_type, generator)

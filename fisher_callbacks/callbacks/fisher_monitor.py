@@ -312,6 +312,7 @@ class FisherMonitor(Callback):
                         fisher_type=self.fisher_type,
                         generator=self.collector._generator,
                         sum_params=params,
+                        forward_model=_forward_module(pl_module),
                     )
                     ids = batch.get(self.sample_id_key)
                     self.collector.add_gradients(res.grads, task, ids)
@@ -381,6 +382,19 @@ def _as_list(value: Any, n: int, default: Any) -> list:
     if isinstance(value, (str, int)):
         return [value] * n
     return list(value)
+
+
+def _forward_module(pl_module: pl.LightningModule) -> torch.nn.Module:
+    """``pl_module`` if it defines ``forward``, else the Hugging Face model inside it."""
+    if type(pl_module).forward is not pl.LightningModule.forward:
+        return pl_module
+    for module in pl_module.modules():
+        if module is not pl_module and getattr(getattr(module, "config", None), "model_type", None):
+            return module
+    raise TypeError(
+        f"{type(pl_module).__name__} defines no forward and wraps no Hugging Face model: probe "
+        "passes need one of them to compute logits"
+    )
 
 
 def find_fisher_monitor(trainer: pl.Trainer, given: FisherMonitor | None, who: str) -> FisherMonitor:
