@@ -189,12 +189,16 @@ class FisherCollector:
         grads: dict[str, torch.Tensor],
         task: str,
         sample_ids: Sequence[SampleId] | torch.Tensor | None = None,
+        *,
+        update_ema: bool = False,
     ) -> int:
         """Add already-captured per-sample gradients ``{name: [B, *shape]}`` of ``task``.
 
         Samples with a non-finite entry are skipped, counted in ``skipped_nonfinite`` and warned
         about. Each valid sample adds ``g_i**2`` to the task's fp32 Fisher sum and is offered to
         the task's reservoir under its true id (a running counter when ``sample_ids`` is None).
+        With ``update_ema`` the same squares also make one EMA step (as
+        :meth:`update_ema_from_gradients`, without computing them twice).
 
         Returns:
             the number of samples accepted.
@@ -203,32 +207,56 @@ class FisherCollector:
         n = next(iter(grads.values())).shape[0]
         ids = self._resolve_ids(task, sample_ids, n)
         state = self._task(task)
-        finite = torch.ones(n, dtype=torch.bool)
-        for g in grads.values():
-            finite &= torch.isfinite(g.reshape(n, -1)).all(1).cpu()
-        n_bad = int((~finite).sum())
-        if n_bad:
-            self.skipped_nonfinite += n_bad
-            bad = [ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
-            warnings.warn(
-                f"task {task!r}: skipped {n_bad} sample(s) with non-finite gradients "
-                f"(ids {bad[:5]}{'...' if n_bad > 5 else ''}); {self.skipped_nonfinite} so far",
-                stacklevel=2,
-            )
-        keep = torch.nonzero(finite).flatten()
-        if keep.numel() == 0:
+        keep = self._finite_rows(grads, n, task, ids)
+        if keep is not None and keep.numel() == 0:
             return 0
+        n_kept = n if keep is None else keep.numel()
         for name in self.param_names:
-            g = grads[name].index_select(0, keep.to(grads[name].device)).float()
-            c = (g * g).sum(0)
+            c = _sum_of_squares(grads[name], keep)
             if name in state.fisher_sum:
                 state.fisher_sum[name] += c
             else:
-                state.fisher_sum[name] = c
-        state.fisher_count += keep.numel()
+                state.fisher_sum[name] = c.clone()
+            if update_ema:
+                self._ema_step(state, name, c / n_kept)
+        if update_ema:
+            state.ema_steps += 1
+        state.fisher_count += n_kept
         self._fisher_cache.pop(task, None)
-        self._reservoir_add(state, grads, keep.tolist(), [ids[i] for i in keep.tolist()])
-        return keep.numel()
+        rows = list(range(n)) if keep is None else keep.tolist()
+        self._reservoir_add(state, grads, rows, [ids[i] for i in rows])
+        return n_kept
+
+    def _finite_rows(
+        self, grads: dict[str, torch.Tensor], n: int, task: str, ids: list[SampleId] | None
+    ) -> torch.Tensor | None:
+        """Indices of the finite samples, or None when all are finite (the common, copy-free case).
+
+        One reduction per parameter: a sample's sum is finite iff all its entries are (an entry
+        of ~1e38 whose sum overflows counts as non-finite too, which is what it is for fp16/bf16).
+        """
+        finite = torch.ones(n, dtype=torch.bool)
+        for g in grads.values():
+            finite &= torch.isfinite(g.reshape(n, -1).sum(1, dtype=torch.float32)).cpu()
+        if bool(finite.all()):
+            return None
+        n_bad = int((~finite).sum())
+        self.skipped_nonfinite += n_bad
+        bad = torch.nonzero(~finite).flatten().tolist()
+        bad_ids = [ids[i] for i in bad] if ids is not None else bad
+        warnings.warn(
+            f"task {task!r}: skipped {n_bad} sample(s) with non-finite gradients "
+            f"(ids {bad_ids[:5]}{'...' if n_bad > 5 else ''}); {self.skipped_nonfinite} so far",
+            stacklevel=3,
+        )
+        return torch.nonzero(finite).flatten()
+
+    def _ema_step(self, state: _TaskState, name: str, mean_c: torch.Tensor) -> None:
+        beta = self.ema_decay
+        if name in state.ema:
+            state.ema[name].mul_(beta).add_(mean_c, alpha=1.0 - beta)
+        else:
+            state.ema[name] = mean_c * (1.0 - beta)
 
     def _check_grads(self, grads: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.param_names if n not in grads]
@@ -332,23 +360,13 @@ class FisherCollector:
         """
         self._check_grads(grads)
         n = next(iter(grads.values())).shape[0]
-        finite = torch.ones(n, dtype=torch.bool)
-        for g in grads.values():
-            finite &= torch.isfinite(g.reshape(n, -1)).all(1).cpu()
-        if not bool(finite.any()):
-            self.skipped_nonfinite += n
-            warnings.warn(f"task {task!r}: EMA step skipped, no finite gradient", stacklevel=2)
+        keep = self._finite_rows(grads, n, task, None)
+        if keep is not None and keep.numel() == 0:
             return False
-        keep = torch.nonzero(finite).flatten()
         state = self._task(task)
-        beta = self.ema_decay
+        n_kept = n if keep is None else keep.numel()
         for name in self.param_names:
-            g = grads[name].index_select(0, keep.to(grads[name].device)).float()
-            mean_c = (g * g).mean(0)
-            if name in state.ema:
-                state.ema[name].mul_(beta).add_(mean_c, alpha=1.0 - beta)
-            else:
-                state.ema[name] = mean_c.mul_(1.0 - beta)
+            self._ema_step(state, name, _sum_of_squares(grads[name], keep) / n_kept)
         state.ema_steps += 1
         return True
 
@@ -565,6 +583,14 @@ class FisherCollector:
             f"FisherCollector({self.layout.model_type}, {len(self.param_names)} params, "
             f"stored/seen {{{tasks}}}, {self.stored_bytes / 2**20:.1f}/{self.gradient_memory_mb} MB)"
         )
+
+
+def _sum_of_squares(g: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``sum_i g_i**2`` over the kept rows, accumulated in fp32 (``[*shape]``)."""
+    if keep is not None:
+        g = g.index_select(0, keep.to(g.device))
+    g = g.float()
+    return torch.einsum("n...,n...->...", g, g) if g.shape[0] > 1 else (g[0] * g[0])
 
 
 def _collective_device() -> torch.device:

@@ -223,24 +223,30 @@ class FisherMonitor(Callback):
         grads = self.capture.pop(scale)
         if not grads:
             return
-        if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+        # AMP overflow: the whole step is skipped (one cheap reduction per parameter).
+        if not all(bool(torch.isfinite(g.sum(dtype=torch.float32))) for g in grads.values()):
             self.skipped_steps += 1
             log.debug("fisher_callbacks: step %d skipped (non-finite gradients)", pending["step"])
             return
-        keep = valid[rows].to(next(iter(grads.values())).device)
-        tasks = _as_list(batch.get(self.task_key), labels.shape[0], self.train_task)
+        size = labels.shape[0]
+        tasks = [_as_list(batch.get(self.task_key), size, self.train_task)[r] for r in rows.tolist()]
         ids = batch.get(self.sample_id_key)
-        ids = None if ids is None else _as_list(ids, labels.shape[0], None)
-        picked_tasks = [tasks[r] for r in rows.tolist()]
-        for task in dict.fromkeys(picked_tasks):
-            mask = torch.tensor([t == task for t in picked_tasks], device=keep.device) & keep
-            if not bool(mask.any()):
+        ids = None if ids is None else [_as_list(ids, size, None)[r] for r in rows.tolist()]
+        keep = valid[rows].tolist()
+        for task in dict.fromkeys(tasks):
+            sel = [k for k, (t, ok) in enumerate(zip(tasks, keep)) if t == task and ok]
+            if not sel:
                 continue
-            sub = {n: g[mask] for n, g in grads.items()}
-            self.collector.update_ema_from_gradients(sub, task)
+            if len(sel) == len(tasks):  # one task, every sample valid: no copy
+                sub, sub_ids = grads, ids
+            else:
+                index = torch.tensor(sel, device=next(iter(grads.values())).device)
+                sub = {n: g.index_select(0, index) for n, g in grads.items()}
+                sub_ids = None if ids is None else [ids[k] for k in sel]
             if pending["flagged"]:
-                sel = [r for r, m in zip(rows.tolist(), mask.tolist()) if m]
-                self.collector.add_gradients(sub, task, None if ids is None else [ids[r] for r in sel])
+                self.collector.add_gradients(sub, task, sub_ids, update_ema=True)
+            else:
+                self.collector.update_ema_from_gradients(sub, task)
         if pending["flagged"]:
             self.captured_steps += 1
         self.ema_updates += 1
