@@ -79,6 +79,7 @@ class PerSampleGradientCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._armed = False
         self._samples: torch.Tensor | None = None
+        self._scale: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] = {}
         self.batch_size: int | None = None
 
@@ -106,21 +107,25 @@ class PerSampleGradientCapture:
     def armed(self) -> bool:
         return self._armed
 
-    def arm(self, samples: torch.Tensor | None = None) -> None:
+    def arm(self, samples: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> None:
         """Capture the next backward(s).
 
         Args:
             samples: batch indices to capture (``[k]`` long), e.g. a random subset for a cheap EMA
                 update; ``None`` captures every sample.
+            scale: per-sample factors of the captured samples (``[k]``, see :meth:`pop`), applied
+                to the small output gradients inside the hooks instead of to the large results.
         """
         self._buffers.clear()
         self.batch_size = None
         self._samples = None if samples is None else samples.long()
+        self._scale = None if scale is None else scale.float()
         self._armed = True
 
     def disarm(self) -> None:
         self._armed = False
         self._samples = None
+        self._scale = None
         self._buffers.clear()
         self.batch_size = None
 
@@ -159,6 +164,8 @@ class PerSampleGradientCapture:
         with torch.autocast(device_type=go.device.type, enabled=False):
             x3 = x.reshape(b, -1, x.shape[-1]).float()  # [B, T, in]
             g3 = go.reshape(b, -1, go.shape[-1]).float()  # [B, T, out]
+            if self._scale is not None:
+                g3 = g3 * self._scale.to(g3.device).view(-1, 1, 1)
             target = self._targets[mod_name]
             if target["weight"] is not None:
                 if _is_conv1d(module):

@@ -191,6 +191,7 @@ class FisherCollector:
         sample_ids: Sequence[SampleId] | torch.Tensor | None = None,
         *,
         update_ema: bool = False,
+        check_finite: bool = True,
     ) -> int:
         """Add already-captured per-sample gradients ``{name: [B, *shape]}`` of ``task``.
 
@@ -198,7 +199,8 @@ class FisherCollector:
         about. Each valid sample adds ``g_i**2`` to the task's fp32 Fisher sum and is offered to
         the task's reservoir under its true id (a running counter when ``sample_ids`` is None).
         With ``update_ema`` the same squares also make one EMA step (as
-        :meth:`update_ema_from_gradients`, without computing them twice).
+        :meth:`update_ema_from_gradients`, without computing them twice). ``check_finite=False``
+        is for callers that have checked already.
 
         Returns:
             the number of samples accepted.
@@ -207,7 +209,7 @@ class FisherCollector:
         n = next(iter(grads.values())).shape[0]
         ids = self._resolve_ids(task, sample_ids, n)
         state = self._task(task)
-        keep = self._finite_rows(grads, n, task, ids)
+        keep = self._finite_rows(grads, n, task, ids) if check_finite else None
         if keep is not None and keep.numel() == 0:
             return 0
         n_kept = n if keep is None else keep.numel()
@@ -352,7 +354,9 @@ class FisherCollector:
         )
         self.update_ema_from_gradients(grads, task)
 
-    def update_ema_from_gradients(self, grads: dict[str, torch.Tensor], task: str) -> bool:
+    def update_ema_from_gradients(
+        self, grads: dict[str, torch.Tensor], task: str, *, check_finite: bool = True
+    ) -> bool:
         """``F <- beta F + (1 - beta) mean_batch g**2`` over the finite samples of ``grads``.
 
         Returns:
@@ -360,7 +364,7 @@ class FisherCollector:
         """
         self._check_grads(grads)
         n = next(iter(grads.values())).shape[0]
-        keep = self._finite_rows(grads, n, task, None)
+        keep = self._finite_rows(grads, n, task, None) if check_finite else None
         if keep is not None and keep.numel() == 0:
             return False
         state = self._task(task)

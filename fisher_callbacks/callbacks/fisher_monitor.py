@@ -193,8 +193,22 @@ class FisherMonitor(Callback):
             samples = torch.randperm(size, generator=self._generator)[:k].sort().values
         else:
             return
-        self._pending = {"flagged": samples is None, "samples": samples, "batch": batch, "step": step}
-        self.capture.arm(samples)
+        scale = reduction_scale(
+            batch["labels"],
+            self.loss_type,
+            self.loss_reduction,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            loss_scale=_loss_scale(trainer),  # the scale this step's backward will use
+        )
+        rows = torch.arange(size) if samples is None else samples
+        self._pending = {
+            "flagged": samples is None,
+            "rows": rows,
+            "valid": scale > 0,
+            "batch": batch,
+            "step": step,
+        }
+        self.capture.arm(samples, scale=scale[rows])
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -208,19 +222,9 @@ class FisherMonitor(Callback):
             self._fail_once(f"per-sample capture failed at step {pending['step']}: {err!r}")
 
     def _ingest(self, trainer: pl.Trainer, pending: dict[str, Any]) -> None:
-        batch, samples = pending["batch"], pending["samples"]
+        batch, rows, valid = pending["batch"], pending["rows"], pending["valid"]
         labels = batch["labels"]
-        scale = reduction_scale(
-            labels,
-            self.loss_type,
-            self.loss_reduction,
-            accumulate_grad_batches=trainer.accumulate_grad_batches,
-            loss_scale=_loss_scale(trainer),
-        )
-        valid = scale > 0
-        rows = torch.arange(labels.shape[0]) if samples is None else samples
-        scale = scale[rows]
-        grads = self.capture.pop(scale)
+        grads = self.capture.pop()  # already rescaled inside the hooks
         if not grads:
             return
         # AMP overflow: the whole step is skipped (one cheap reduction per parameter).
@@ -244,9 +248,9 @@ class FisherMonitor(Callback):
                 sub = {n: g.index_select(0, index) for n, g in grads.items()}
                 sub_ids = None if ids is None else [ids[k] for k in sel]
             if pending["flagged"]:
-                self.collector.add_gradients(sub, task, sub_ids, update_ema=True)
+                self.collector.add_gradients(sub, task, sub_ids, update_ema=True, check_finite=False)
             else:
-                self.collector.update_ema_from_gradients(sub, task)
+                self.collector.update_ema_from_gradients(sub, task, check_finite=False)
         if pending["flagged"]:
             self.captured_steps += 1
         self.ema_updates += 1
