@@ -108,11 +108,11 @@ def write_summary(trainer) -> str:
     copied = []
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
-            figures = sorted(Path(logger.log_dir, "figures").glob("*.png"))
-            last_step = max((p.stem.rsplit("_step", 1)[-1] for p in figures), default=None)
-            for p in figures:
-                if p.stem.endswith(f"_step{last_step}"):
-                    copied.append(shutil.copy(p, fig_dir / p.name))
+            latest: dict[str, Path] = {}  # figure key -> its PNG of the latest step
+            for p in sorted(Path(logger.log_dir, "figures").glob("*.png")):
+                latest[p.stem.rsplit("_step", 1)[0]] = p
+            for p in latest.values():
+                copied.append(shutil.copy(p, fig_dir / p.name))
             lines.append(f"\nMetrics: {Path(logger.log_dir) / 'metrics.csv'}")
     text = "\n".join(lines) + "\n"
     (run_dir / "summary.md").write_text(text)
