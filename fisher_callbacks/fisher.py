@@ -369,8 +369,16 @@ class FisherCollector:
             return False
         state = self._task(task)
         n_kept = n if keep is None else keep.numel()
+        beta = self.ema_decay
         for name in self.param_names:
-            self._ema_step(state, name, _sum_of_squares(grads[name], keep) / n_kept)
+            g = grads[name] if keep is None else grads[name].index_select(0, keep.to(grads[name].device))
+            if name in state.ema and n_kept <= 8:
+                # few samples (the subsampled EMA of non-flagged steps): fused in-place updates
+                ema = state.ema[name].mul_(beta)
+                for gi in g.float():
+                    ema.addcmul_(gi, gi, value=(1.0 - beta) / n_kept)
+            else:
+                self._ema_step(state, name, _sum_of_squares(g, None) / n_kept)
         state.ema_steps += 1
         return True
 
