@@ -174,15 +174,7 @@ class FisherCollector:
         Returns:
             the number of samples accepted (finite gradients).
         """
-        grads = per_sample_gradients(
-            self.model,
-            batch,
-            self.layout,
-            loss_type=self.loss_type,
-            fisher_type=self.fisher_type,
-            generator=self._generator,
-        )
-        return self.add_gradients(grads, task, sample_ids)
+        return self.add_gradients(self._per_sample(batch), task, sample_ids)
 
     def add_gradients(
         self,
@@ -344,7 +336,10 @@ class FisherCollector:
     # ------------------------------------------------------------------ EMA
     def update_ema(self, batch: dict, task: str) -> None:
         """One EMA step from the per-sample gradients of ``batch`` (one batched pass)."""
-        grads = per_sample_gradients(
+        self.update_ema_from_gradients(self._per_sample(batch), task)
+
+    def _per_sample(self, batch: dict) -> dict[str, torch.Tensor]:
+        return per_sample_gradients(
             self.model,
             batch,
             self.layout,
@@ -352,7 +347,6 @@ class FisherCollector:
             fisher_type=self.fisher_type,
             generator=self._generator,
         )
-        self.update_ema_from_gradients(grads, task)
 
     def update_ema_from_gradients(
         self, grads: dict[str, torch.Tensor], task: str, *, check_finite: bool = True

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from typing_extensions import override
 
-from ..interference import QKOVInterferenceMetric
+from ..interference import HEAD_MAPS, QKOVInterferenceMetric
 from ..layouts import BLOCKS
 from ..loggers import log_figure, log_table, save_arrays
 from ..plots import plot_layer_head_heatmaps
@@ -206,15 +206,7 @@ class QKOVInterferenceMonitor(Callback):
         )
         arrays = {}
         for b in BLOCKS:
-            for entry in (
-                "layer_head_avg",
-                "fisher_overlap",
-                "conflict_cosine",
-                "p_values",
-                "q_values",
-                "effect_size",
-                "significant",
-            ):
+            for entry in HEAD_MAPS:
                 if entry in heatmap[b]:
                     value = heatmap[b][entry]
                     arrays[f"{b}_{entry}"] = value.numpy() if torch.is_tensor(value) else value
