@@ -82,6 +82,7 @@ class PerSampleGradientCapture:
         self._scale: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] = {}
         self.batch_size: int | None = None
+        self.nonfinite = False  # a captured factor (activation / output gradient) was inf or NaN
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> PerSampleGradientCapture:
@@ -118,6 +119,7 @@ class PerSampleGradientCapture:
         """
         self._buffers.clear()
         self.batch_size = None
+        self.nonfinite = False
         self._samples = None if samples is None else samples.long()
         self._scale = None if scale is None else scale.float()
         self._armed = True
@@ -164,6 +166,9 @@ class PerSampleGradientCapture:
         with torch.autocast(device_type=go.device.type, enabled=False):
             x3 = x.reshape(b, -1, x.shape[-1]).float()  # [B, T, in]
             g3 = go.reshape(b, -1, go.shape[-1]).float()  # [B, T, out]
+            # Cheap on the small factors: finite factors give finite per-sample gradients.
+            if not (bool(torch.isfinite(g3.sum())) and bool(torch.isfinite(x3.sum()))):
+                self.nonfinite = True
             if self._scale is not None:
                 g3 = g3 * self._scale.to(g3.device).view(-1, 1, 1)
             target = self._targets[mod_name]

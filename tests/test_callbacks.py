@@ -187,3 +187,33 @@ def test_reference_task_without_loader_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="probe_dataloader"):
         trainer.fit(model, datamodule=NoProbe())
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+    class Overflow(TinyGPT):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("inf") if self.global_step == 0 else loss
+
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            optimizer_closure()  # forward + backward, like GradScaler: skip a non-finite step
+            if all(torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None):
+                optimizer.step()
+
+    fm = FisherMonitor(train_task="math", capture_every_n_steps=1, max_samples_per_task=16)
+    model = Overflow(**{**SMALL, "pretrain_steps": 0, "lr": 0.0})
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[fm],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=SyntheticTasks(n_train=32, batch_size=8))
+    assert fm.skipped_steps == 1
+    assert fm.captured_steps == 1
+    assert fm.collector.num_samples("math") == 8
+    assert all(torch.isfinite(f).all() for f in fm.collector.fisher("math").values())
