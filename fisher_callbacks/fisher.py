@@ -592,11 +592,18 @@ class FisherCollector:
 
 
 def _sum_of_squares(g: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """``sum_i g_i**2`` over the kept rows, accumulated in fp32 (``[*shape]``)."""
+    """``sum_i g_i**2`` over the kept rows, accumulated in fp32 (``[*shape]``).
+
+    An in-place ``addcmul_`` per sample: no ``[n, *shape]`` temporary, and several times faster
+    on CPU than ``einsum`` or ``square().sum(0)`` for the sizes seen here.
+    """
     if keep is not None:
         g = g.index_select(0, keep.to(g.device))
-    g = g.float()
-    return torch.einsum("n...,n...->...", g, g) if g.shape[0] > 1 else (g[0] * g[0])
+    out = torch.zeros(g.shape[1:], dtype=torch.float32, device=g.device)
+    for gi in g:
+        gi = gi.float()
+        out.addcmul_(gi, gi)
+    return out
 
 
 def _collective_device() -> torch.device:
