@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--ema-samples", type=int, default=2)
+    parser.add_argument("--ema-samples", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (ratios vs a plain step)")
