@@ -52,6 +52,8 @@ class QKOVInterferenceMonitor(Callback):
         pairs: task pairs ``(task_a, task_b)``; task A's samples are ``i``, its Fisher normalises.
         variant: ``"directional"``, ``"signed"`` or ``"symmetric"``.
         fdr_alpha, min_conflict_effect_size, n_permutations: conflict test settings.
+        fdr_method: ``"by"`` (Benjamini-Yekutieli, valid under dependence; strict: with m tests
+            the smallest reachable q is about ``m ln(m) / n_permutations``) or ``"bh"``.
         top_k: top conflicts kept per block.
         fisher: ``"task_a"`` or ``"pooled"`` Fisher for the pair scores.
         max_samples: stored samples per task used (all by default).
@@ -65,6 +67,7 @@ class QKOVInterferenceMonitor(Callback):
         pairs: Sequence[Sequence[str]] = (("general", "train"),),
         variant: str = "directional",
         fdr_alpha: float = 0.05,
+        fdr_method: str = "by",
         min_conflict_effect_size: float = 0.2,
         n_permutations: int = 200,
         top_k: int = 10,
@@ -81,6 +84,7 @@ class QKOVInterferenceMonitor(Callback):
             raise ValueError(f"pairs must be (task_a, task_b) tuples, got {pairs!r}")
         self.variant = variant
         self.fdr_alpha = fdr_alpha
+        self.fdr_method = fdr_method
         self.min_conflict_effect_size = min_conflict_effect_size
         self.n_permutations = n_permutations
         self.top_k = top_k
@@ -118,6 +122,7 @@ class QKOVInterferenceMonitor(Callback):
             fisher=self.fisher,
             n_permutations=self.n_permutations,
             fdr_alpha=self.fdr_alpha,
+            fdr_method=self.fdr_method,
             min_conflict_effect_size=self.min_conflict_effect_size,
             top_k=self.top_k,
         )
@@ -173,7 +178,7 @@ class QKOVInterferenceMonitor(Callback):
                 title=f"Conflict cosine {pair}, step {step} (<0 = conflict)",
                 value_label="cos_F (unitless)",
                 significant=sig or None,
-                significance_label=f"significant conflict (q<={self.fdr_alpha})",
+                significance_label=f"significant conflict ({self.fdr_method.upper()} q<={self.fdr_alpha})",
                 diverging=True,
             ),
             "fisher_overlap": plot_layer_head_heatmaps(
