@@ -20,3 +20,11 @@ warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _finish_wandb():
+    """Each test starts without a W&B run in progress (WandbLogger would otherwise reuse it)."""
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].finish()
