@@ -9,6 +9,7 @@ Run: ``python lightning_examples/minilm_classifier.py``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -28,8 +29,10 @@ def model_dir() -> Path | None:
     if spec is None or spec.origin is None:
         return None
     root = Path(spec.origin).parent
-    configs = sorted(root.rglob("config.json"))
-    return configs[0].parent if configs else None
+    for config in sorted(root.rglob("config.json"), key=lambda p: len(p.parts)):
+        if "model_type" in json.loads(config.read_text()):
+            return config.parent  # the transformer itself, not e.g. a pooling module's config
+    return None
 
 
 class MiniLMClassifier(pl.LightningModule):
