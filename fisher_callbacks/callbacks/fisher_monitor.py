@@ -8,6 +8,8 @@ Fisher math :class:`~fisher_callbacks.fisher.FisherCollector`, the rescaling
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -269,6 +271,28 @@ class FisherMonitor(Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         self.refresh(trainer, pl_module)
+        self._log_scalars(pl_module)
+
+    def _log_scalars(self, pl_module: pl.LightningModule) -> None:
+        """``fisher/{task}/trace``, ``/ema_trace``, ``/num_samples``, ``/num_stored`` and
+        ``fisher/skipped_steps`` (identical on every rank after the sync)."""
+        if self.collector is None:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for task in self.collector.tasks:
+                fisher = self.collector.fisher(task)
+                ema = self.collector.fisher_ema(task)
+                values = {
+                    "trace": sum(float(f.sum()) for f in fisher.values()),
+                    "ema_trace": sum(float(f.sum()) for f in ema.values()),
+                    "num_samples": float(self.collector.num_samples(task)),
+                    "num_stored": float(self.collector.num_stored(task)),
+                }
+                for key, value in values.items():
+                    if math.isfinite(value):
+                        pl_module.log(f"fisher/{task}/{key}", value)
+        pl_module.log("fisher/skipped_steps", float(self.skipped_steps))
 
     def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run the probe passes and sync the Fisher across ranks, once per global step.
