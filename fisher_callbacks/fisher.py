@@ -490,9 +490,13 @@ class FisherCollector:
             return
         device = _collective_device()
         world = dist.get_world_size()
-        for task in tasks if tasks is not None else self.tasks:
+        # Ranks may have met tasks in different orders (or not at all): reduce the sorted union.
+        gathered: list[list[str] | None] = [None] * world
+        dist.all_gather_object(gathered, sorted(tasks if tasks is not None else self.tasks))
+        for task in sorted({t for names in gathered for t in (names or [])}):
             state = self._task(task)
-            count = torch.tensor([float(state.fisher_count), float(state.ema_steps)], device=device)
+            has_ema = float(state.ema_steps > 0)
+            count = torch.tensor([float(state.fisher_count), float(state.ema_steps), has_ema], device=device)
             dist.all_reduce(count)
             for name in self.param_names:
                 local = state.fisher_sum.get(name)
@@ -510,12 +514,19 @@ class FisherCollector:
                 ema = state.ema.get(name)
                 e = ema.to(device) if ema is not None else torch.zeros(self.param_shapes[name], device=device)
                 dist.all_reduce(e)
-                if count[1] > 0:
-                    state.ema[name] = (e / world).to(home)
+                if count[2] > 0:  # mean over the ranks that have an EMA for this task
+                    state.ema[name] = (e / count[2]).to(home)
             state.synced_count += int(count[0].item())
             state.fisher_count = 0
-            state.ema_steps = round(count[1].item() / world)
+            state.ema_steps = round(count[1].item() / max(count[2].item(), 1.0))
             self._fisher_cache.pop(task, None)
+
+    def drop_unsynced(self) -> None:
+        """Forget the Fisher sums added since the last :meth:`sync` (see FisherMonitor resume)."""
+        for state in self._tasks.values():
+            state.fisher_sum = {n: torch.zeros_like(t) for n, t in state.fisher_sum.items()}
+            state.fisher_count = 0
+        self._fisher_cache.clear()
 
     @staticmethod
     def _home_device(name: str, *candidates: torch.Tensor | None) -> torch.device:
@@ -560,6 +571,11 @@ class FisherCollector:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, on the device of the model's monitored weights (checkpoints
+        are loaded on the CPU)."""
+        params = dict(self.model.named_parameters())
+        device = params[self.param_names[0]].device
+        state = _tree_to(state, device)
         self._tasks.clear()
         self._fisher_cache.clear()
         for name, s in state["tasks"].items():
@@ -604,6 +620,14 @@ def _sum_of_squares(g: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         gi = gi.float()
         out.addcmul_(gi, gi)
     return out
+
+
+def _tree_to(obj: Any, device: torch.device) -> Any:
+    if torch.is_tensor(obj):
+        return obj.to(device) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _tree_to(v, device) for k, v in obj.items()}
+    return obj
 
 
 def _collective_device() -> torch.device:

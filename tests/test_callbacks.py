@@ -217,3 +217,68 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     assert fm.captured_steps == 1
     assert fm.collector.num_samples("math") == 8
     assert all(torch.isfinite(f).all() for f in fm.collector.fisher("math").values())
+
+
+def test_two_boundaries_at_one_step_and_accumulation(tmp_path):
+    """With accumulate_grad_batches=2 and validation every batch, global_step repeats: the
+    forgetting monitor evaluates each step once and keeps working."""
+    fm, qm, rm = _suite()
+    dm = SyntheticTasks(n_train=64, n_val=8, n_probe=8, batch_size=8)
+    trainer = pl.Trainer(
+        max_steps=3,
+        accumulate_grad_batches=2,
+        val_check_interval=1,
+        limit_val_batches=1,
+        callbacks=[fm, rm],
+        logger=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(TinyGPT(lr=3e-3, **SMALL), datamodule=dm)
+    steps = rm.history["general"]["step"]
+    assert steps == sorted(set(steps)) and steps[-1] == 3
+    assert fm.captured_steps == 1  # step 0 only (capture every 4), counted once for 2 micro-batches
+
+
+def test_failed_fit_removes_hooks_and_empty_probe_does_not_stop_training(tmp_path):
+    class Boom(TinyGPT):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 1:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    fm, qm, rm = _suite()
+    model = Boom(**SMALL)
+    trainer = pl.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[fm, rm],
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model, datamodule=SyntheticTasks(n_train=32, n_probe=8, batch_size=8))
+    assert all(not m._forward_hooks for m in model.modules())
+    assert not fm.capture.armed
+    fm, qm, rm = _suite()
+    dm = SyntheticTasks(n_train=32, n_val=8, n_probe=0, batch_size=8)
+    trainer = pl.Trainer(
+        max_steps=4,
+        val_check_interval=4,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[fm, qm, rm],
+        default_root_dir=tmp_path,
+    )
+    with pytest.warns(UserWarning, match="not watched"):
+        trainer.fit(TinyGPT(**SMALL), datamodule=dm)
+    assert trainer.global_step == 4

@@ -134,6 +134,7 @@ class FisherMonitor(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._generator = torch.Generator().manual_seed(seed)
         self._failed = False
+        self._counted_step: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -168,6 +169,14 @@ class FisherMonitor(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.capture is not None:
+            self.capture.remove()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning skips teardown when fit raises: never leave hooks on the user's model.
         if self.capture is not None:
             self.capture.remove()
 
@@ -254,8 +263,9 @@ class FisherMonitor(Callback):
                 self.collector.add_gradients(sub, task, sub_ids, update_ema=True, check_finite=False)
             else:
                 self.collector.update_ema_from_gradients(sub, task, check_finite=False)
-        if pending["flagged"]:
-            self.captured_steps += 1
+        if pending["flagged"] and self._counted_step != pending["step"]:
+            self.captured_steps += 1  # once per optimizer step, whatever the accumulation
+        self._counted_step = pending["step"]
         self.ema_updates += 1
 
     @override
@@ -350,6 +360,18 @@ class FisherMonitor(Callback):
                         forward_model=_forward_module(pl_module),
                     )
                     ids = batch.get(self.sample_id_key)
+                    has_target = res.counts > 0  # a sample without targets has no gradient
+                    if not bool(has_target.all()):
+                        rows = torch.nonzero(has_target).flatten()
+                        res.grads = {k: g.index_select(0, rows.to(g.device)) for k, g in res.grads.items()}
+                        res.losses = res.losses[has_target]
+                        ids = (
+                            None
+                            if ids is None
+                            else [_as_list(ids, len(has_target), None)[r] for r in rows.tolist()]
+                        )
+                    if res.losses.numel() == 0:
+                        continue
                     self.collector.add_gradients(res.grads, task, ids)
                     losses.append(res.losses.float().cpu())
                     for name, g in res.summed.items():
@@ -388,6 +410,11 @@ class FisherMonitor(Callback):
     def _apply_state(self, state: dict[str, Any]) -> None:
         if state.get("collector") is not None:
             self.collector.load_state_dict(state["collector"])
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+                # Every rank loads rank 0's checkpoint: keep the synced totals, but only rank 0
+                # keeps the samples added since the last sync, or the next sync counts them twice.
+                self.collector.drop_unsynced()
         self.skipped_steps = state.get("skipped_steps", 0)
         self.captured_steps = state.get("captured_steps", 0)
         self.ema_updates = state.get("ema_updates", 0)

@@ -7,6 +7,7 @@ the history and the accumulators, and talks to the loggers.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -107,6 +108,7 @@ class ForgettingRiskMonitor(Callback):
         self._acc: dict[str, FirstOrderForgettingAccumulator] = {}
         self._acc_state: dict[str, Any] = {}
         self.stopped_at: int | None = None
+        self._warned_nonfinite: set[str] = set()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -131,14 +133,24 @@ class ForgettingRiskMonitor(Callback):
             if task in self._acc_state:
                 self._acc[task].load_state_dict(self._acc_state.pop(task))
         if self._anchor is not None:  # restored from a checkpoint: keep the original anchor
+            # checkpoints load on the CPU: bring the restored state to the module's device
+            device = pl_module.device
+            self._anchor = _to(self._anchor, device)
+            self._prev = _to(self._prev, device)
+            self._prev_grad = {t: _to(g, device) for t, g in self._prev_grad.items()}
+            self._anchor_fisher = {t: _to(f, device) for t, f in self._anchor_fisher.items()}
             return
         params = dict(pl_module.named_parameters())
         self._anchor = {n: params[n].detach().clone() for n in layout.monitored_parameters()}
         self._prev = _trainable(pl_module)
         for task in self.reference_tasks:
-            probe = self.fisher_monitor.run_probe(
-                pl_module, task, self.fisher_monitor.reference_tasks[task], trainer.global_step
-            )
+            try:
+                probe = self.fisher_monitor.run_probe(
+                    pl_module, task, self.fisher_monitor.reference_tasks[task], trainer.global_step
+                )
+            except Exception as err:  # noqa: BLE001  (monitoring never stops training)
+                rank_zero_warn(f"ForgettingRiskMonitor: no anchor for {task!r} ({err!r}); not watched")
+                continue
             self._baseline[task] = probe["loss"]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -174,6 +186,9 @@ class ForgettingRiskMonitor(Callback):
                 log.warning("fisher_callbacks: stopping at step %d (forgetting >= stop_threshold)", step)
 
     def _evaluate(self, trainer, pl_module, task: str, probe: dict, delta: dict, step: int) -> bool:
+        hist = self.history.setdefault(task, {"step": [], "measured": [], "predicted": []})
+        if task not in self._baseline or (hist["step"] and step <= hist["step"][-1]):
+            return False  # no anchor, or this step was evaluated already (two boundaries, one step)
         grad_now = probe["grad"]
         acc = self._acc[task]
         prev = self._prev_grad.get(task, grad_now)
@@ -194,13 +209,9 @@ class ForgettingRiskMonitor(Callback):
             fisher_a = collector.fisher(task)
         fisher0 = self._anchor_fisher.get(task) or fisher_a
         ewc = ewc_penalty(fisher0, current, self._anchor) if fisher0 else 0.0
-        hist = self.history.setdefault(task, {"step": [], "measured": [], "predicted": []})
-        hist["step"].append(step)
-        hist["measured"].append(measured)
-        hist["predicted"].append(predicted)
         decision = early_warning(
-            hist["step"],
-            hist["measured"],
+            [*hist["step"], step],
+            [*hist["measured"], measured],
             self.warn_threshold,
             relative=self.relative,
             baseline=self._baseline[task],
@@ -208,6 +219,9 @@ class ForgettingRiskMonitor(Callback):
             window=self.trend_window,
             noise_sigmas=self.noise_sigmas,
         )
+        hist["step"].append(step)
+        hist["measured"].append(measured)
+        hist["predicted"].append(predicted)
         prefix = f"forgetting/{task}"
         sync = trainer.world_size > 1
         values = {
@@ -219,7 +233,11 @@ class ForgettingRiskMonitor(Callback):
         }
         values.update(self._damage(task, fisher_a, grad_now, prefix))
         for name, value in values.items():
-            pl_module.log(name, float(value), sync_dist=sync)
+            if math.isfinite(float(value)):
+                pl_module.log(name, float(value), sync_dist=sync)
+            elif name not in self._warned_nonfinite:
+                self._warned_nonfinite.add(name)
+                rank_zero_warn(f"ForgettingRiskMonitor: {name} is {value} at step {step}; not logged")
         if decision.warn:
             self._warn(trainer, task, step, measured, predicted, decision)
         if trainer.is_global_zero:
@@ -299,6 +317,10 @@ class ForgettingRiskMonitor(Callback):
         for task, acc in list(self._acc.items()):
             if task in self._acc_state:
                 acc.load_state_dict(self._acc_state.pop(task))
+
+
+def _to(tensors: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor] | None:
+    return None if tensors is None else {n: t.to(device) for n, t in tensors.items()}
 
 
 def _trainable(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:

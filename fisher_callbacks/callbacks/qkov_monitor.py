@@ -144,7 +144,9 @@ class QKOVInterferenceMonitor(Callback):
     # ------------------------------------------------------------------ logging
     def _log_scalars(self, trainer, pl_module, heatmap, task_a: str, task_b: str) -> None:
         prefix = f"qkov/{task_a}_vs_{task_b}"
-        sync = trainer.world_size > 1
+        # Heatmaps use each rank's own stored samples: log rank zero's, matching its figures
+        # (averaging an argmax layer index across ranks would mean nothing).
+        rank_zero = trainer.world_size > 1
         values: dict[str, float] = {}
         n_sig_total = 0
         worst = (float("inf"), 0, 0)
@@ -165,7 +167,8 @@ class QKOVInterferenceMonitor(Callback):
         values[f"{prefix}/most_conflicting_layer"] = float(worst[1])
         values[f"{prefix}/most_conflicting_head"] = float(worst[2])
         for name, value in values.items():
-            pl_module.log(name, value if np.isfinite(value) else 0.0, sync_dist=sync)
+            if np.isfinite(value):
+                pl_module.log(name, value, rank_zero_only=rank_zero)
 
     def _log_figures(self, trainer, heatmap, task_a: str, task_b: str) -> None:
         step = trainer.global_step
