@@ -148,7 +148,7 @@ class ForgettingRiskMonitor(Callback):
                 probe = self.fisher_monitor.run_probe(
                     pl_module, task, self.fisher_monitor.reference_tasks[task], trainer.global_step
                 )
-            except Exception as err:  # noqa: BLE001  (monitoring never stops training)
+            except Exception as err:
                 rank_zero_warn(f"ForgettingRiskMonitor: no anchor for {task!r} ({err!r}); not watched")
                 continue
             self._baseline[task] = probe["loss"]
