@@ -99,7 +99,10 @@ def _format_value(value: float) -> str:
         return "–"
     if value == 0:
         return "0"
-    return f"{value:.2g}"
+    if 1e-2 <= abs(value) < 1e3:
+        return f"{value:.2g}"
+    mantissa, exponent = f"{value:.1e}".split("e")  # compact: 7.1e-4, not 0.00071 or 7.1e-04
+    return f"{mantissa}e{int(exponent)}"
 
 
 def _draw_panel(
