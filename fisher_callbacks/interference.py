@@ -75,6 +75,10 @@ __all__ = ["FISHER_SOURCES", "HEAD_MAPS", "QKOVHeatmap", "QKOVInterferenceMetric
 FISHER_SOURCES: tuple[str, ...] = ("task_a", "pooled")
 """Fisher used for the per-pair scores: task A's, or ``(I_A + I_B) / 2``."""
 
+P_VALUE_METHODS: tuple[str, ...] = ("permutation", "normal")
+"""``"permutation"``: exact, floored at ``1 / (n_permutations + 1)``; ``"normal"``: lower tail of a
+normal fitted to the permutation null (mean and std), for power on isolated heads over many tests."""
+
 HEAD_MAPS: tuple[str, ...] = (
     "layer_head_avg",
     "fisher_overlap",
@@ -157,6 +161,16 @@ class QKOVInterferenceMetric:
         top_k: entries of ``top_conflicts`` per block.
         seed: seed of the permutations (reproducible, same on every device).
         run_stats: run the permutation tests in :meth:`compute_heatmap`.
+        p_value: ``"permutation"`` (exact; floored at ``1 / (n_permutations + 1)``, so BY over
+            m tests can flag a lone conflict only when ``m ln m / (n_permutations + 1) <=
+            fdr_alpha``) or ``"normal"`` (lower tail of a normal fitted to the permutation null's
+            mean and std: approximate, no floor, power for isolated heads in large models).
+        test_statistic: statistic of the permutation test: ``"dot"`` (default), the Fisher inner
+            product ``gA^T D gB`` of the task mean gradients (the numerator of ``conflict_cosine``),
+            or ``"cosine"`` itself. The cosine is scale-free, which costs it all power exactly for
+            strong conflicts: when the two tasks' gradients are nearly opposite, every random
+            relabelling also yields nearly opposite group means (cosine ~ -1), so the observed
+            -1 is not extreme. The dot product shrinks under relabelling and keeps that power.
         max_chunk_elements: bound on the elements of one chunk operand (fp32 elements).
 
     Raises:
@@ -181,6 +195,8 @@ class QKOVInterferenceMetric:
         top_k: int = 10,
         seed: int = 0,
         run_stats: bool = True,
+        p_value: str = "permutation",
+        test_statistic: str = "dot",
         max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
     ) -> None:
         if epsilon < 0 or ridge_lambda < 0 or epsilon + ridge_lambda <= 0:
@@ -216,6 +232,12 @@ class QKOVInterferenceMetric:
         self.top_k = int(top_k)
         self.seed = int(seed)
         self.run_stats = bool(run_stats)
+        if p_value not in P_VALUE_METHODS:
+            raise ValueError(f"p_value must be one of {P_VALUE_METHODS}, got {p_value!r}")
+        self.p_value = p_value
+        if test_statistic not in ("dot", "cosine"):
+            raise ValueError(f"test_statistic must be 'dot' or 'cosine', got {test_statistic!r}")
+        self.test_statistic = test_statistic
         self.max_chunk_elements = int(max_chunk_elements)
 
     # ------------------------------------------------------------------ one slice
@@ -532,11 +554,19 @@ class QKOVInterferenceMetric:
                 res = permutation_conflict_test(
                     xa,
                     xb,
+                    statistic=self.test_statistic,
                     n_permutations=self.n_permutations,
                     seed=self.seed,
                     max_chunk_elements=self.max_chunk_elements,
                 )
-            p_parts.append(res.p_values.double().cpu())
+            p = res.p_values.double().cpu()
+            if self.p_value == "normal":
+                # Lower tail of a normal fitted to the permutation null: not floored at
+                # 1 / (n_permutations + 1), so a lone conflict can survive BY over many tests.
+                std = res.null_std.double().cpu()
+                z = (res.statistic.double().cpu() - res.null_mean.double().cpu()) / std.clamp_min(1e-300)
+                p = torch.where((std > 0) & ~res.degenerate.cpu(), torch.special.ndtr(z), torch.ones_like(p))
+            p_parts.append(p)
             e_parts.append(res.effect_size.double().cpu())
             n_deg += int(res.degenerate.sum())
         return torch.cat(p_parts), torch.cat(e_parts), n_deg
@@ -575,6 +605,8 @@ class QKOVInterferenceMetric:
             )
         return {
             "n_permutations": self.n_permutations,
+            "p_value": self.p_value,
+            "test_statistic": self.test_statistic,
             "fdr_method": self.fdr_method,
             "fdr_alpha": self.fdr_alpha,
             "min_conflict_effect_size": self.min_conflict_effect_size,

@@ -560,14 +560,15 @@ def test_heatmap_statistics_are_the_stats_module_on_whitened_head_gradients(tiny
             name = layout.param_names(layer)[block]
             view = lambda t, layer=layer, block=block: layout.head_view(t, layer, block)  # noqa: E731
             d = inverse_fisher((view(fa[name]) + view(fb[name])) / 2, EPS, LAM)
-            direct = permutation_conflict_test(
-                view(ga[name]) * d.sqrt(), view(gb[name]) * d.sqrt(), n_permutations=99, seed=5
-            )
+            xa, xb = view(ga[name]) * d.sqrt(), view(gb[name]) * d.sqrt()
+            # the default test statistic is the Fisher inner product of the task means
+            direct = permutation_conflict_test(xa, xb, n_permutations=99, seed=5, statistic="dot")
             torch.testing.assert_close(res["p_values"][layer], direct.p_values.float())
             torch.testing.assert_close(res["effect_size"][layer], direct.effect_size.float())
-            # the tested statistic is exactly the conflict_cosine head map
+            # ... whose normalised form is exactly the conflict_cosine head map
+            cosine = permutation_conflict_test(xa, xb, n_permutations=99, seed=5)
             torch.testing.assert_close(
-                res["conflict_cosine"][layer], direct.statistic.float(), rtol=1e-4, atol=1e-5
+                res["conflict_cosine"][layer], cosine.statistic.float(), rtol=1e-4, atol=1e-5
             )
         all_p.append(res["p_values"].reshape(-1))
     q = fdr_correct(torch.cat(all_p).double(), "bh")  # one correction over all blocks
@@ -777,3 +778,37 @@ def test_invalid_options_raise(gpt2):
     hm = metric.compute_heatmap("a", "b")
     assert "p_values" not in hm["Q"] and hm.stats is None
     assert list(hm) == list(BLOCKS) and hm.task_a == "a" and hm.variant == "directional"
+
+
+def test_normal_tail_p_values_give_power_for_a_lone_conflict_and_stay_calibrated():
+    """One conflicting head among 32 tests, 50 permutations: permutation p-values cannot pass BY
+    (m ln m / 51 > alpha), the normal tail can; on null data it rarely discovers anything."""
+    model = tiny_causal_lm("gpt2")
+    layout = AttentionLayout.from_model(model)
+    n, alpha = 12, 0.05
+
+    def heatmap(seed, planted, p_value):
+        g = torch.Generator().manual_seed(seed)
+        params = _null_parameters(layout, g)
+        collector = FisherCollector(model, layout=layout, max_samples_per_task=n)
+        for t, sign in (("a", 1.0), ("b", -1.0)):
+            grads = {k: m + s * torch.randn(n, *m.shape, generator=g) for k, (m, s) in params.items()}
+            if planted:
+                q = layout.param_names(0)["O"]
+                layout.head_slice(grads[q], 0, 0, "O").add_(sign * 5.0)  # heads disagree hard
+            collector.add_gradients(grads, t)
+        metric = QKOVInterferenceMetric(
+            layout, collector, n_permutations=50, fdr_alpha=alpha, seed=seed, p_value=p_value
+        )
+        return metric.compute_heatmap("a", "b")
+
+    exact = heatmap(0, True, "permutation")
+    normal = heatmap(0, True, "normal")
+    assert exact.stats["num_tests"] == 32 and normal.stats["p_value"] == "normal"
+    assert not any(bool(r["significant"].any()) for r in exact.values())
+    assert bool(normal["O"]["significant"][0, 0])
+    false_runs = sum(
+        any(bool(r["significant"].any()) for r in heatmap(100 + s, False, "normal").values())
+        for s in range(20)
+    )
+    assert false_runs <= 3  # alpha = 0.05 over 20 null runs, plus slack for the approximation

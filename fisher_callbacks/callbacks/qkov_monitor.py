@@ -54,6 +54,8 @@ class QKOVInterferenceMonitor(Callback):
         fdr_alpha, min_conflict_effect_size, n_permutations: conflict test settings.
         fdr_method: ``"by"`` (Benjamini-Yekutieli, valid under dependence; strict: with m tests
             the smallest reachable q is about ``m ln(m) / n_permutations``) or ``"bh"``.
+        p_value: ``"permutation"`` (exact) or ``"normal"`` (normal tail of the permutation null:
+            no ``1 / (n_permutations + 1)`` floor, for isolated heads in large models).
         top_k: top conflicts kept per block.
         fisher: ``"task_a"`` or ``"pooled"`` Fisher for the pair scores.
         max_samples: stored samples per task used (all by default).
@@ -68,6 +70,7 @@ class QKOVInterferenceMonitor(Callback):
         variant: str = "directional",
         fdr_alpha: float = 0.05,
         fdr_method: str = "by",
+        p_value: str = "permutation",
         min_conflict_effect_size: float = 0.2,
         n_permutations: int = 200,
         top_k: int = 10,
@@ -85,6 +88,7 @@ class QKOVInterferenceMonitor(Callback):
         self.variant = variant
         self.fdr_alpha = fdr_alpha
         self.fdr_method = fdr_method
+        self.p_value = p_value
         self.min_conflict_effect_size = min_conflict_effect_size
         self.n_permutations = n_permutations
         self.top_k = top_k
@@ -123,6 +127,7 @@ class QKOVInterferenceMonitor(Callback):
             n_permutations=self.n_permutations,
             fdr_alpha=self.fdr_alpha,
             fdr_method=self.fdr_method,
+            p_value=self.p_value,
             min_conflict_effect_size=self.min_conflict_effect_size,
             top_k=self.top_k,
         )
