@@ -241,6 +241,8 @@ def test_two_boundaries_at_one_step_and_accumulation(tmp_path):
     steps = rm.history["general"]["step"]
     assert steps == sorted(set(steps)) and steps[-1] == 3
     assert fm.captured_steps == 1  # step 0 only (capture every 4), counted once for 2 micro-batches
+    assert fm.collector.num_samples("math") == 16  # both micro-batches of step 0 stored
+    assert fm.collector.ema_steps("math") == 3  # one EMA step per optimizer step
 
 
 def test_failed_fit_removes_hooks_and_empty_probe_does_not_stop_training(tmp_path):

@@ -38,8 +38,10 @@ class FisherMonitor(Callback):
     and true id (``batch[sample_id_key]``), and stored (reservoir within ``gradient_memory_mb``).
     On the other steps only ``ema_samples_per_step`` random samples of the batch are captured to
     update the EMA Fisher (an unbiased estimate of the batch mean of ``g_i**2`` at a fraction of
-    the cost). Steps whose captured gradients are not finite (AMP overflow) are skipped and
-    counted in ``skipped_steps``.
+    the cost). The EMA takes one step per optimizer step (from the first micro-batch under
+    gradient accumulation), so ``ema_decay`` means the same whatever ``accumulate_grad_batches``.
+    Steps whose captured gradients are not finite (AMP overflow) are skipped and counted in
+    ``skipped_steps``.
 
     ``reference_tasks={"general": dataloader}`` are probe sets: at each validation boundary (never
     during the sanity check) every probe sample's gradient and loss are computed with
@@ -135,6 +137,7 @@ class FisherMonitor(Callback):
         self._generator = torch.Generator().manual_seed(seed)
         self._failed = False
         self._counted_step: int | None = None
+        self._ema_step: int | None = None  # optimizer step of the last EMA update
 
     @property
     def state_key(self) -> str:
@@ -199,7 +202,11 @@ class FisherMonitor(Callback):
         size = batch["labels"].shape[0]
         if self.is_flagged(step):
             samples = None
-        elif self.ema_samples_per_step and step % self.ema_every_n_steps == 0:
+        elif (
+            self.ema_samples_per_step
+            and step % self.ema_every_n_steps == 0
+            and step != self._ema_step  # one EMA update per optimizer step, not per micro-batch
+        ):
             k = min(self.ema_samples_per_step, size)
             samples = torch.randperm(size, generator=self._generator)[:k].sort().values
         else:
@@ -249,6 +256,7 @@ class FisherMonitor(Callback):
         ids = batch.get(self.sample_id_key)
         ids = None if ids is None else [_as_list(ids, size, None)[r] for r in rows.tolist()]
         keep = valid[rows].tolist()
+        ema = pending["step"] != self._ema_step  # first micro-batch of this optimizer step
         for task in dict.fromkeys(tasks):
             sel = [k for k, (t, ok) in enumerate(zip(tasks, keep)) if t == task and ok]
             if not sel:
@@ -260,13 +268,15 @@ class FisherMonitor(Callback):
                 sub = {n: g.index_select(0, index) for n, g in grads.items()}
                 sub_ids = None if ids is None else [ids[k] for k in sel]
             if pending["flagged"]:
-                self.collector.add_gradients(sub, task, sub_ids, update_ema=True, check_finite=False)
-            else:
+                self.collector.add_gradients(sub, task, sub_ids, update_ema=ema, check_finite=False)
+            elif ema:
                 self.collector.update_ema_from_gradients(sub, task, check_finite=False)
         if pending["flagged"] and self._counted_step != pending["step"]:
             self.captured_steps += 1  # once per optimizer step, whatever the accumulation
         self._counted_step = pending["step"]
-        self.ema_updates += 1
+        if ema:
+            self.ema_updates += 1
+            self._ema_step = pending["step"]
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
