@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -20,7 +21,7 @@ from lightning_examples.synthetic import SyntheticTasks, TinyGPT, collate
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, pretrain_steps=40, pretrain_lr=1e-2)
 
 
-def _suite(warn=0.3, stop=None, every=4):
+def _suite(warn=0.3, stop=None, every=4, **risk_kwargs):
     fm = FisherMonitor(
         train_task="math",
         reference_tasks=["general"],
@@ -284,3 +285,13 @@ def test_failed_fit_removes_hooks_and_empty_probe_does_not_stop_training(tmp_pat
     with pytest.warns(UserWarning, match="not watched"):
         trainer.fit(TinyGPT(**SMALL), datamodule=dm)
     assert trainer.global_step == 4
+
+
+def test_predict_on_monitored_weights_only(tmp_path):
+    fm, qm, rm = _suite(predict_on="monitored")
+    _fit(tmp_path, 3e-3, [fm, rm], max_steps=8)
+    names = set(fm.layout.monitored_parameters())
+    assert set(rm._prev) == names
+    assert set(fm.probe["general"]["grad"]) == names
+    hist = rm.history["general"]
+    assert len(hist["predicted"]) == 2 and all(math.isfinite(p) for p in hist["predicted"])

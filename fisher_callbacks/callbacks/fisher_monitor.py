@@ -137,6 +137,7 @@ class FisherMonitor(Callback):
         self._generator = torch.Generator().manual_seed(seed)
         self._failed = False
         self._counted_step: int | None = None
+        self.probe_grad_names: set[str] | None = None  # None: every trainable parameter
         self._ema_step: int | None = None  # optimizer step of the last EMA update
 
     @property
@@ -341,10 +342,13 @@ class FisherMonitor(Callback):
 
         Returns:
             ``{"step", "loss" (mean of per-sample losses), "losses" [n], "grad"
-            (``{name: mean gradient}`` over ALL trainable parameters), "n"}``.
+            (``{name: mean gradient}`` over all trainable parameters, or over
+            ``probe_grad_names`` when a monitor restricted it), "n"}``.
         """
         self.collector.reset(task)
         params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        if self.probe_grad_names is not None:
+            params = {n: p for n, p in params.items() if n in self.probe_grad_names}
         if sum_params is not None:
             params = dict(sum_params)
         was_training = pl_module.training

@@ -71,6 +71,9 @@ class ForgettingRiskMonitor(Callback):
         trend_window: validations the trend is fitted on (>= 3).
         noise_sigmas: a trend counts only when its slope exceeds this many standard errors
             (lower warns earlier on short, accelerating series; higher resists noise).
+        predict_on: parameters of the first-order prediction: ``"all"`` trainable ones (keeps a
+            copy of them and their probe gradient) or ``"monitored"`` Q/K/V/O weights only (far
+            less memory on large models; misses the MLP/embedding share of forgetting).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class ForgettingRiskMonitor(Callback):
         alert_wait_seconds: float = 600.0,
         trend_window: int = 3,
         noise_sigmas: float = 3.0,
+        predict_on: str = "all",
     ) -> None:
         if warn_threshold <= 0:
             raise ValueError(f"warn_threshold must be > 0, got {warn_threshold}")
@@ -96,6 +100,9 @@ class ForgettingRiskMonitor(Callback):
         self.horizon_steps = horizon_steps
         self.stop_threshold = stop_threshold
         self.trend_window = trend_window
+        if predict_on not in ("all", "monitored"):
+            raise ValueError(f"predict_on must be 'all' or 'monitored', got {predict_on!r}")
+        self.predict_on = predict_on
         self.noise_sigmas = noise_sigmas
         self.alerts: list[dict[str, Any]] = []
         self.history: dict[str, dict[str, list[float]]] = {}
@@ -113,6 +120,8 @@ class ForgettingRiskMonitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.fisher_monitor = find_fisher_monitor(trainer, self.fisher_monitor, type(self).__name__)
+        if self.predict_on == "monitored" and self.fisher_monitor.layout is not None:
+            self.fisher_monitor.probe_grad_names = set(self.fisher_monitor.layout.monitored_parameters())
 
     @property
     def state_key(self) -> str:
@@ -142,7 +151,7 @@ class ForgettingRiskMonitor(Callback):
             return
         params = dict(pl_module.named_parameters())
         self._anchor = {n: params[n].detach().clone() for n in layout.monitored_parameters()}
-        self._prev = _trainable(pl_module)
+        self._prev = self._snapshot(pl_module)
         for task in self.reference_tasks:
             try:
                 probe = self.fisher_monitor.run_probe(
@@ -166,7 +175,7 @@ class ForgettingRiskMonitor(Callback):
             return
         self.fisher_monitor.refresh(trainer, pl_module)
         step = trainer.global_step
-        now = _trainable(pl_module)
+        now = self._snapshot(pl_module)
         delta = {n: now[n] - self._prev[n] for n in now if n in self._prev}
         stop = False
         for task in self.reference_tasks:
@@ -184,6 +193,14 @@ class ForgettingRiskMonitor(Callback):
                 trainer.should_stop = True
                 self.stopped_at = step
                 log.warning("fisher_callbacks: stopping at step %d (forgetting >= stop_threshold)", step)
+
+    def _snapshot(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        names = self.fisher_monitor.probe_grad_names if self.predict_on == "monitored" else None
+        return {
+            n: p.detach().clone()
+            for n, p in pl_module.named_parameters()
+            if p.requires_grad and (names is None or n in names)
+        }
 
     def _evaluate(self, trainer, pl_module, task: str, probe: dict, delta: dict, step: int) -> bool:
         hist = self.history.setdefault(task, {"step": [], "measured": [], "predicted": []})
@@ -321,7 +338,3 @@ class ForgettingRiskMonitor(Callback):
 
 def _to(tensors: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor] | None:
     return None if tensors is None else {n: t.to(device) for n, t in tensors.items()}
-
-
-def _trainable(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
