@@ -30,7 +30,9 @@ def _suite(warn=0.3, stop=None, every=4, **risk_kwargs):
         probe_max_samples=16,
     )
     qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=20, top_k=5)
-    rm = ForgettingRiskMonitor(fm, reference_tasks=["general"], warn_threshold=warn, stop_threshold=stop)
+    rm = ForgettingRiskMonitor(
+        fm, reference_tasks=["general"], warn_threshold=warn, stop_threshold=stop, **risk_kwargs
+    )
     return fm, qm, rm
 
 
