@@ -10,7 +10,7 @@ step FLOPs)`` (~1.1x), instead of the ~B forward/backward passes of a micro-batc
 Scaling convention: what the hooks see is sample b's share of the gradient of whatever loss was
 backpropagated. :func:`fisher_callbacks.losses.reduction_scale` gives the per-sample factors that
 turn the share of a training loss (token mean, sample mean, sum; AMP loss scale; gradient
-accumulation) into ``grad l_b``, the gradient of sample b's own mean loss; :meth:`pop` applies them.
+accumulation) into ``grad l_b``, the gradient of sample b's own mean loss; :meth:`arm` takes them.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ class PerSampleGradientCapture:
 
     Example:
         >>> capture = PerSampleGradientCapture(model, layout).attach()
-        >>> capture.arm()
+        >>> capture.arm(scale=reduction_scale(batch["labels"], "causal_lm"))
         >>> loss = model(**batch).loss; loss.backward()
-        >>> grads = capture.pop(scale)   # {name: [B, *param.shape]} fp32
+        >>> grads = capture.pop()   # {name: [B, *param.shape]} fp32, grad of each sample's loss
     """
 
     def __init__(self, model: nn.Module, layout: AttentionLayout) -> None:
@@ -114,8 +114,10 @@ class PerSampleGradientCapture:
         Args:
             samples: batch indices to capture (``[k]`` long), e.g. a random subset for a cheap EMA
                 update; ``None`` captures every sample.
-            scale: per-sample factors of the captured samples (``[k]``, see :meth:`pop`), applied
-                to the small output gradients inside the hooks instead of to the large results.
+            scale: ``[k]`` per-sample factors of the captured samples (see
+                :func:`fisher_callbacks.losses.reduction_scale`: they turn a sample's share of the
+                training loss's gradient into the gradient of its own loss), applied to the small
+                output gradients inside the hooks rather than to the large results.
         """
         self._buffers.clear()
         self.batch_size = None
@@ -189,12 +191,10 @@ class PerSampleGradientCapture:
             self._buffers[name] = value
 
     # ------------------------------------------------------------------ results
-    def pop(self, scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def pop(self) -> dict[str, torch.Tensor]:
         """Per-sample gradients of the captured backward(s), and disarm.
 
-        Args:
-            scale: ``[B']`` per-sample factors (see :func:`fisher_callbacks.losses.reduction_scale`;
-                for a subset capture, the factors of the captured samples).
+        They are scaled by the factors given to :meth:`arm` (applied inside the hooks).
 
         Returns:
             ``{param name: [B', *param.shape]}`` fp32, in the layout's parameter order; empty when
@@ -204,11 +204,7 @@ class PerSampleGradientCapture:
         for name in self.param_names:
             if name not in self._buffers:
                 continue
-            g = self._buffers[name]
-            if scale is not None:
-                s = scale.to(device=g.device, dtype=g.dtype)
-                g.mul_(s.view(-1, *([1] * (g.dim() - 1))))
-            out[name] = g
+            out[name] = self._buffers[name]
         missing = [n for n in self.param_names if n not in self._buffers]
         if out and missing:
             warnings.warn(

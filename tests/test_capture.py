@@ -84,17 +84,17 @@ def _training_loss(logits, labels, reduction):
 @pytest.mark.parametrize("reduction", ["token_mean", "sample_mean", "sum", "token_sum"])
 @pytest.mark.parametrize(("accumulate", "loss_scale"), [(1, 1.0), (4, 1.0), (1, 1024.0), (2, 65536.0)])
 def test_training_backward_rescaled_to_per_sample(reduction, accumulate, loss_scale):
-    """The caller runs the backward (as Lightning does); pop(scale) gives grad l_i."""
+    """The caller runs the backward (as Lightning does); arm(scale=...) makes pop() give grad l_i."""
     model = tiny_causal_lm("gpt2")
     layout = fc.AttentionLayout.from_model(model)
     batch = lm_batch(batch=4, seq=10)
     capture = fc.PerSampleGradientCapture(model, layout).attach()
-    capture.arm()
+    scale = reduction_scale(batch["labels"], "causal_lm", reduction, accumulate, loss_scale)
+    capture.arm(scale=scale)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = _training_loss(logits, batch["labels"], reduction) * loss_scale / accumulate
     loss.backward()
-    scale = reduction_scale(batch["labels"], "causal_lm", reduction, accumulate, loss_scale)
-    got = capture.pop(scale)
+    got = capture.pop()
     capture.remove()
     ref = microbatch_gradients(model, batch, layout.monitored_parameters())
     assert max_rel_error(got, ref) <= TOL
@@ -105,9 +105,9 @@ def test_hf_builtin_loss_is_token_mean():
     layout = fc.AttentionLayout.from_model(model)
     batch = lm_batch(batch=4, seq=10)
     capture = fc.PerSampleGradientCapture(model, layout).attach()
-    capture.arm()
+    capture.arm(scale=reduction_scale(batch["labels"], "causal_lm", "token_mean"))
     model(**batch).loss.backward()
-    got = capture.pop(reduction_scale(batch["labels"], "causal_lm", "token_mean"))
+    got = capture.pop()
     ref = microbatch_gradients(model, batch, layout.monitored_parameters())
     assert max_rel_error(got, ref) <= TOL
 
@@ -120,10 +120,9 @@ def test_subset_capture_and_disarmed_hooks_cost_nothing():
     model(**batch).loss.backward()  # disarmed: nothing kept
     assert capture.pop() == {}
     idx = torch.tensor([3, 1])
-    capture.arm(idx)
+    capture.arm(idx, scale=reduction_scale(batch["labels"], "causal_lm", "token_mean")[idx])
     model(**batch).loss.backward()
-    scale = reduction_scale(batch["labels"], "causal_lm", "token_mean")[idx]
-    got = capture.pop(scale)
+    got = capture.pop()
     ref = microbatch_gradients(model, batch, layout.monitored_parameters())
     assert max_rel_error(got, {n: r[idx] for n, r in ref.items()}) <= TOL
     with torch.no_grad():

@@ -136,7 +136,6 @@ class FisherMonitor(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._generator = torch.Generator().manual_seed(seed)
         self._failed = False
-        self._counted_step: int | None = None
         self.probe_grad_names: set[str] | None = None  # None: every trainable parameter
         self._ema_step: int | None = None  # optimizer step of the last EMA update
 
@@ -253,9 +252,12 @@ class FisherMonitor(Callback):
             log.debug("fisher_callbacks: step %d skipped (non-finite gradients)", pending["step"])
             return
         size = labels.shape[0]
-        tasks = [_as_list(batch.get(self.task_key), size, self.train_task)[r] for r in rows.tolist()]
+        all_tasks = _as_list(batch.get(self.task_key), size, self.train_task)
+        tasks = [all_tasks[r] for r in rows.tolist()]
         ids = batch.get(self.sample_id_key)
-        ids = None if ids is None else [_as_list(ids, size, None)[r] for r in rows.tolist()]
+        if ids is not None:
+            all_ids = _as_list(ids, size, None)
+            ids = [all_ids[r] for r in rows.tolist()]
         keep = valid[rows].tolist()
         ema = pending["step"] != self._ema_step  # first micro-batch of this optimizer step
         for task in dict.fromkeys(tasks):
@@ -272,10 +274,8 @@ class FisherMonitor(Callback):
                 self.collector.add_gradients(sub, task, sub_ids, update_ema=ema, check_finite=False)
             elif ema:
                 self.collector.update_ema_from_gradients(sub, task, check_finite=False)
-        if pending["flagged"] and self._counted_step != pending["step"]:
-            self.captured_steps += 1  # once per optimizer step, whatever the accumulation
-        self._counted_step = pending["step"]
-        if ema:
+        if ema:  # first micro-batch of the optimizer step: count the step once
+            self.captured_steps += int(pending["flagged"])
             self.ema_updates += 1
             self._ema_step = pending["step"]
 
@@ -379,11 +379,9 @@ class FisherMonitor(Callback):
                         rows = torch.nonzero(has_target).flatten()
                         res.grads = {k: g.index_select(0, rows.to(g.device)) for k, g in res.grads.items()}
                         res.losses = res.losses[has_target]
-                        ids = (
-                            None
-                            if ids is None
-                            else [_as_list(ids, len(has_target), None)[r] for r in rows.tolist()]
-                        )
+                        if ids is not None:
+                            all_ids = _as_list(ids, len(has_target), None)
+                            ids = [all_ids[r] for r in rows.tolist()]
                     if res.losses.numel() == 0:
                         continue
                     self.collector.add_gradients(res.grads, task, ids)
