@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import assert_close_rel
 from tiny_models import lm_batch, tiny_causal_lm
 from torch import nn
 
@@ -305,12 +306,12 @@ def test_heatmap_subsets_chunking_and_storage_dtype(tiny):
         "a", "b", layers=[1], heads=[2, 3]
     )
     for block in BLOCKS:
-        torch.testing.assert_close(tiny_chunks[block]["scores"], full[block]["scores"])
+        assert_close_rel(tiny_chunks[block]["scores"], full[block]["scores"])
         for key in ("conflict_cosine", "fisher_overlap", "p_values", "effect_size", "q_values"):
-            torch.testing.assert_close(tiny_chunks[block][key], full[block][key], rtol=1e-5, atol=1e-6)
+            assert_close_rel(tiny_chunks[block][key], full[block][key])
         cols = sorted({layout.block_head(h, block) for h in (2, 3)})
         assert sub[block]["heads"] == cols and sub[block]["layers"] == [1]
-        torch.testing.assert_close(sub[block]["scores"], full[block]["scores"][:, :, [1]][..., cols])
+        assert_close_rel(sub[block]["scores"], full[block]["scores"][:, :, [1]][..., cols])
     # bf16 storage: same math on the rounded gradients, in fp32
     tasks = {t: stored(collector, t) for t in ("a", "b")}
     low = _collector_from(layout, tiny.model, tasks, storage_dtype=torch.bfloat16)
@@ -379,12 +380,12 @@ def test_scaling_the_loss_scales_directional_by_c_and_leaves_c_over_i(gpt2, c):
         for block in BLOCKS:
             assert_close64(h1[block]["scores"], factor * h0[block]["scores"].double(), rtol=1e-5)
             for key in ("conflict_cosine", "fisher_overlap"):
-                torch.testing.assert_close(h1[block][key], h0[block][key], rtol=1e-5, atol=1e-6)
+                assert_close_rel(h1[block][key], h0[block][key])
     fa0, fa1 = base_c.fisher("a"), scaled_c.fisher("a")
     for name in fa0:
         c0 = tasks["a"][1][name][0] ** 2 / fa0[name].clamp_min(1e-30)
         c1 = scaled["a"][1][name][0] ** 2 / fa1[name].clamp_min(1e-30)
-        torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+        assert_close_rel(c1, c0)
 
 
 def test_symmetric_and_signed_are_symmetric_in_i_j(tiny):
@@ -397,9 +398,9 @@ def test_symmetric_and_signed_are_symmetric_in_i_j(tiny):
         self_ = QKOVInterferenceMetric(layout, collector, variant=variant, run_stats=False)
         aa = self_.compute_heatmap("a", "a")
         for block in BLOCKS:
-            torch.testing.assert_close(ab[block]["scores"], ba[block]["scores"].transpose(0, 1))
+            assert_close_rel(ab[block]["scores"], ba[block]["scores"].transpose(0, 1))
             s = aa[block]["scores"]
-            torch.testing.assert_close(s, s.transpose(0, 1))
+            assert_close_rel(s, s.transpose(0, 1))
     directional = QKOVInterferenceMetric(layout, collector, run_stats=False)
     s = directional.compute_heatmap("a", "a")["Q"]["scores"]
     assert not torch.allclose(s, s.transpose(0, 1), rtol=1e-3)  # directional is directional
@@ -413,8 +414,8 @@ def test_pooled_fisher_differs_from_task_a_and_head_maps_do_not_depend_on_it(gpt
     assert ha.fisher_source == "task_a" and hp.fisher_source == "pooled"
     for block in BLOCKS:
         assert not torch.allclose(ha[block]["scores"], hp[block]["scores"], rtol=1e-3)
-        torch.testing.assert_close(ha[block]["conflict_cosine"], hp[block]["conflict_cosine"])
-        torch.testing.assert_close(ha[block]["fisher_overlap"], hp[block]["fisher_overlap"])
+        assert_close_rel(ha[block]["conflict_cosine"], hp[block]["conflict_cosine"])
+        assert_close_rel(ha[block]["fisher_overlap"], hp[block]["fisher_overlap"])
 
 
 def test_head_maps_match_direct_formulas(tiny):
@@ -564,12 +565,10 @@ def test_heatmap_statistics_are_the_stats_module_on_whitened_head_gradients(tiny
             # the default test statistic is the Fisher inner product of the task means
             direct = permutation_conflict_test(xa, xb, n_permutations=99, seed=5, statistic="dot")
             torch.testing.assert_close(res["p_values"][layer], direct.p_values.float())
-            torch.testing.assert_close(res["effect_size"][layer], direct.effect_size.float())
+            assert_close_rel(res["effect_size"][layer], direct.effect_size.float())
             # ... whose normalised form is exactly the conflict_cosine head map
             cosine = permutation_conflict_test(xa, xb, n_permutations=99, seed=5)
-            torch.testing.assert_close(
-                res["conflict_cosine"][layer], cosine.statistic.float(), rtol=1e-4, atol=1e-5
-            )
+            assert_close_rel(res["conflict_cosine"][layer], cosine.statistic.float(), rtol=1e-4)
         all_p.append(res["p_values"].reshape(-1))
     q = fdr_correct(torch.cat(all_p).double(), "bh")  # one correction over all blocks
     offset = 0
@@ -751,7 +750,7 @@ def test_cuda_computation_matches_cpu(tiny):
     for block in BLOCKS:
         for key in ("scores", "layer_head_avg", "fisher_overlap", "conflict_cosine", "effect_size"):
             assert gpu[block][key].device.type == "cpu"
-            torch.testing.assert_close(gpu[block][key], cpu[block][key], rtol=1e-4, atol=1e-6)
+            assert_close_rel(gpu[block][key], cpu[block][key], rtol=1e-4)
         # same permutations on every device; a p-value may move by a tie at most
         assert (gpu[block]["p_values"] - cpu[block]["p_values"]).abs().max() <= 2 / 100
 
