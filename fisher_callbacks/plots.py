@@ -122,8 +122,10 @@ def _draw_panel(
     value_label: str,
     annotate: bool,
     cell_inches: float,
+    marker: str = "o",
 ) -> None:
-    """One block: heatmap, ticks, colour bar, optional cell values and significance markers."""
+    """One block: heatmap, ticks, colour bar, optional cell values and markers on the cells of
+    ``significant`` (``marker``: ``"o"`` significant cells, ``"X"`` the non-significant minority)."""
     fig = ax.get_figure()
     layers, heads = values.shape
     image = ax.imshow(
@@ -179,7 +181,7 @@ def _draw_panel(
             cols + offset,
             rows - offset,
             s=size**2,
-            marker="o",
+            marker=marker,
             facecolors="white",
             edgecolors="black",
             linewidths=1.0,
@@ -224,7 +226,8 @@ def plot_layer_head_heatmaps(
         significant: optional ``{block: [L, H_block] bool}``; True cells get a white dot with a
             black edge, explained in the legend as ``significance_label`` with the cell count.
             When every cell is True (more than one cell), no cell is dotted (dots everywhere pick
-            out nothing) and the legend says ``"all N cells: {significance_label}"``.
+            out nothing) and the legend says ``"all N cells: {significance_label}"``; when most
+            are, the others are crossed instead (white ``X``) and the legend says so.
         diverging: True: colormap centred at 0 with symmetric limits (``RdBu_r``); False:
             sequential (``viridis``); None (default): diverging iff the finite values have both
             signs.
@@ -276,12 +279,29 @@ def plot_layer_head_heatmaps(
 
     has_nan = bool((~np.isfinite(pooled)).any())
     handles: list[Any] = []
+    marker = "o"
     if masks:
         count = int(sum(m.sum() for m in masks.values()))
         total = int(sum(m.size for m in masks.values()))
         if count == total and total > 1:  # dots on every cell would pick out nothing
             masks = {}
             handles.append(_note(f"all {total} cells: {significance_label}"))
+        elif 2 * count > total:  # most cells: mark the few that are NOT, they are the news
+            masks = {name: ~m for name, m in masks.items()}
+            marker = "X"
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    linestyle="none",
+                    marker="X",
+                    markersize=7,
+                    markerfacecolor="white",
+                    markeredgecolor="black",
+                    label=f"{significance_label}: {count} of {total} cells; "
+                    f"crossed: the {total - count} that are not",
+                )
+            )
         else:
             handles.append(
                 Line2D(
@@ -373,6 +393,7 @@ def plot_layer_head_heatmaps(
                 value_label=bar_label,
                 annotate=show_text,
                 cell_inches=cell,
+                marker=marker,
             )
         if pad > 0.5:
             axes[-1].set_axis_off()

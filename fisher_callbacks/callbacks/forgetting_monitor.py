@@ -316,9 +316,8 @@ class ForgettingRiskMonitor(Callback):
         stop = self.stopped_at
         return plot_forgetting_timeline(
             series,
-            title=f"Forgetting of {task!r}: probe loss change since the fit start"
-            + (f" (step {step})" if step is not None else ""),
-            value_label="Δ probe loss (nats)",
+            title=f"Forgetting of {task!r}" + (f", step {step}" if step is not None else ""),
+            value_label="probe loss − loss at fit start (nats)",
             threshold=self._in_nats(task, self.warn_threshold),
             threshold_label=f"warn threshold{' (relative)' if self.relative else ''}",
             stop_threshold=None if self.stop_threshold is None else self._in_nats(task, self.stop_threshold),
