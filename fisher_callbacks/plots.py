@@ -29,6 +29,7 @@ from matplotlib.patches import Patch
 __all__ = [
     "figure_to_array",
     "plot_attribution_heatmap",
+    "plot_forgetting_timeline",
     "plot_layer_head_heatmaps",
     "save_figure",
 ]
@@ -94,6 +95,11 @@ def _colour_limits(values: np.ndarray, diverging: bool) -> tuple[float, float]:
     return vmin, vmax
 
 
+def _note(text: str) -> Line2D:
+    """A legend entry without a marker: a line of text under the panels."""
+    return Line2D([], [], linestyle="none", marker=None, label=text)
+
+
 def _format_value(value: float) -> str:
     if not np.isfinite(value):
         return "–"
@@ -116,8 +122,10 @@ def _draw_panel(
     value_label: str,
     annotate: bool,
     cell_inches: float,
+    marker: str = "o",
 ) -> None:
-    """One block: heatmap, ticks, colour bar, optional cell values and significance markers."""
+    """One block: heatmap, ticks, colour bar, optional cell values and markers on the cells of
+    ``significant`` (``marker``: ``"o"`` significant cells, ``"X"`` the non-significant minority)."""
     fig = ax.get_figure()
     layers, heads = values.shape
     image = ax.imshow(
@@ -173,7 +181,7 @@ def _draw_panel(
             cols + offset,
             rows - offset,
             s=size**2,
-            marker="o",
+            marker=marker,
             facecolors="white",
             edgecolors="black",
             linewidths=1.0,
@@ -194,6 +202,8 @@ def plot_layer_head_heatmaps(
     block_order: Sequence[str] = ("Q", "K", "V", "O"),
     significance_label: str = "significant",
     shared_scale: bool = True,
+    value_range: tuple[float, float] | None = None,
+    notes: Sequence[str] = (),
     cmap: str | None = None,
     annotate: bool | None = None,
     dpi: float = DEFAULT_DPI,
@@ -215,6 +225,9 @@ def plot_layer_head_heatmaps(
         value_label: colour bar label, with units (e.g. ``"cos_F (unitless)"``).
         significant: optional ``{block: [L, H_block] bool}``; True cells get a white dot with a
             black edge, explained in the legend as ``significance_label`` with the cell count.
+            When every cell is True (more than one cell), no cell is dotted (dots everywhere pick
+            out nothing) and the legend says ``"all N cells: {significance_label}"``; when most
+            are, the others are crossed instead (white ``X``) and the legend says so.
         diverging: True: colormap centred at 0 with symmetric limits (``RdBu_r``); False:
             sequential (``viridis``); None (default): diverging iff the finite values have both
             signs.
@@ -222,7 +235,11 @@ def plot_layer_head_heatmaps(
         significance_label: legend text of the significance marker (e.g.
             ``"BY q ≤ 0.05 and effect ≥ 0.2"``).
         shared_scale: one colour scale for all panels (default, colours compare across blocks);
-            False scales each panel by its own values.
+            False scales each panel by its own values, said on every colour bar ("per-block
+            scale") and in the legend.
+        value_range: fixed ``(vmin, vmax)`` of every panel (e.g. ``(0, 1)`` for a quantity in
+            [0, 1]), overriding ``shared_scale`` and the limits from the values.
+        notes: extra legend lines without a marker (e.g. which share of a total the cells show).
         cmap: colormap name overriding the default of the chosen kind.
         annotate: write each cell's value; default: when a panel is at most 8 x 8.
         dpi: figure resolution (dots per inch) for :func:`figure_to_array` and :func:`save_figure`.
@@ -254,26 +271,57 @@ def plot_layer_head_heatmaps(
         diverging = bool((finite < 0).any() and (finite > 0).any())
     colormap = colormaps[cmap or (DIVERGING_CMAP if diverging else SEQUENTIAL_CMAP)]
     colormap = colormap.with_extremes(bad=NAN_COLOR)
-    shared_norm = Normalize(*_colour_limits(pooled, diverging))
+    if value_range is not None:
+        shared_scale = True
+        shared_norm = Normalize(float(value_range[0]), float(value_range[1]))
+    else:
+        shared_norm = Normalize(*_colour_limits(pooled, diverging))
 
     has_nan = bool((~np.isfinite(pooled)).any())
     handles: list[Any] = []
+    marker = "o"
     if masks:
         count = int(sum(m.sum() for m in masks.values()))
-        handles.append(
-            Line2D(
-                [],
-                [],
-                linestyle="none",
-                marker="o",
-                markersize=7,
-                markerfacecolor="white",
-                markeredgecolor="black",
-                label=f"{significance_label} ({count} cell{'' if count == 1 else 's'})",
+        total = int(sum(m.size for m in masks.values()))
+        if count == total and total > 1:  # dots on every cell would pick out nothing
+            masks = {}
+            handles.append(_note(f"all {total} cells: {significance_label}"))
+        elif 2 * count > total:  # most cells: mark the few that are NOT, they are the news
+            masks = {name: ~m for name, m in masks.items()}
+            marker = "X"
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    linestyle="none",
+                    marker="X",
+                    markersize=7,
+                    markerfacecolor="white",
+                    markeredgecolor="black",
+                    label=f"{significance_label}: {count} of {total} cells; "
+                    f"crossed: the {total - count} that are not",
+                )
             )
-        )
+        else:
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    linestyle="none",
+                    marker="o",
+                    markersize=7,
+                    markerfacecolor="white",
+                    markeredgecolor="black",
+                    label=f"{significance_label} ({count} cell{'' if count == 1 else 's'})",
+                )
+            )
     if has_nan:
         handles.append(Patch(facecolor=NAN_COLOR, edgecolor="0.5", label="grey: no value (NaN)"))
+    bar_label = value_label
+    if not shared_scale and len(names) > 1:
+        bar_label = f"{value_label} (per-block scale)"
+        handles.append(_note("each block has its own colour scale: compare colours within a panel"))
+    handles.extend(_note(text) for text in notes)
 
     # Geometry: square cells of 0.14-0.4 in (the figure is sized so that constrained layout leaves
     # that much per cell: ~1.15 in of labels and colour bar per panel, ~0.65 in of title and
@@ -301,8 +349,14 @@ def plot_layer_head_heatmaps(
     legend_cols = len(handles)
     if sum(c * _LEGEND_INCH_PER_CHAR + 0.6 for c in legend_chars) > width:
         legend_cols = 1  # stack the entries when they do not fit side by side
+        # and wrap each entry to the figure width (0.6 in: the marker and the margins)
+        chars = max(20, int((width - 0.6) / _LEGEND_INCH_PER_CHAR))
+        for h in handles:
+            h.set_label("\n".join(textwrap.wrap(h.get_label(), chars)))
     height += 0.1 + 0.25 * len(title_lines)
-    height += (0.3 * math.ceil(len(handles) / legend_cols)) if handles else 0.0
+    if handles:
+        extra_lines = sum(h.get_label().count("\n") for h in handles)
+        height += 0.3 * math.ceil(len(handles) / legend_cols) + 0.17 * extra_lines
 
     fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
@@ -336,9 +390,10 @@ def plot_layer_head_heatmaps(
                 name=name,
                 cmap=colormap,
                 norm=norm,
-                value_label=value_label,
+                value_label=bar_label,
                 annotate=show_text,
                 cell_inches=cell,
+                marker=marker,
             )
         if pad > 0.5:
             axes[-1].set_axis_off()
@@ -385,6 +440,169 @@ def plot_attribution_heatmap(
         significant=None if significant is None else {panel_title: significant},
         **kwargs,
     )
+
+
+# Line styles of the timeline's series, in order: (colour, line style, marker).
+_SERIES_STYLES = (
+    ("#1f4e9c", "-", "o"),  # first series (measured): solid, strongest
+    ("#e07b00", "--", "s"),
+    ("#2a9d4a", ":", "^"),
+    ("#7a3fa0", "-.", "D"),
+    ("#8c564b", (0, (5, 1, 1, 1)), "v"),
+)
+THRESHOLD_COLOR = "#c0392b"
+"""Colour of threshold lines and warning marks in the timeline."""
+
+
+def _series(name: str, steps: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values)`` as float arrays of one length; ``None`` / non-finite values become NaN."""
+    x = np.array([np.nan if v is None else float(v) for v in steps], dtype=float)
+    y = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(
+            f"series {name!r}: steps and values must be 1-D of one length, got {x.shape} and {y.shape}"
+        )
+    y[~np.isfinite(y)] = np.nan
+    return x, y
+
+
+def plot_forgetting_timeline(
+    series: Mapping[str, tuple[Sequence[Any], Sequence[Any]]],
+    *,
+    title: str,
+    value_label: str = "Δ probe loss (nats)",
+    threshold: float | None = None,
+    threshold_label: str = "warn threshold",
+    stop_threshold: float | None = None,
+    warning_steps: Sequence[int] = (),
+    stop_step: int | None = None,
+    secondary: Mapping[str, tuple[Sequence[Any], Sequence[Any]]] | None = None,
+    secondary_label: str = "nats",
+    dpi: float = DEFAULT_DPI,
+) -> Figure:
+    """Drift of one reference task over training steps, against its threshold, warnings marked.
+
+    Generic over named series, so new ones (e.g. a forecast) plug in without changing the
+    drawing: the first series is drawn solid with filled markers (the measured drift), the next
+    ones dashed, dotted, dash-dotted. NaN, inf or ``None`` values leave a gap. A horizontal
+    line marks ``threshold`` (and ``stop_threshold``), a vertical line the first warning (later
+    warnings get a small triangle at the top), a black line the step where the run stopped.
+    ``secondary`` series (e.g. the EWC quadratic, orders of magnitude smaller) are drawn in a
+    panel of their own below, on the same step axis, so they neither flatten the main panel nor
+    share its scale.
+
+    Args:
+        series: ``{name: (steps, values)}``, steps in optimizer steps (``trainer.global_step``),
+            values in the unit of ``value_label``; at least one series.
+        title: figure title.
+        value_label: y axis label of the main panel, with units.
+        threshold: warning threshold in the same unit (None: no line).
+        threshold_label: legend text of the threshold line (its value is appended).
+        stop_threshold: stop threshold, drawn as a second, darker line.
+        warning_steps: steps at which the early warning fired.
+        stop_step: step at which the run was stopped (None: not stopped).
+        secondary: ``{name: (steps, values)}`` of the lower panel (None or empty: no panel).
+        secondary_label: y axis label of the lower panel, with units.
+        dpi: figure resolution (dots per inch).
+
+    Returns:
+        A :class:`~matplotlib.figure.Figure` on an Agg canvas, not registered with pyplot.
+
+    Raises:
+        ValueError: no series, or a series whose steps and values differ in length.
+    """
+    if not series:
+        raise ValueError("plot_forgetting_timeline needs at least one series.")
+    main = {name: _series(name, *xy) for name, xy in series.items()}
+    lower = {name: _series(name, *xy) for name, xy in (secondary or {}).items()}
+    fig = Figure(figsize=(6.4, 4.6 if lower else 3.6), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    if lower:
+        ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    else:
+        ax, ax2 = fig.subplots(), None
+    fig.suptitle("\n".join(textwrap.wrap(title, 70)), fontsize=12)
+
+    def draw(axes: Axes, curves: dict[str, tuple[np.ndarray, np.ndarray]], offset: int) -> None:
+        for k, (name, (x, y)) in enumerate(curves.items()):
+            colour, style, marker = _SERIES_STYLES[(k + offset) % len(_SERIES_STYLES)]
+            filled = k + offset == 0
+            axes.plot(
+                x,
+                y,
+                color=colour,
+                linestyle=style,
+                marker=marker,
+                markersize=5 if filled else 4,
+                markerfacecolor=colour if filled else "white",
+                linewidth=2.0 if filled else 1.5,
+                label=name,
+                zorder=3 if filled else 2,
+            )
+
+    draw(ax, main, 0)
+    if threshold is not None:
+        ax.axhline(
+            threshold,
+            color=THRESHOLD_COLOR,
+            linestyle="--",
+            linewidth=1.2,
+            label=f"{threshold_label} ({_format_value(threshold)})",
+        )
+    if stop_threshold is not None:
+        ax.axhline(
+            stop_threshold,
+            color="#6e1a12",
+            linestyle="-",
+            linewidth=1.2,
+            label=f"stop threshold ({_format_value(stop_threshold)})",
+        )
+    warnings_at = sorted({int(s) for s in warning_steps})
+    for axes in (ax, ax2):
+        if axes is None:
+            continue
+        if warnings_at:
+            axes.axvline(
+                warnings_at[0],
+                color=THRESHOLD_COLOR,
+                linewidth=1.5,
+                alpha=0.8,
+                label=f"first warning (step {warnings_at[0]})" if axes is ax else None,
+            )
+        if stop_step is not None:
+            axes.axvline(
+                stop_step,
+                color="black",
+                linewidth=1.5,
+                label=f"stopped (step {stop_step})" if axes is ax else None,
+            )
+    if len(warnings_at) > 1:
+        ax.plot(
+            warnings_at[1:],
+            [1.0] * (len(warnings_at) - 1),
+            linestyle="none",
+            marker="v",
+            color=THRESHOLD_COLOR,
+            markersize=6,
+            transform=ax.get_xaxis_transform(),  # x in steps, y at the top of the axes
+            clip_on=False,
+            label=f"warning again ({len(warnings_at) - 1} more)",
+        )
+    ax.axhline(0.0, color="0.6", linewidth=0.8, zorder=1)
+    ax.set_ylabel(value_label, fontsize=9)
+    ax.grid(True, color="0.9", linewidth=0.6)
+    ax.tick_params(labelsize=8)
+    ax.legend(loc="upper left", fontsize=8, frameon=True, framealpha=0.85)
+    if ax2 is not None:
+        draw(ax2, lower, len(main))
+        ax2.set_ylabel(secondary_label, fontsize=9)
+        ax2.grid(True, color="0.9", linewidth=0.6)
+        ax2.tick_params(labelsize=8)
+        ax2.legend(loc="upper left", fontsize=8, frameon=True, framealpha=0.85)
+    (ax2 if ax2 is not None else ax).set_xlabel("training step (trainer.global_step)", fontsize=9)
+    # integer steps on the x axis
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    return fig
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: float = DEFAULT_DPI) -> Path:

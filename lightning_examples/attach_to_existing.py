@@ -43,7 +43,8 @@ class ExistingFineTuner(pl.LightningModule):
         ).loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self.net(**{k: batch[k] for k in ("input_ids", "labels")}).loss)
+        loss = self.net(**{k: batch[k] for k in ("input_ids", "labels")}).loss
+        self.log("val_loss", loss, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)

@@ -145,6 +145,10 @@ class TinyGPT(pl.LightningModule):
             base = {"vocab_size": vocab_size, "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 0}
             config = AutoConfig.for_model(model_type, **{**base, **(hf_config or {})})
         self.model = AutoModelForCausalLM.from_config(config)
+        if getattr(self.model, "loss_type", None) is None:
+            # GPT2LMHeadModel's class name matches no loss family of transformers, which then
+            # warns on every first forward; name the (default) causal-LM loss explicitly.
+            self.model.loss_type = "ForCausalLM"
         self._pretrained = pretrain_steps == 0
 
     def pretrain_general(self) -> None:
@@ -174,12 +178,12 @@ class TinyGPT(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch, batch_idx):
         loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
-        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)

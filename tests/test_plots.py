@@ -15,6 +15,7 @@ from fisher_callbacks.plots import (
     SEQUENTIAL_CMAP,
     figure_to_array,
     plot_attribution_heatmap,
+    plot_forgetting_timeline,
     plot_layer_head_heatmaps,
     save_figure,
 )
@@ -266,3 +267,86 @@ def test_no_pyplot_state_and_backend_untouched(gqa_maps) -> None:
     figure_to_array(fig)
     assert plt.get_fignums() == open_figures
     assert matplotlib.get_backend() == backend
+
+
+def test_fixed_value_range_and_per_block_scale_is_said_on_the_bar(gqa_maps) -> None:
+    overlap = {k: 0.8 + 0.1 * np.abs(np.tanh(v)) for k, v in gqa_maps.items()}  # 0.8-0.9
+    fig = plot_layer_head_heatmaps(overlap, title="t", value_label="overlap (0-1)", value_range=(0, 1))
+    assert {ax.images[0].get_clim() for ax in panels(fig)} == {(0.0, 1.0)}
+    assert {cb.get_ylabel() for cb in colorbar_axes(fig)} == {"overlap (0-1)"}
+    scaled = {"Q": gqa_maps["Q"] * 1e-4, "V": gqa_maps["V"] * 10}
+    fig = plot_layer_head_heatmaps(scaled, title="t", value_label="M", shared_scale=False)
+    q, v = panels(fig)
+    assert q.images[0].get_clim()[1] == pytest.approx(np.abs(scaled["Q"]).max())
+    assert v.images[0].get_clim()[1] == pytest.approx(np.abs(scaled["V"]).max())
+    assert {cb.get_ylabel() for cb in colorbar_axes(fig)} == {"M (per-block scale)"}
+    assert any("own colour scale" in t for t in legend_texts(fig))
+
+
+def test_every_cell_significant_is_said_in_the_legend_not_dotted(gqa_maps) -> None:
+    sig = {k: np.ones(v.shape, dtype=bool) for k, v in gqa_maps.items()}
+    fig = plot_layer_head_heatmaps(
+        gqa_maps, title="t", value_label="v", significant=sig, significance_label="significant"
+    )
+    assert not any(markers(ax) for ax in panels(fig))
+    assert legend_texts(fig) == ["all 72 cells: significant"]
+    sig["K"][0, 0] = False  # most cells: the one that is not gets the marker (a cross)
+    fig = plot_layer_head_heatmaps(
+        gqa_maps, title="t", value_label="v", significant=sig, significance_label="sig", annotate=False
+    )
+    axes = dict(zip("QKVO", panels(fig)))
+    assert [m.get_offsets().tolist() for ax in panels(fig) for m in markers(ax)] == [[[0.0, 0.0]]]
+    assert markers(axes["K"])
+    assert legend_texts(fig) == ["sig: 71 of 72 cells; crossed: the 1 that are not"]
+
+
+def test_notes_are_legend_lines_wrapped_to_the_figure() -> None:
+    note = "attention weights (the cells): +0.2 of +2.18 nats predicted over all trainable weights (9%)"
+    fig = plot_layer_head_heatmaps({"Q": np.eye(2)}, title="t", value_label="v", notes=[note])
+    (text,) = legend_texts(fig)
+    assert text.replace("\n", " ") == note
+    image = figure_to_array(fig)  # the legend fits: constrained layout does not complain
+    assert image.shape[1] == round(fig.get_size_inches()[0] * fig.dpi)
+
+
+def test_forgetting_timeline_is_generic_over_named_series(tmp_path) -> None:
+    steps = [5, 10, 15, 20]
+    fig = plot_forgetting_timeline(
+        {
+            "measured": (steps, [0.1, 0.4, 1.2, 1.9]),
+            "predicted": (steps, np.array([0.1, 0.5, 1.1, 2.0])),
+            "forecast": (steps, [None, 0.8, float("nan"), 2.5]),  # gaps where there is none
+        },
+        title="Forgetting of 'general'",
+        threshold=1.0,
+        stop_threshold=2.0,
+        warning_steps=[10, 15, 20],
+        stop_step=20,
+        secondary={"EWC quadratic": (steps, torch.tensor([1e-4, 4e-4, 1e-3, 2e-3]).tolist())},
+    )
+    main, lower = fig.get_axes()
+    lines = {line.get_label(): line for line in main.get_lines()}
+    assert list(lines)[:3] == ["measured", "predicted", "forecast"]
+    assert np.isnan(lines["forecast"].get_ydata()[0]) and np.isnan(lines["forecast"].get_ydata()[2])
+    assert lines["measured"].get_linestyle() == "-" and lines["predicted"].get_linestyle() == "--"
+    labels = [t.get_text() for t in main.get_legend().get_texts()]
+    for expected in (
+        "warn threshold (1)",
+        "stop threshold (2)",
+        "first warning (step 10)",
+        "stopped (step 20)",
+        "warning again (2 more)",
+    ):
+        assert expected in labels
+    assert lines["warn threshold (1)"].get_ydata()[0] == 1.0
+    assert lines["first warning (step 10)"].get_xdata()[0] == 10
+    assert "EWC quadratic" in [line.get_label() for line in lower.get_lines()]
+    assert lower.get_xlabel() == "training step (trainer.global_step)"
+    assert save_figure(fig, tmp_path / "timeline.png").read_bytes().startswith(PNG_SIGNATURE)
+    # one series, no threshold, no secondary: one panel
+    single = plot_forgetting_timeline({"measured": ([1], [0.0])}, title="t")
+    assert len(single.get_axes()) == 1
+    with pytest.raises(ValueError, match="at least one series"):
+        plot_forgetting_timeline({}, title="t")
+    with pytest.raises(ValueError, match="one length"):
+        plot_forgetting_timeline({"measured": ([1, 2], [0.0])}, title="t")

@@ -23,6 +23,7 @@ from typing_extensions import override
 from ..capture import PerSampleGradientCapture, ProbeResult, probe_pass
 from ..fisher import FisherCollector
 from ..layouts import AttentionLayout
+from ..loggers import log_metrics
 from ..losses import LossType, infer_loss_type, reduction_scale
 
 log = logging.getLogger("fisher_callbacks")
@@ -292,28 +293,28 @@ class FisherMonitor(Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         self.refresh(trainer, pl_module)
-        self._log_scalars(pl_module)
+        self._log_scalars(trainer, pl_module)
 
-    def _log_scalars(self, pl_module: pl.LightningModule) -> None:
-        """``fisher/{task}/trace``, ``/ema_trace``, ``/num_samples``, ``/num_stored`` and
-        ``fisher/skipped_steps`` (identical on every rank after the sync)."""
+    def _log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``fisher/{task}/trace``, ``/ema_trace`` (tasks with EMA steps only: a reference task's
+        probe set has none, and a constant 0 chart says nothing), ``/num_samples``,
+        ``/num_stored`` and ``fisher/skipped_steps`` (identical on every rank after the sync), at
+        ``trainer.global_step``."""
         if self.collector is None:
             return
+        values: dict[str, float] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for task in self.collector.tasks:
                 fisher = self.collector.fisher(task)
-                ema = self.collector.fisher_ema(task)
-                values = {
-                    "trace": sum(float(f.sum()) for f in fisher.values()),
-                    "ema_trace": sum(float(f.sum()) for f in ema.values()),
-                    "num_samples": float(self.collector.num_samples(task)),
-                    "num_stored": float(self.collector.num_stored(task)),
-                }
-                for key, value in values.items():
-                    if math.isfinite(value):
-                        pl_module.log(f"fisher/{task}/{key}", value)
-        pl_module.log("fisher/skipped_steps", float(self.skipped_steps))
+                values[f"fisher/{task}/trace"] = sum(float(f.sum()) for f in fisher.values())
+                if self.collector.ema_steps(task) > 0:
+                    ema = self.collector.fisher_ema(task)
+                    values[f"fisher/{task}/ema_trace"] = sum(float(f.sum()) for f in ema.values())
+                values[f"fisher/{task}/num_samples"] = float(self.collector.num_samples(task))
+                values[f"fisher/{task}/num_stored"] = float(self.collector.num_stored(task))
+        values["fisher/skipped_steps"] = float(self.skipped_steps)
+        log_metrics(trainer, pl_module, {k: v for k, v in values.items() if math.isfinite(v)})
 
     def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run the probe passes and sync the Fisher across ranks, once per global step.

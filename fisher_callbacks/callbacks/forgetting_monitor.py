@@ -24,8 +24,15 @@ from ..functional.forgetting import (
     ewc_penalty,
     fisher_damage_asymmetry,
 )
-from ..loggers import AlertSender, log_figure
-from ..plots import plot_layer_head_heatmaps
+from ..loggers import (
+    AlertSender,
+    forgetting_dashboard_layout,
+    log_custom_scalars,
+    log_figure,
+    log_metrics,
+    log_table,
+)
+from ..plots import plot_forgetting_timeline, plot_layer_head_heatmaps
 from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
 log = logging.getLogger("fisher_callbacks")
@@ -51,12 +58,23 @@ class ForgettingRiskMonitor(Callback):
       one unit step on the training task, and its asymmetry) when the training task has samples;
     - ``forgetting/{A}/risk`` in [0, 1] and ``forgetting/{A}/warning`` (0/1) from
       :func:`~fisher_callbacks.functional.forgetting.early_warning`: the measured drift crossed
-      ``warn_threshold`` or its significant rising trend reaches it within ``horizon_steps``.
+      ``warn_threshold`` or its significant rising trend reaches it within ``horizon_steps``;
+    - ``forgetting/{A}/threshold``: ``warn_threshold`` in nats (times ``|L_A(theta_0)|`` when
+      ``relative``), the reference line of the drift charts;
+    - figures ``forgetting/{A}/timeline`` (measured and predicted drift against the threshold,
+      warnings and the stop marked, EWC in a panel of its own) and ``forgetting/{A}/attribution``.
+
+    Every value, figure and table carries ``trainer.global_step`` at the boundary (see
+    :mod:`fisher_callbacks.loggers`). At fit start a TensorBoard logger gets a custom-scalars
+    layout (:func:`~fisher_callbacks.loggers.forgetting_dashboard_layout`): one chart per task
+    with drift, forecast and threshold.
 
     On a warning: one log line, an entry in ``alerts`` (``step``, ``task``, ``measured``,
-    ``predicted``, ``risk``, ``reason``), a rate-limited ``wandb.alert`` when a W&B logger is
-    attached. When the measured drift reaches ``stop_threshold`` the run stops (decision reduced
-    across ranks like EarlyStopping).
+    ``predicted``, ``risk``, ``reason``), the alerts so far as the table ``forgetting/{A}/alerts``
+    (W&B table, TensorBoard text, CSV file: unlike the 0/1 ``warning`` chart, no dashboard
+    smoothing blurs it), a rate-limited ``wandb.alert`` when a W&B logger is attached. When the
+    measured drift reaches ``stop_threshold`` the run stops (decision reduced across ranks like
+    EarlyStopping).
 
     Args:
         fisher_monitor: the :class:`FisherMonitor` (default: the one in ``trainer.callbacks``, so a
@@ -136,6 +154,8 @@ class ForgettingRiskMonitor(Callback):
                 f"ForgettingRiskMonitor watches {missing}, which are not probe sets of the "
                 f"FisherMonitor (reference_tasks={list(self.fisher_monitor.reference_tasks)})"
             )
+        if trainer.is_global_zero:
+            log_custom_scalars(trainer.loggers, forgetting_dashboard_layout(self.reference_tasks))
         layout = self.fisher_monitor.layout
         for task in self.reference_tasks:
             self._acc.setdefault(task, FirstOrderForgettingAccumulator(layout))
@@ -193,6 +213,8 @@ class ForgettingRiskMonitor(Callback):
                 trainer.should_stop = True
                 self.stopped_at = step
                 log.warning("fisher_callbacks: stopping at step %d (forgetting >= stop_threshold)", step)
+        if trainer.is_global_zero:
+            self._log_timelines(trainer, step)
 
     def _snapshot(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         names = self.fisher_monitor.probe_grad_names if self.predict_on == "monitored" else None
@@ -239,36 +261,102 @@ class ForgettingRiskMonitor(Callback):
         hist["step"].append(step)
         hist["measured"].append(measured)
         hist["predicted"].append(predicted)
+        hist.setdefault("ewc_quadratic", []).append(ewc)
         prefix = f"forgetting/{task}"
-        sync = trainer.world_size > 1
         values = {
             f"{prefix}/measured": measured,
             f"{prefix}/predicted": predicted,
             f"{prefix}/ewc_quadratic": ewc,
             f"{prefix}/risk": decision.risk,
             f"{prefix}/warning": float(decision.warn),
+            f"{prefix}/threshold": self._in_nats(task, self.warn_threshold),
         }
         values.update(self._damage(task, fisher_a, grad_now, prefix))
+        finite = {}
         for name, value in values.items():
             if math.isfinite(float(value)):
-                pl_module.log(name, float(value), sync_dist=sync)
+                finite[name] = float(value)
             elif name not in self._warned_nonfinite:
                 self._warned_nonfinite.add(name)
                 rank_zero_warn(f"ForgettingRiskMonitor: {name} is {value} at step {step}; not logged")
+        log_metrics(trainer, pl_module, finite, sync_dist=trainer.world_size > 1)
         if decision.warn:
             self._warn(trainer, task, step, measured, predicted, decision)
         if trainer.is_global_zero:
-            fig = plot_layer_head_heatmaps(
-                acc.per_block_head(),
-                title=f"Predicted forgetting of {task!r} by layer/head/block (step {step}, "
-                f"total {predicted:+.3g} nats)",
-                value_label="first-order share (nats)",
-                diverging=True,
-            )
-            log_figure(trainer.loggers, f"{prefix}/attribution", fig, step)
-            fig.clf()
+            self._log_figures(trainer, task, step, acc.per_block_head(), predicted)
         scaled = measured / abs(self._baseline[task]) if self.relative else measured
         return self.stop_threshold is not None and scaled >= self.stop_threshold
+
+    def _in_nats(self, task: str, threshold: float) -> float:
+        """A threshold in nats: scaled by ``|L_A(theta_0)|`` when ``relative``."""
+        return threshold * abs(self._baseline[task]) if self.relative else threshold
+
+    def timeline_figure(self, task: str, step: int | None = None):
+        """The forgetting timeline of ``task`` so far (see :func:`plot_forgetting_timeline`).
+
+        Series: ``measured`` and ``predicted`` drift, plus every other per-step series of
+        ``history[task]`` (e.g. a ``forecast``) as its own line; ``ewc_quadratic`` in a panel of
+        its own (it is orders of magnitude smaller). Warning steps come from ``alerts``.
+        """
+        hist = self.history[task]
+        steps = hist["step"]
+        labels = {"measured": "measured", "predicted": "predicted (first order)"}
+        series = {labels.get(k, k): (steps, v) for k, v in hist.items() if k in labels}
+        for name, values in hist.items():  # further per-step series (e.g. "forecast")
+            numeric = all(v is None or isinstance(v, (int, float)) for v in values)
+            if (
+                name not in labels
+                and name not in ("step", "ewc_quadratic")
+                and numeric
+                and len(values) == len(steps)
+            ):
+                series[name] = (steps, values)
+        ewc = hist.get("ewc_quadratic", [])
+        secondary = {"EWC quadratic": (steps, ewc)} if len(ewc) == len(steps) and steps else None
+        stop = self.stopped_at
+        return plot_forgetting_timeline(
+            series,
+            title=f"Forgetting of {task!r}" + (f", step {step}" if step is not None else ""),
+            value_label="probe loss − loss at fit start (nats)",
+            threshold=self._in_nats(task, self.warn_threshold),
+            threshold_label=f"warn threshold{' (relative)' if self.relative else ''}",
+            stop_threshold=None if self.stop_threshold is None else self._in_nats(task, self.stop_threshold),
+            warning_steps=[a["step"] for a in self.alerts if a["task"] == task],
+            stop_step=stop,
+            secondary=secondary,
+            secondary_label="EWC (nats)",
+        )
+
+    def _log_figures(self, trainer, task: str, step: int, per_block_head: dict, predicted: float) -> None:
+        prefix = f"forgetting/{task}"
+        cells = float(sum(float(v.double().sum()) for v in per_block_head.values()))
+        share = f" ({cells / predicted:.0%})" if abs(predicted) > 1e-12 else ""
+        where = "all trainable weights" if self.predict_on == "all" else "the Q/K/V/O weights"
+        fig = plot_layer_head_heatmaps(
+            per_block_head,
+            title=f"Predicted forgetting of {task!r} by layer/head/block, step {step}",
+            value_label="first-order share (nats)",
+            diverging=True,
+            notes=[
+                f"attention weights (the cells): {cells:+.3g} of {predicted:+.3g} nats predicted "
+                f"over {where}{share}"
+            ],
+        )
+        log_figure(trainer.loggers, f"{prefix}/attribution", fig, step)
+        fig.clf()
+
+    def _log_timelines(self, trainer, step: int) -> None:
+        """``forgetting/{task}/timeline`` of every task evaluated at ``step`` (after the stop
+        decision, so the step where the run stops is marked)."""
+        for task, hist in self.history.items():
+            if hist["step"] and hist["step"][-1] == step:
+                try:
+                    fig = self.timeline_figure(task, step)
+                except Exception as err:
+                    rank_zero_warn(f"ForgettingRiskMonitor: no timeline of {task} at step {step}: {err!r}")
+                    continue
+                log_figure(trainer.loggers, f"forgetting/{task}/timeline", fig, step)
+                fig.clf()
 
     def _damage(self, task: str, fisher_a: dict, grad_a: dict, prefix: str) -> dict[str, float]:
         collector = self.fisher_monitor.collector
@@ -306,6 +394,9 @@ class ForgettingRiskMonitor(Callback):
             )
             log.warning("fisher_callbacks: %s", text)
             self._alert(trainer.loggers, f"Forgetting risk: {task}", text)
+            columns = ["step", "measured", "predicted", "risk", "reason"]
+            rows = [[a[c] for c in columns] for a in self.alerts if a["task"] == task]
+            log_table(trainer.loggers, f"forgetting/{task}/alerts", columns, rows, step)
 
     # ------------------------------------------------------------------ state
     @override

@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from ..interference import HEAD_MAPS, QKOVInterferenceMetric
 from ..layouts import BLOCKS
-from ..loggers import log_figure, log_table, save_arrays
+from ..loggers import log_figure, log_metrics, log_table, save_arrays
 from ..plots import plot_layer_head_heatmaps
 from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
@@ -171,9 +171,8 @@ class QKOVInterferenceMonitor(Callback):
         values[f"{prefix}/n_significant"] = float(n_sig_total)
         values[f"{prefix}/most_conflicting_layer"] = float(worst[1])
         values[f"{prefix}/most_conflicting_head"] = float(worst[2])
-        for name, value in values.items():
-            if np.isfinite(value):
-                pl_module.log(name, value, rank_zero_only=rank_zero)
+        finite = {name: value for name, value in values.items() if np.isfinite(value)}
+        log_metrics(trainer, pl_module, finite, rank_zero_only=rank_zero)
 
     def _log_figures(self, trainer, heatmap, task_a: str, task_b: str) -> None:
         step = trainer.global_step
@@ -194,11 +193,15 @@ class QKOVInterferenceMonitor(Callback):
                 title=f"Fisher overlap {pair}, step {step}",
                 value_label="overlap (0-1)",
                 diverging=False,
+                value_range=(0.0, 1.0),
             ),
+            # Blocks differ by orders of magnitude here (V/O scores dwarf Q/K): one colour
+            # scale per block, said on every bar.
             f"{self.variant}_score": plot_layer_head_heatmaps(
                 {b: heatmap[b]["layer_head_avg"] for b in BLOCKS},
                 title=f"{self.variant.capitalize()} score {pair}, step {step} (mean over pairs)",
                 value_label=_SCORE_UNITS[self.variant],
+                shared_scale=False,
             ),
         }
         for name, fig in figs.items():
