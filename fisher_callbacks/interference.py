@@ -32,7 +32,8 @@ What it reports for task A (samples i) against task B (samples j), per block and
 * ``p_values``/``q_values``/``effect_size``/``significant``: a permutation test of that conflict
   (task labels shuffled over the pooled samples; the statistic is exactly ``conflict_cosine`` on
   the whitened gradients ``g * sqrt(D)``), Benjamini-Yekutieli (or -Hochberg) q-values over all
-  (layer, head, block) tests of the call, and the standardised mean ``-mean_ij(u_ij) /
+  (layer, head, block) tests of the call (p-values refined where needed, see ``p_value``), and
+  the standardised mean ``-mean_ij(u_ij) /
   std_ij(u_ij)`` of the signed pair scores ``u_ij = g_i.D.g_j`` as effect size; a cell is a
   significant conflict when ``q <= fdr_alpha`` and ``effect_size >= min_conflict_effect_size``.
   The whitening ``D`` comes from ``(I_A + I_B) / 2``; with equal sample counts and every sample
@@ -65,7 +66,15 @@ from .functional.interference import (
     whiten,
 )
 from .layouts import BLOCKS, AttentionLayout
-from .stats import FDR_METHODS, conflict_significance, permutation_conflict_test
+from .stats import (
+    FDR_METHODS,
+    conflict_significance,
+    gram_conflict_test,
+    pooled_gram,
+    reachable_permutations,
+    refine_p_values,
+    refinement_candidates,
+)
 
 if TYPE_CHECKING:
     from .fisher import FisherCollector
@@ -75,9 +84,13 @@ __all__ = ["FISHER_SOURCES", "HEAD_MAPS", "QKOVHeatmap", "QKOVInterferenceMetric
 FISHER_SOURCES: tuple[str, ...] = ("task_a", "pooled")
 """Fisher used for the per-pair scores: task A's, or ``(I_A + I_B) / 2``."""
 
-P_VALUE_METHODS: tuple[str, ...] = ("permutation", "normal")
-"""``"permutation"``: exact, floored at ``1 / (n_permutations + 1)``; ``"normal"``: lower tail of a
-normal fitted to the permutation null (mean and std), for power on isolated heads over many tests."""
+P_VALUE_METHODS: tuple[str, ...] = ("adaptive", "permutation", "normal")
+"""``"adaptive"`` (default): exact permutation p-values, refined with fresh, larger permutation sets
+where the FDR decision needs it (:func:`~fisher_callbacks.stats.refine_p_values`), so a lone
+conflict can pass BY over all tests; ``"permutation"``: one set of ``n_permutations``, floored at
+``1 / (n_permutations + 1)``; ``"normal"``: lower tail of a normal fitted to the permutation null
+(mean and std): approximate, and anti-conservative far in the tail, where the skewed null of the
+inner product has more mass than the normal."""
 
 HEAD_MAPS: tuple[str, ...] = (
     "layer_head_avg",
@@ -115,8 +128,10 @@ class QKOVHeatmap(dict):
         task_a, task_b: the two tasks.
         variant: score variant; fisher_source: ``"task_a"`` or ``"pooled"``.
         num_fisher_samples: ``{task: samples in its Fisher}``.
-        stats: ``None`` or ``{"n_permutations", "fdr_method", "fdr_alpha",
-            "min_conflict_effect_size", "seed", "num_tests", "num_degenerate"}``.
+        stats: ``None`` or ``{"n_permutations", "p_value", "max_permutations", "num_refined"
+            (tests whose p-value comes from a refinement stage), "refinement_stages",
+            "test_statistic", "fdr_method", "fdr_alpha", "min_conflict_effect_size", "seed",
+            "num_tests", "num_degenerate"}``.
     """
 
     def __init__(
@@ -153,18 +168,29 @@ class QKOVInterferenceMetric:
         fisher: Fisher of the per-pair scores: ``"task_a"`` (default) or ``"pooled"``. The head
             maps ``conflict_cosine`` and the tests always use the pooled Fisher.
         computation_device: ``"cpu"`` (default), ``"cuda"`` (``"cuda:1"``...) or ``"auto"``.
-        n_permutations: permutations of the conflict test (its smallest p-value is
-            ``1 / (1 + n_permutations)``).
+        n_permutations: permutations of the first stage of the conflict test, for every test (its
+            smallest p-value is ``1 / (1 + n_permutations)``; ``p_value="adaptive"`` refines the
+            tests near that floor).
+        max_permutations: largest refinement stage of ``p_value="adaptive"``; default ``None``:
+            :func:`~fisher_callbacks.stats.reachable_permutations` of the call's number of tests
+            ``m``, ``ceil(2 m c(m) / fdr_alpha)`` with ``c(m) = sum_{i<=m} 1/i`` for BY (206,126
+            for the 720 tests of a 30-layer model with 9 query and 3 KV heads), so that a lone
+            conflict reaches ``q = fdr_alpha / 2``.
         fdr_alpha: false discovery rate of ``significant``.
         fdr_method: ``"by"`` (Benjamini-Yekutieli, default) or ``"bh"``.
         min_conflict_effect_size: smallest effect size reported as a significant conflict.
         top_k: entries of ``top_conflicts`` per block.
         seed: seed of the permutations (reproducible, same on every device).
         run_stats: run the permutation tests in :meth:`compute_heatmap`.
-        p_value: ``"permutation"`` (exact; floored at ``1 / (n_permutations + 1)``, so BY over
-            m tests can flag a lone conflict only when ``m ln m / (n_permutations + 1) <=
-            fdr_alpha``) or ``"normal"`` (lower tail of a normal fitted to the permutation null's
-            mean and std: approximate, no floor, power for isolated heads in large models).
+        p_value: ``"adaptive"`` (default: exact permutation p-values; the tests with at most 10
+            null statistics at or below the observed one, an effect size of at least
+            ``min_conflict_effect_size`` and not yet significant get fresh permutation sets of
+            ``max_permutations / 10^j`` up to ``max_permutations``, until BY over all tests no
+            longer depends on the floor; tested for calibration on null data), ``"permutation"``
+            (one set; floored at ``1 / (n_permutations + 1)``, so BY over m tests can flag k
+            conflicts only when ``m c(m) / (k (n_permutations + 1)) <= fdr_alpha``) or
+            ``"normal"`` (lower tail of a normal fitted to the permutation null's mean and std:
+            approximate, no floor, anti-conservative in the far tail).
         test_statistic: statistic of the permutation test: ``"dot"`` (default), the Fisher inner
             product ``gA^T D gB`` of the task mean gradients (the numerator of ``conflict_cosine``),
             or ``"cosine"`` itself. The cosine is scale-free, which costs it all power exactly for
@@ -195,8 +221,9 @@ class QKOVInterferenceMetric:
         top_k: int = 10,
         seed: int = 0,
         run_stats: bool = True,
-        p_value: str = "permutation",
+        p_value: str = "adaptive",
         test_statistic: str = "dot",
+        max_permutations: int | None = None,
         max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
     ) -> None:
         if epsilon < 0 or ridge_lambda < 0 or epsilon + ridge_lambda <= 0:
@@ -213,6 +240,8 @@ class QKOVInterferenceMetric:
             raise ValueError(f"fdr_alpha must lie in (0, 1], got {fdr_alpha}")
         if n_permutations < 1:
             raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+        if max_permutations is not None and max_permutations < 1:
+            raise ValueError(f"max_permutations must be None or >= 1, got {max_permutations}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         if max_chunk_elements < 1:
@@ -226,6 +255,7 @@ class QKOVInterferenceMetric:
         self.fisher_source = fisher
         self.device = _resolve_device(computation_device)
         self.n_permutations = int(n_permutations)
+        self.max_permutations = None if max_permutations is None else int(max_permutations)
         self.fdr_alpha = float(fdr_alpha)
         self.fdr_method = fdr_method
         self.min_conflict_effect_size = float(min_conflict_effect_size)
@@ -398,7 +428,8 @@ class QKOVInterferenceMetric:
         n_layers = len(layers)
         index_cache: dict[tuple, tuple[Tensor, int | None]] = {}
         blocks: dict[str, dict[str, Any]] = {}
-        stats_parts: list[tuple[str, Tensor, Tensor]] = []  # (block, p [L, Hb], effect [L, Hb])
+        stats_parts: list[tuple[str, Tensor, Tensor, Tensor]] = []  # (block, p, effect, n_extreme)
+        refine: list[tuple[str, int, Tensor, Tensor]] = []  # (block, li, heads [c], Gram [c, n, n])
         num_degenerate = 0
         for block in BLOCKS:
             hsel = torch.tensor(block_heads[block], dtype=torch.long)
@@ -408,6 +439,7 @@ class QKOVInterferenceMetric:
             cosine = torch.zeros(n_layers, n_h, dtype=ACCUM_DTYPE)
             p_vals = torch.ones(n_layers, n_h, dtype=torch.float64)
             effect = torch.zeros(n_layers, n_h, dtype=torch.float64)
+            extreme = torch.zeros(n_layers, n_h, dtype=torch.long)
             for li, layer in enumerate(layers):
                 entries = self._head_index(layer, block, hsel, index_cache)
                 fa = fb = None
@@ -434,11 +466,12 @@ class QKOVInterferenceMetric:
                 scores[:, :, li] = pair  # [n_a, n_b, Hb]
                 cosine[li] = conflict_cosine(mean_a, mean_b, inv_pooled).cpu()
                 if self.run_stats:
-                    p, e, n_deg = self._conflict_test(
+                    p, e, ext, n_deg, cand = self._conflict_test(
                         (grads_a, task_a, n_a), (grads_b, task_b, n_b), entries, inv_pooled, views
                     )
-                    p_vals[li], effect[li] = p, e
+                    p_vals[li], effect[li], extreme[li] = p, e, ext
                     num_degenerate += n_deg
+                    refine.extend((block, li, heads_c, gram_c) for heads_c, gram_c in cand)
             scores = scores.cpu()
             res: dict[str, Any] = {
                 "scores": scores,
@@ -452,10 +485,10 @@ class QKOVInterferenceMetric:
                 "conflict_cosine": cosine,
             }
             blocks[block] = res
-            stats_parts.append((block, p_vals, effect))
+            stats_parts.append((block, p_vals, effect, extreme))
         stats_info = None
         if self.run_stats:
-            stats_info = self._significance(blocks, stats_parts, empty, num_degenerate)
+            stats_info = self._significance(blocks, stats_parts, empty, num_degenerate, refine, n_a)
         return QKOVHeatmap(
             blocks,
             task_a=task_a,
@@ -525,19 +558,23 @@ class QKOVInterferenceMetric:
         entries: list[tuple[str, Tensor, int | None]],
         inv_pooled: Tensor,
         views: tuple[Tensor, Tensor] | None,
-    ) -> tuple[Tensor, Tensor, int]:
+    ) -> tuple[Tensor, Tensor, Tensor, int, list[tuple[Tensor, Tensor]]]:
         """Permutation test per head of one (layer, block) on the whitened gradients ``g sqrt(D)``.
 
-        Heads are tested in chunks so that the whitened inputs of one call hold at most
-        ``max_chunk_elements`` elements (at least one head per call).
+        The test runs on the per-head Gram matrices of the pooled whitened samples
+        (:func:`~fisher_callbacks.stats.gram_conflict_test`). Heads are tested in chunks so that
+        the whitened inputs of one call hold at most ``max_chunk_elements`` elements (at least one
+        head per call).
 
         Returns:
-            ``(p [Hb], effect [Hb], number of degenerate tests)``.
+            ``(p [Hb], effect [Hb], n_extreme [Hb], number of degenerate tests, candidates)``;
+            ``candidates`` (``p_value="adaptive"`` only) are ``(heads [c], Gram [c, n, n])`` of the
+            heads :meth:`_significance` may refine.
         """
         (grads_a, task_a, n_a), (grads_b, task_b, n_b) = side_a, side_b
         n_h, k = inv_pooled.shape
         step = max(1, self.max_chunk_elements // max((n_a + n_b) * k, 1))
-        p_parts, e_parts, n_deg = [], [], 0
+        p_parts, e_parts, x_parts, n_deg, candidates = [], [], [], 0, []
         for h0 in range(0, n_h, step):
             hs = slice(h0, h0 + step)
             if views is not None:
@@ -547,16 +584,18 @@ class QKOVInterferenceMetric:
                 va, vb = self._rows(grads_a, sub, task_a), self._rows(grads_b, sub, task_b)
             xa = whiten(va, inv_pooled[hs])  # [n_a, Hc, k]
             xb = whiten(vb, inv_pooled[hs])  # [n_b, Hc, k]
+            gram, finite = pooled_gram(xa, xb)  # [Hc, n, n] float64, [Hc]
             with warnings.catch_warnings():
                 # Degenerate cells (a head without gradient in one task) are counted and reported
                 # once per heatmap instead of once per (layer, block).
                 warnings.simplefilter("ignore")
-                res = permutation_conflict_test(
-                    xa,
-                    xb,
+                res = gram_conflict_test(
+                    gram,
+                    n_a,
                     statistic=self.test_statistic,
                     n_permutations=self.n_permutations,
                     seed=self.seed,
+                    finite=finite,
                     max_chunk_elements=self.max_chunk_elements,
                 )
             p = res.p_values.double().cpu()
@@ -566,21 +605,62 @@ class QKOVInterferenceMetric:
                 std = res.null_std.double().cpu()
                 z = (res.statistic.double().cpu() - res.null_mean.double().cpu()) / std.clamp_min(1e-300)
                 p = torch.where((std > 0) & ~res.degenerate.cpu(), torch.special.ndtr(z), torch.ones_like(p))
+            elif self.p_value == "adaptive":
+                eligible = res.effect_size >= self.min_conflict_effect_size
+                picked = refinement_candidates(res, eligible).nonzero().reshape(-1)  # [c]
+                if picked.numel():
+                    candidates.append((picked.cpu() + h0, gram.index_select(0, picked)))
             p_parts.append(p)
             e_parts.append(res.effect_size.double().cpu())
+            x_parts.append(res.n_extreme.cpu())
             n_deg += int(res.degenerate.sum())
-        return torch.cat(p_parts), torch.cat(e_parts), n_deg
+        return torch.cat(p_parts), torch.cat(e_parts), torch.cat(x_parts), n_deg, candidates
 
     def _significance(
         self,
         blocks: dict[str, dict[str, Any]],
-        parts: list[tuple[str, Tensor, Tensor]],
+        parts: list[tuple[str, Tensor, Tensor, Tensor]],
         empty: bool,
         num_degenerate: int,
+        refine: list[tuple[str, int, Tensor, Tensor]],
+        n_a: int,
     ) -> dict[str, Any]:
-        """FDR over all (layer, head, block) tests of the call; fills the per-block stats maps."""
-        flat_p = torch.cat([p.reshape(-1) for _, p, _ in parts])
-        flat_e = torch.cat([e.reshape(-1) for _, _, e in parts])
+        """FDR over all (layer, head, block) tests of the call; fills the per-block stats maps.
+
+        With ``p_value="adaptive"`` the candidates' p-values are first refined by
+        :func:`~fisher_callbacks.stats.refine_p_values` over the whole family of tests.
+        """
+        flat_p = torch.cat([p.reshape(-1) for _, p, _, _ in parts])
+        flat_e = torch.cat([e.reshape(-1) for _, _, e, _ in parts])
+        flat_x = torch.cat([x.reshape(-1) for _, _, _, x in parts])
+        max_permutations = self.max_permutations or reachable_permutations(
+            max(flat_p.numel(), 1), self.fdr_alpha, self.fdr_method
+        )
+        permutations = torch.full(flat_p.shape, self.n_permutations, dtype=torch.long)
+        stages = 0
+        if self.p_value == "adaptive" and refine and not empty:
+            offsets, offset = {}, 0
+            for block, p, _, _ in parts:
+                offsets[block] = (offset, p.shape[1])
+                offset += p.numel()
+            positions = torch.cat(
+                [offsets[b][0] + li * offsets[b][1] + heads for b, li, heads, _ in refine]
+            )  # [c] flat test positions
+            refined = refine_p_values(
+                flat_p,
+                flat_x,
+                self.n_permutations,
+                torch.cat([g for _, _, _, g in refine]),
+                positions,
+                n_a,
+                alpha=self.fdr_alpha,
+                method=self.fdr_method,
+                max_permutations=max_permutations,
+                seed=self.seed,
+                statistic=self.test_statistic,
+                max_chunk_elements=self.max_chunk_elements,
+            )
+            flat_p, permutations, stages = refined.p_values, refined.permutations, refined.stages
         sig = conflict_significance(
             flat_p,
             flat_e,
@@ -589,10 +669,10 @@ class QKOVInterferenceMetric:
             method=self.fdr_method,
         )
         offset = 0
-        for block, p, e in parts:
+        for block, p, e, _ in parts:
             n = p.numel()
             res = blocks[block]
-            res["p_values"] = p.to(ACCUM_DTYPE)
+            res["p_values"] = flat_p[offset : offset + n].reshape(p.shape).to(ACCUM_DTYPE)
             res["q_values"] = sig["q_values"][offset : offset + n].reshape(p.shape).to(ACCUM_DTYPE)
             res["effect_size"] = e.to(ACCUM_DTYPE)
             res["significant"] = sig["significant"][offset : offset + n].reshape(p.shape)
@@ -606,6 +686,9 @@ class QKOVInterferenceMetric:
         return {
             "n_permutations": self.n_permutations,
             "p_value": self.p_value,
+            "max_permutations": max_permutations if self.p_value == "adaptive" else self.n_permutations,
+            "num_refined": int((permutations > self.n_permutations).sum()),
+            "refinement_stages": int(stages),
             "test_statistic": self.test_statistic,
             "fdr_method": self.fdr_method,
             "fdr_alpha": self.fdr_alpha,

@@ -11,12 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisher_callbacks.stats import (
+    REFINE_MAX_EXCEEDANCES,
     ConflictTestResult,
     benjamini_hochberg,
     benjamini_yekutieli,
     conflict_significance,
     fdr_correct,
+    gram_conflict_test,
     permutation_conflict_test,
+    pooled_gram,
+    reachable_permutations,
+    refine_p_values,
+    refinement_candidates,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -408,3 +414,183 @@ def test_realised_fdr_with_planted_conflicts() -> None:
     assert sum(power["bh"]) / n_runs > 0.8
     assert sum(power["by"]) / n_runs > 0.3
     assert sum(fdp["bh"]) > 0  # false discoveries do occur: the bound is what limits them
+
+
+# --------------------------------------------------------------------------------------------------
+# The test from Gram matrices, and significance reachable for many tests
+# --------------------------------------------------------------------------------------------------
+
+
+def test_gram_conflict_test_is_the_permutation_test_from_gram_matrices() -> None:
+    g = torch.Generator().manual_seed(8)
+    conflict = torch.tensor([True, False, False, True, False])
+    x_a, x_b = gaussian_tasks(g, n_a=7, n_b=5, num_tests=5, dim=6, conflict=conflict)
+    x_a[0, 2, 1] = math.nan  # one test with a non-finite input
+    for statistic in ("cosine", "dot"):
+        with pytest.warns(UserWarning, match="degenerate"):
+            direct = permutation_conflict_test(x_a, x_b, 60, seed=4, statistic=statistic)
+        gram, finite = pooled_gram(x_a, x_b)
+        assert gram.shape == (5, 12, 12) and gram.dtype == torch.float64
+        assert finite.tolist() == [True, True, False, True, True]
+        with pytest.warns(UserWarning, match="degenerate"):
+            from_gram = gram_conflict_test(gram, 7, 60, seed=4, statistic=statistic, finite=finite)
+        for field in ("statistic", "p_values", "effect_size", "null_mean", "null_std", "degenerate"):
+            torch.testing.assert_close(
+                getattr(from_gram, field).double(), getattr(direct, field).double(), rtol=1e-6, atol=1e-7
+            )
+        assert torch.equal(from_gram.n_extreme, direct.n_extreme)
+        # p = (1 + n_extreme) / (1 + P) wherever the test ran
+        ok = ~direct.degenerate
+        torch.testing.assert_close(direct.p_values[ok].double(), (1 + direct.n_extreme[ok]).double() / 61)
+    # Any Gram serves: rotating the samples (an orthogonal "sketch" of full rank) changes nothing.
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    xa, xb = x_a[:, [0, 1, 3]].double(), x_b[:, [0, 1, 3]].double()
+    plain = gram_conflict_test(pooled_gram(xa, xb)[0], 7, 60, statistic="dot")
+    rotated = gram_conflict_test(pooled_gram(xa @ q, xb @ q)[0], 7, 60, statistic="dot")
+    torch.testing.assert_close(plain.p_values, rotated.p_values)
+    with pytest.raises(ValueError, match=r"\[T, n, n\]"):
+        gram_conflict_test(torch.zeros(3, 4, 5), 2)
+    with pytest.raises(ValueError, match="n_a"):
+        gram_conflict_test(torch.zeros(3, 4, 4), 5)
+    with pytest.raises(ValueError, match="finite"):
+        gram_conflict_test(torch.zeros(3, 4, 4), 2, finite=torch.ones(2, dtype=torch.bool))
+
+
+def test_reachability_condition_for_a_30_by_9_model() -> None:
+    """On paper: 30 layers x (9 Q + 9 O query heads + 3 K + 3 V KV heads) = 720 tests. A lone test
+    at the permutation floor 1 / (P + 1) gets the BY q-value m c(m) / (P + 1), so it is reachable
+    iff P + 1 >= m c(m) / alpha = 103,063 at alpha = 0.05; the default P = 200 is 500x short."""
+    m, alpha = 30 * (9 + 9 + 3 + 3), 0.05
+    c_m = sum(1.0 / i for i in range(1, m + 1))
+    assert m == 720 and c_m == pytest.approx(7.1572, abs=1e-4)
+    need = m * c_m / alpha
+    assert need == pytest.approx(103_063, abs=1)
+    lone = torch.ones(m, dtype=torch.float64)
+    lone[0] = 1 / 201
+    assert m * c_m / 201 > 500 * alpha  # fixed 200 permutations: q of the lone test ~ 25.6 ...
+    assert benjamini_yekutieli(lone)[0] == 1.0  # ... capped at 1
+    p_max = reachable_permutations(m, alpha)
+    assert p_max == math.ceil(2 * need) - 1 == 206_126  # headroom 2: the floor gives q = alpha / 2
+    lone[0] = 1 / (p_max + 1)
+    assert benjamini_yekutieli(lone)[0] == pytest.approx(alpha / 2, rel=1e-4)
+    lone[0] = 1 / (math.ceil(need) - 1)  # one permutation short of the condition
+    assert benjamini_yekutieli(lone)[0] > alpha
+    assert reachable_permutations(m, alpha, "bh") == math.ceil(2 * m / alpha) - 1
+    assert reachable_permutations(1, 1.0) == 1
+    for bad in ({"num_tests": 0}, {"num_tests": 5, "alpha": 0.0}, {"num_tests": 5, "method": "x"}):
+        with pytest.raises(ValueError):
+            reachable_permutations(**bad)
+
+
+def _refined(x_a, x_b, n_permutations, seed, alpha=0.05, method="by", eligible=None, **kw):
+    """First stage on all tests, then refine_p_values on the candidates (the metric's pipeline)."""
+    gram, _ = pooled_gram(x_a, x_b)
+    first = gram_conflict_test(gram, x_a.shape[0], n_permutations, seed=seed, statistic="dot")
+    idx = refinement_candidates(first, eligible).nonzero().reshape(-1)
+    out = refine_p_values(
+        first.p_values,
+        first.n_extreme,
+        n_permutations,
+        gram[idx],
+        idx,
+        x_a.shape[0],
+        alpha=alpha,
+        method=method,
+        seed=seed,
+        **kw,
+    )
+    return first, out
+
+
+def test_refinement_finds_a_lone_planted_conflict_among_720_tests() -> None:
+    g = torch.Generator().manual_seed(5)
+    m = 720
+    conflict = torch.zeros(m, dtype=torch.bool)
+    conflict[123] = True
+    x_a, x_b = gaussian_tasks(g, 16, 16, m, dim=4, conflict=conflict)
+    gram, _ = pooled_gram(x_a, x_b)
+    effect = gram_conflict_test(gram, 16, 200, seed=1, statistic="dot").effect_size
+    # as the metric does: only tests whose effect size can make them a reported conflict
+    first, out = _refined(x_a, x_b, 200, seed=1, eligible=effect >= 0.2)
+    assert not (benjamini_yekutieli(first.p_values) <= 0.05).any()  # floor 1/201: unreachable
+    q = benjamini_yekutieli(out.p_values)
+    assert torch.equal(q <= 0.05, conflict)
+    assert out.permutations[123] == reachable_permutations(m) and out.stages >= 1
+    assert out.p_values[123] == 1 / (reachable_permutations(m) + 1)
+    assert q[123] == pytest.approx(0.025, rel=1e-3)
+    # without the effect filter every test near the floor is refined (null ones: ~11 / 201)
+    _, unfiltered = _refined(x_a, x_b, 200, seed=1)
+    refined = unfiltered.permutations > 200
+    assert 5 <= refined.sum() <= 0.1 * m
+    assert unfiltered.p_values[123] == out.p_values[123]
+    out = unfiltered
+    # refined p-values are (1 + n_extreme) / (1 + P) of their own last permutation set
+    torch.testing.assert_close(
+        out.p_values[refined],
+        (1 + out.n_extreme[refined]).double() / (1 + out.permutations[refined]).double(),
+    )
+    assert torch.equal(out.p_values[~refined], first.p_values[~refined].double())
+    assert (first.n_extreme[refined] <= REFINE_MAX_EXCEEDANCES).all()
+    # eligible restricts the refinement (e.g. to tests whose effect size can be reported)
+    _, none = _refined(x_a, x_b, 200, seed=1, eligible=torch.zeros(m, dtype=torch.bool))
+    assert none.stages == 0 and torch.equal(none.p_values, first.p_values.double())
+
+
+def test_refinement_stops_once_the_decision_is_made() -> None:
+    """Sixty strong conflicts among 720: BY rejects them at an intermediate stage already."""
+    g = torch.Generator().manual_seed(6)
+    m = 720
+    conflict = torch.zeros(m, dtype=torch.bool)
+    conflict[:60] = True
+    x_a, x_b = gaussian_tasks(g, 16, 16, m, dim=4, conflict=conflict, strength=2.0)
+    _, out = _refined(x_a, x_b, 200, seed=2)
+    found = benjamini_yekutieli(out.p_values) <= 0.05
+    assert found[conflict].sum() >= 55  # (a planted mean of small norm is a weak conflict)
+    assert (found & ~conflict).sum() <= 3  # BY allows false discoveries (FDR <= 0.05 * 660 / 720)
+    # they are rejected at the 2,062-permutation stage (p = 4.8e-4 -> q <= 0.05), so none needs
+    # the 206,126 of a lone conflict
+    assert int(out.permutations[conflict & found].max()) == 2062
+
+
+def test_refine_p_values_validation() -> None:
+    p, ext = torch.full((4,), 0.5), torch.full((4,), 3)
+    same = refine_p_values(p, ext, 20, torch.zeros(0, 6, 6), torch.zeros(0, dtype=torch.long), 3)
+    assert same.stages == 0 and torch.equal(same.p_values, p.double())
+    assert same.permutations.tolist() == [20] * 4
+    with pytest.raises(ValueError, match="n_extreme"):
+        refine_p_values(p, ext[:3], 20, torch.zeros(0, 6, 6), torch.zeros(0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="candidates"):
+        refine_p_values(p, ext, 20, torch.zeros(1, 6, 6), torch.tensor([4]), 3)
+    with pytest.raises(ValueError, match="gram"):
+        refine_p_values(p, ext, 20, torch.zeros(2, 6, 6), torch.tensor([1]), 3)
+    with pytest.raises(ValueError, match="n_extreme"):
+        refinement_candidates(ConflictTestResult(p, p, p, p, p, p.bool(), 20))
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_refined_p_values_keep_null_calibration_in_the_tail() -> None:
+    """Null data, 100 tests per run, 50 first-stage permutations refined up to 4,000 (the BH
+    reachability for 100 tests): every run's tests near the floor are refined, so the pooled tail
+    P(p <= 1e-3) and BH's family-wise rate under the complete null (= its FDR) are tested where
+    only the refinement can put p-values."""
+    m, runs = 100, 200
+    any_bh = any_by = refined = 0
+    p_all = []
+    for seed in range(runs):
+        g = torch.Generator().manual_seed(30_000 + seed)
+        x_a, x_b = gaussian_tasks(g, n_a=10, n_b=10, num_tests=m, dim=3)
+        _, out = _refined(x_a, x_b, 50, seed=seed, method="bh")
+        p_all.append(out.p_values)
+        refined += int((out.permutations > 50).sum())
+        any_bh += bool((benjamini_hochberg(out.p_values) <= ALPHA).any())
+        any_by += bool((benjamini_yekutieli(out.p_values) <= ALPHA).any())
+    assert refined > runs * m * 0.1  # ~11 / 51 of the tests get refined
+    # Under the complete null BH's FDR is alpha (independent tests): it is met, within slack.
+    assert any_bh / runs <= ALPHA + RUN_SLACK
+    assert any_bh > 0  # and reached: the refinement gives BH its p <= alpha / m = 5e-4
+    assert any_by / runs <= ALPHA + RUN_SLACK
+    p = torch.cat(p_all)  # [20,000]
+    # 20 expected at u = 1e-3 (binomial sd 4.5), 200 at 1e-2: valid in the tail, not conservative.
+    for u, lo, hi in ((1e-3, 6, 34), (1e-2, 155, 245)):
+        count = int((p <= u * (1 + 1e-9)).sum())
+        assert lo <= count <= hi, (u, count)
