@@ -597,18 +597,19 @@ def _null_parameters(layout, generator):
     return out
 
 
+@pytest.mark.usefixtures("single_thread")
 def test_fdr_stays_below_alpha_on_tasks_without_difference():
     """Both tasks drawn from one distribution: the rate of runs with any 'significant' cell.
 
-    Under the complete null every discovery is false, so FDR = P(any discovery). With 999
-    permutations on 8 tests, uncorrected p <= alpha flags about a third of the runs; the heatmap's
+    Under the complete null every discovery is false, so FDR = P(any discovery). With the
+    adaptive p-values on 8 tests, uncorrected p <= alpha flags about a third of the runs; the heatmap's
     Benjamini-Yekutieli must stay <= alpha and Benjamini-Hochberg (on the same p-values) within
     binomial noise of alpha. The effect-size filter is off so only the p-values are tested.
     """
     model = tiny_causal_lm("gpt2")
     layout = AttentionLayout.from_model(model)
     n, runs, alpha = 10, 100, 0.05
-    by = bh = raw = 0
+    by = bh = raw = refined = 0
     for seed in range(runs):
         g = torch.Generator().manual_seed(1000 + seed)
         params = _null_parameters(layout, g)
@@ -619,17 +620,20 @@ def test_fdr_stays_below_alpha_on_tasks_without_difference():
         metric = QKOVInterferenceMetric(
             layout,
             collector,
-            n_permutations=999,
+            n_permutations=50,  # the default p_value="adaptive" refines up to 869 for 8 tests
             fdr_alpha=alpha,
             min_conflict_effect_size=-math.inf,
             seed=seed,
         )
         hm = metric.compute_heatmap("a", "b", layers=[0], heads=[0, 1])
+        refined += hm.stats["num_refined"]
         by += any(bool(r["significant"].any()) for r in hm.values())
         p = torch.cat([r["p_values"].reshape(-1) for r in hm.values()])
         bh += bool((fdr_correct(p, "bh") <= alpha).any())
         raw += bool((p <= alpha).any())
     assert hm.stats["num_tests"] == 8 and hm.stats["fdr_method"] == "by"
+    assert hm.stats["p_value"] == "adaptive" and hm.stats["max_permutations"] == 869
+    assert refined > 0.1 * 8 * runs  # tests near the floor 1/51 were refined
     assert by / runs <= alpha
     assert bh / runs <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / runs)
     assert raw / runs > 0.2  # uncorrected tests do reject: the correction is what holds
@@ -811,3 +815,58 @@ def test_normal_tail_p_values_give_power_for_a_lone_conflict_and_stay_calibrated
         for s in range(20)
     )
     assert false_runs <= 3  # alpha = 0.05 over 20 null runs, plus slack for the approximation
+
+
+def _planted_collector(model, layout, seed, n, plant):
+    """Shared-distribution 'gradients' for tasks a and b; ``plant`` opposes one O head."""
+    g = torch.Generator().manual_seed(seed)
+    params = _null_parameters(layout, g)
+    collector = FisherCollector(model, layout=layout, max_samples_per_task=n)
+    for t, sign in (("a", 1.0), ("b", -1.0)):
+        grads = {k: m + s * torch.randn(n, *m.shape, generator=g) for k, (m, s) in params.items()}
+        if plant:
+            o = layout.param_names(plant[0])["O"]
+            layout.head_slice(grads[o], plant[0], plant[1], "O").add_(sign * 5.0)
+        collector.add_gradients(grads, t)
+    return collector
+
+
+@pytest.fixture
+def single_thread():
+    """Many small matmuls: one intra-op thread is much faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_lone_conflict_is_significant_at_defaults_on_a_30_by_9_model():
+    """A 30-layer Llama with 9 query heads and 3 KV heads: 720 tests. One planted conflicting head
+    passes BY at the defaults (adaptive p-values); one fixed set of 200 permutations cannot
+    (BY needs p <= 9.7e-6); on null data nothing is significant at the defaults."""
+    model = tiny_causal_lm(
+        "llama",
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        hidden_size=36,
+        intermediate_size=8,
+    )
+    layout = AttentionLayout.from_model(model)
+    assert (layout.num_layers, layout.num_heads, layout.num_kv_heads) == (30, 9, 3)
+    n = 12
+    planted = _planted_collector(model, layout, 0, n, plant=(17, 4))
+    hm = QKOVInterferenceMetric(layout, planted).compute_heatmap("a", "b")
+    assert hm.stats["num_tests"] == 720 and hm.stats["p_value"] == "adaptive"
+    assert hm.stats["n_permutations"] == 200 and hm.stats["max_permutations"] == 206_126
+    found = {(b, li, h) for b, r in hm.items() for li, h in r["significant"].nonzero().tolist()}
+    assert found == {("O", 17, 4)}
+    assert hm["O"]["p_values"][17, 4] <= 1.5 / 206_127 and hm["O"]["q_values"][17, 4] <= 0.05
+    assert 1 <= hm.stats["num_refined"] <= 72  # the planted head and a few null tests near 1/201
+    fixed = QKOVInterferenceMetric(layout, planted, p_value="permutation").compute_heatmap("a", "b")
+    assert fixed["O"]["p_values"][17, 4] == pytest.approx(1 / 201)
+    assert not any(bool(r["significant"].any()) for r in fixed.values())
+    assert fixed.stats["num_refined"] == 0
+    null = QKOVInterferenceMetric(layout, _planted_collector(model, layout, 1, n, None))
+    assert not any(bool(r["significant"].any()) for r in null.compute_heatmap("a", "b").values())
