@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._rng import SeededGenerator
 from .capture import per_sample_gradients
 from .layouts import AttentionLayout
 from .losses import LossType
@@ -105,8 +106,12 @@ class FisherCollector:
         self.skipped_nonfinite = 0
         self._tasks: dict[str, _TaskState] = {}
         self._fisher_cache: dict[str, dict[str, torch.Tensor]] = {}
-        self._generator = torch.Generator().manual_seed(seed)
+        self._rng = SeededGenerator(seed)  # picklable (ddp_spawn); the torch.Generator is lazy
         self._warned_budget = False
+
+    @property
+    def _generator(self) -> torch.Generator:
+        return self._rng.generator
 
     # ------------------------------------------------------------------ budget
     @property
@@ -595,7 +600,7 @@ class FisherCollector:
             self._tasks[name] = t
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         if "generator" in state:
-            self._generator.set_state(state["generator"])
+            self._rng.set_state(state["generator"])
         # Re-establish the budget's per-task capacity (may shrink if the budget is smaller now).
         self._rebalance()
 

@@ -1,0 +1,56 @@
+"""A seeded random generator that can be pickled (``ddp_spawn`` sends the callbacks to its children).
+
+``torch.Generator`` cannot be pickled, so an object holding one cannot cross a spawn boundary.
+:class:`SeededGenerator` keeps the seed and, once used, the generator's state as a CPU
+``ByteTensor``; the ``torch.Generator`` itself is created lazily in each process from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class SeededGenerator:
+    """A lazily created CPU ``torch.Generator`` that pickles as its seed and state.
+
+    Args:
+        seed: the initial seed.
+
+    Attributes:
+        seed: the initial seed (the state after :meth:`set_state` wins over it).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._generator: torch.Generator | None = None
+        self._state: torch.Tensor | None = None  # ByteTensor to restore on first use
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The ``torch.Generator`` (created on first use, from the saved state if any)."""
+        if self._generator is None:
+            gen = torch.Generator().manual_seed(self.seed)
+            if self._state is not None:
+                gen.set_state(self._state)
+            self._generator, self._state = gen, None
+        return self._generator
+
+    def get_state(self) -> torch.Tensor:
+        """The generator's state, a CPU ``ByteTensor`` (what ``torch.Generator.get_state`` gives)."""
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        """Restore a state from :meth:`get_state` (applied lazily: no generator is created here)."""
+        self._generator = None
+        self._state = state.detach().to("cpu", torch.uint8).clone()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self._state if self._generator is None else self._generator.get_state()
+        return {"seed": self.seed, "state": state}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        self._generator = None
+        self._state = state["state"]
