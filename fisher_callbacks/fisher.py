@@ -551,15 +551,22 @@ class FisherCollector:
             self._fisher_cache.pop(task, None)
         self._rebalance()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: stored gradients, Fisher sums, EMA, counters, RNG."""
+    def state_dict(self, include_store: bool = True) -> dict[str, Any]:
+        """Everything needed to resume: stored gradients, Fisher sums, EMA, counters, RNG.
+
+        Args:
+            include_store: ``False`` leaves out the stored per-sample gradients and their ids
+                (``n_stored * bytes_per_sample`` per task): the restored collector keeps every
+                Fisher sum, count and EMA, and its reservoirs start empty (``seen`` 0, so they
+                refill as uniform samples of what comes after the resume).
+        """
         tasks = {}
         for name, s in self._tasks.items():
-            n = len(s.ids)
+            n = len(s.ids) if include_store else 0
             tasks[name] = {
-                "ids": list(s.ids),
-                "rows": {p: r[:n].clone() for p, r in s.rows.items()},
-                "seen": s.seen,
+                "ids": list(s.ids[:n]),
+                "rows": {p: r[:n].clone() for p, r in s.rows.items()} if include_store else {},
+                "seen": s.seen if include_store else 0,
                 "fisher_sum": {p: t.clone() for p, t in s.fisher_sum.items()},
                 "fisher_count": s.fisher_count,
                 "synced_sum": {p: t.clone() for p, t in s.synced_sum.items()},
