@@ -7,24 +7,23 @@ Fisher math :class:`~fisher_callbacks.fisher.FisherCollector`, the rescaling
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from .._rng import SeededGenerator
 from ..capture import PerSampleGradientCapture, ProbeResult, probe_pass
-from ..fisher import FisherCollector
+from ..fisher import FisherCollector, _collective_device
 from ..layouts import AttentionLayout
-from ..loggers import log_metrics
 from ..losses import LossType, infer_loss_type, reduction_scale
+from ._ranks import WarningRelay, distributed, log_agreed
 
 log = logging.getLogger("fisher_callbacks")
 
@@ -42,7 +41,10 @@ class FisherMonitor(Callback):
     the cost). The EMA takes one step per optimizer step (from the first micro-batch under
     gradient accumulation), so ``ema_decay`` means the same whatever ``accumulate_grad_batches``.
     Steps whose captured gradients are not finite (AMP overflow) are skipped and counted in
-    ``skipped_steps``.
+    ``skipped_steps``. A flagged step whose batch has no target token (every label ``-100``)
+    adds no sample but counts in ``captured_steps`` (and ``ema_updates``), never in
+    ``skipped_steps``. Sample ids may be a list, a ``[B]`` or a ``[B, 1]`` tensor; task tags
+    strings or integers (integer tag ``3`` is filed as task ``"3"``).
 
     ``reference_tasks={"general": dataloader}`` are probe sets: at each validation boundary (never
     during the sanity check) every probe sample's gradient and loss are computed with
@@ -55,9 +57,28 @@ class FisherMonitor(Callback):
     With ``fisher_type="true"`` probe passes sample labels from the model; the training-step
     capture always sees the training labels (empirical Fisher).
 
+    Collector keys: a probe set is filed under its own name (``"general"``), refreshed at every
+    boundary; training samples under their task name, except that training samples whose task
+    names a probe set (rehearsal: replayed ``general`` samples while ``general`` is also a probe
+    set) are filed under :meth:`train_key` ``"general@train"``, so the probe refresh never wipes
+    them. QK-OV pairs and the forgetting monitor read collector keys: ``"general"`` is the probe
+    set (the Fisher at the current weights), ``"general@train"`` the replayed training samples.
+
     Under DDP each rank captures its own samples (hooks are local, so exact); at validation
     boundaries the Fisher sums are all-reduced (``FisherCollector.sync``), so every rank holds the
-    Fisher of all samples. FSDP works the same way for the hooks (they see the local shard of the
+    Fisher of all samples. Probe passes are reduced too: each rank probes what its loader gives
+    (the same set, or its shard of it, possibly none), and the probe loss, gradient and Fisher are
+    those of the union, identical on every rank (a rank whose probe fails contributes nothing and
+    says so). Logged keys are agreed across ranks; warnings of every rank reach the user once,
+    from rank zero.
+
+    Under ``strategy="ddp_spawn"`` the monitor is pickled to the spawned processes (its RNG is a
+    seed and a state tensor, see :class:`~fisher_callbacks._rng.SeededGenerator`) and the
+    collector lives there. Lightning sends back to the parent only the weights, the trainer state,
+    ``trainer.callback_metrics`` and the best checkpoint path, never callback state: after a
+    spawned fit the parent's monitor is as it was before ``fit`` (no collector, no probe results).
+    Read the logged metrics, or save a checkpoint (the monitor's state is in it) and load it, or
+    use ``strategy="ddp"``. FSDP works the same way for the hooks (they see the local shard of the
     batch and the full, unsharded activations of each projection) but is not tested here.
 
     Args:
@@ -77,6 +98,11 @@ class FisherMonitor(Callback):
         probe_max_samples: cap on samples per probe set and boundary.
         loss_type: per-sample loss (inferred from the model head when ``None``).
         seed: seeds subsampling, reservoirs and true-Fisher labels.
+        checkpoint_store: keep the stored per-sample gradients (rows and ids) in checkpoints.
+            ``False`` saves ``n_stored * P * itemsize`` bytes per task (see the README's
+            checkpoint-overhead formula); a resumed run keeps every Fisher sum, count and EMA but
+            starts with an empty store, which refills from the next flagged step (heatmaps and
+            top conflicts then see only samples captured after the resume).
     """
 
     def __init__(
@@ -97,6 +123,7 @@ class FisherMonitor(Callback):
         probe_max_samples: int | None = None,
         loss_type: LossType | None = None,
         seed: int = 0,
+        checkpoint_store: bool = True,
     ) -> None:
         if capture_every_n_steps < 0 or ema_samples_per_step < 0 or ema_every_n_steps < 1:
             raise ValueError(
@@ -124,6 +151,7 @@ class FisherMonitor(Callback):
         self.probe_max_samples = probe_max_samples
         self.loss_type = loss_type
         self.seed = seed
+        self.checkpoint_store = checkpoint_store
 
         self.layout: AttentionLayout | None = None
         self.collector: FisherCollector | None = None
@@ -135,14 +163,29 @@ class FisherMonitor(Callback):
         self._probe_step: int | None = None
         self._pending: dict[str, Any] | None = None
         self._pending_state: dict[str, Any] | None = None
-        self._generator = torch.Generator().manual_seed(seed)
+        self._rng = SeededGenerator(seed)  # picklable (ddp_spawn); the torch.Generator is lazy
         self._failed = False
         self.probe_grad_names: set[str] | None = None  # None: every trainable parameter
         self._ema_step: int | None = None  # optimizer step of the last EMA update
+        self._relay = WarningRelay("FisherMonitor")
+        self._seen_tasks: set[str] = set()  # collector keys of the training tags seen
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(train_task=self.train_task)
+
+    def train_key(self, task: str) -> str:
+        """Collector key of training samples of ``task``: ``task``, or ``f"{task}@train"`` when a
+        probe set has that name (the probe set keeps the plain name)."""
+        return f"{task}@train" if task in self.reference_tasks else task
+
+    def known_tasks(self) -> set[str]:
+        """Collector keys this rank knows: probe sets, the training task and every task tag seen
+        in a training batch, and the collector's tasks."""
+        known = {*self.reference_tasks, self.train_key(self.train_task), *self._seen_tasks}
+        if self.collector is not None:
+            known.update(self.collector.tasks)
+        return known
 
     # ------------------------------------------------------------------ setup / teardown
     @override
@@ -201,6 +244,10 @@ class FisherMonitor(Callback):
             return
         step = trainer.global_step
         size = batch["labels"].shape[0]
+        tags = batch.get(self.task_key)
+        if tags is not None:
+            with contextlib.suppress(TypeError):  # a bad tag is reported when the samples are filed
+                self._seen_tasks.update(self.train_key(t) for t in _task_names(tags, size, self.train_task))
         if self.is_flagged(step):
             samples = None
         elif (
@@ -209,7 +256,7 @@ class FisherMonitor(Callback):
             and step != self._ema_step  # one EMA update per optimizer step, not per micro-batch
         ):
             k = min(self.ema_samples_per_step, size)
-            samples = torch.randperm(size, generator=self._generator)[:k].sort().values
+            samples = torch.randperm(size, generator=self._rng.generator)[:k].sort().values
         else:
             return
         scale = reduction_scale(
@@ -247,14 +294,15 @@ class FisherMonitor(Callback):
         grads = self.capture.pop()  # already rescaled inside the hooks
         if not grads:
             return
-        # AMP overflow: the whole step is skipped.
-        if nonfinite:
+        # AMP overflow: the whole step is skipped. A batch without any target token (all labels
+        # -100) has no sample to add but is still a captured step (its loss may be NaN, 0 / 0).
+        if nonfinite and bool(valid[rows].any()):
             self.skipped_steps += 1
             log.debug("fisher_callbacks: step %d skipped (non-finite gradients)", pending["step"])
             return
         size = labels.shape[0]
-        all_tasks = _as_list(batch.get(self.task_key), size, self.train_task)
-        tasks = [all_tasks[r] for r in rows.tolist()]
+        all_tasks = _task_names(batch.get(self.task_key), size, self.train_task)
+        tasks = [self.train_key(all_tasks[r]) for r in rows.tolist()]
         ids = batch.get(self.sample_id_key)
         if ids is not None:
             all_ids = _as_list(ids, size, None)
@@ -294,17 +342,21 @@ class FisherMonitor(Callback):
             return
         self.refresh(trainer, pl_module)
         self._log_scalars(trainer, pl_module)
+        self._relay.flush()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._relay.flush()  # failures of the last steps (every rank calls it: a collective)
 
     def _log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``fisher/{task}/trace``, ``/ema_trace`` (tasks with EMA steps only: a reference task's
         probe set has none, and a constant 0 chart says nothing), ``/num_samples``,
-        ``/num_stored`` and ``fisher/skipped_steps`` (identical on every rank after the sync), at
-        ``trainer.global_step``."""
+        ``/num_stored`` and ``fisher/skipped_steps`` (the same keys on every rank, identical
+        values after the sync except ``num_stored``, the rank's own), at ``trainer.global_step``."""
         if self.collector is None:
             return
         values: dict[str, float] = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with self._relay.catch():
             for task in self.collector.tasks:
                 fisher = self.collector.fisher(task)
                 values[f"fisher/{task}/trace"] = sum(float(f.sum()) for f in fisher.values())
@@ -314,12 +366,14 @@ class FisherMonitor(Callback):
                 values[f"fisher/{task}/num_samples"] = float(self.collector.num_samples(task))
                 values[f"fisher/{task}/num_stored"] = float(self.collector.num_stored(task))
         values["fisher/skipped_steps"] = float(self.skipped_steps)
-        log_metrics(trainer, pl_module, {k: v for k, v in values.items() if math.isfinite(v)})
+        log_agreed(trainer, pl_module, values, self._relay)
 
     def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run the probe passes and sync the Fisher across ranks, once per global step.
 
         Idempotent within a step, so the other monitors call it whatever the callback order.
+        Every rank takes the same path (the probe results are reduced), so under DDP the probe
+        sets succeed or fail together.
         """
         if self.collector is None or self._probe_step == trainer.global_step:
             return
@@ -341,10 +395,21 @@ class FisherMonitor(Callback):
     ) -> dict[str, Any]:
         """Per-sample probe pass over ``loader``: refreshes ``task`` in the collector.
 
+        Under DDP a collective (every rank must call it for the same tasks in the same order):
+        each rank probes its loader, then the losses, gradient sums, counts and the probe Fisher
+        are reduced, so the result is that of all ranks' probe samples and the same on every
+        rank. A rank whose pass raises contributes nothing (a warning names the error); with one
+        process the error propagates. A probe loader that gives every rank the whole set (a plain
+        DataLoader) counts each sample once per rank: ``n`` and the probe Fisher's count are
+        ``world_size`` times the set, every mean (loss, gradient, Fisher) is that of the set.
+
         Returns:
             ``{"step", "loss" (mean of per-sample losses), "losses" [n], "grad"
             (``{name: mean gradient}`` over all trainable parameters, or over
-            ``probe_grad_names`` when a monitor restricted it), "n"}``.
+            ``probe_grad_names`` when a monitor restricted it), "n"}``, over all ranks.
+
+        Raises:
+            ValueError: no probe sample on any rank.
         """
         self.collector.reset(task)
         params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
@@ -352,8 +417,44 @@ class FisherMonitor(Callback):
             params = {n: p for n, p in params.items() if n in self.probe_grad_names}
         if sum_params is not None:
             params = dict(sum_params)
+        losses: list[torch.Tensor] = []
+        total: dict[str, torch.Tensor] = {}
+        try:
+            self._probe_local(pl_module, task, loader, params, losses, total)
+        except Exception as err:
+            if not distributed():
+                raise
+            self._relay.warn(f"probe pass on {task!r} failed on this rank, which adds no sample: {err!r}")
+            self.collector.reset(task)
+            losses.clear()
+            total.clear()
+        local = torch.cat(losses) if losses else torch.zeros(0)
+        local_losses, grad_sum, n = _reduce_probe(local, total, params)
+        self.collector.sync([task])  # the probe Fisher of every rank's samples (no-op in one process)
+        if n == 0:
+            where = " on every rank" if distributed() else ""
+            raise ValueError(f"probe set {task!r} is empty{where}")
+        return {
+            "step": step,
+            "losses": local_losses,
+            "loss": float(local_losses.mean()),
+            "grad": {name: g.detach() / n for name, g in grad_sum.items()},
+            "n": n,
+        }
+
+    def _probe_local(
+        self,
+        pl_module: pl.LightningModule,
+        task: str,
+        loader: DataLoader,
+        params: Mapping[str, torch.Tensor],
+        losses: list[torch.Tensor],
+        total: dict[str, torch.Tensor],
+    ) -> None:
+        """This rank's probe pass: per-sample gradients into the collector under ``task``,
+        per-sample losses appended to ``losses`` and the summed gradients into ``total``."""
         was_training = pl_module.training
-        losses, total, n = [], {}, 0
+        n = 0
         pl_module.eval()
         try:
             with torch.inference_mode(False), torch.enable_grad():
@@ -362,8 +463,7 @@ class FisherMonitor(Callback):
                         break
                     batch = _to_device(batch, pl_module.device)
                     if self.probe_max_samples is not None:
-                        room = self.probe_max_samples - n
-                        batch = {k: v[:room] if torch.is_tensor(v) else v for k, v in batch.items()}
+                        batch = _head(batch, batch["labels"].shape[0], self.probe_max_samples - n)
                     res: ProbeResult = probe_pass(
                         pl_module,
                         batch,
@@ -392,25 +492,17 @@ class FisherMonitor(Callback):
                     n += res.losses.shape[0]
         finally:
             pl_module.train(was_training)
-        if n == 0:
-            raise ValueError(f"probe set {task!r} is empty")
-        return {
-            "step": step,
-            "losses": torch.cat(losses),
-            "loss": float(torch.cat(losses).mean()),
-            "grad": {name: g.detach() / n for name, g in total.items()},
-            "n": n,
-        }
 
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
+        collector = self.collector
         return {
-            "collector": None if self.collector is None else self.collector.state_dict(),
+            "collector": None if collector is None else collector.state_dict(self.checkpoint_store),
             "skipped_steps": self.skipped_steps,
             "captured_steps": self.captured_steps,
             "ema_updates": self.ema_updates,
-            "generator": self._generator.get_state(),
+            "generator": self._rng.get_state(),
         }
 
     @override
@@ -432,15 +524,42 @@ class FisherMonitor(Callback):
         self.captured_steps = state.get("captured_steps", 0)
         self.ema_updates = state.get("ema_updates", 0)
         if "generator" in state:
-            self._generator.set_state(state["generator"])
+            self._rng.set_state(state["generator"])
 
     def _fail_once(self, message: str, keep_capturing: bool = False) -> None:
         if not keep_capturing:
             self._failed = True
-        rank_zero_warn(f"FisherMonitor: {message}; training continues")
+        self._relay.warn(f"{message}; training continues")
 
 
 # ---------------------------------------------------------------------- helpers
+def _reduce_probe(
+    losses: torch.Tensor, total: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Per-sample losses ``[n]`` (all ranks, rank order), summed gradients and the sample count
+    over every rank; a rank without samples gives zeros (``total`` may lack names). Local in one
+    process, else one ``all_gather_object`` and one ``all_reduce`` of a flat buffer."""
+    if not distributed():
+        return losses, dict(total), int(losses.numel())
+    dist = torch.distributed
+    gathered: list[list[float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, losses.tolist())
+    all_losses = torch.tensor([v for rank in gathered for v in (rank or [])], dtype=torch.float32)
+    device = _collective_device()
+    flat = torch.cat(
+        [
+            (total[name] if name in total else torch.zeros_like(p)).detach().float().reshape(-1).to(device)
+            for name, p in params.items()
+        ]
+    )  # [sum of numel], in the (rank-independent) parameter order
+    dist.all_reduce(flat)
+    out, offset = {}, 0
+    for name, p in params.items():
+        out[name] = flat[offset : offset + p.numel()].view(p.shape).to(p.device)
+        offset += p.numel()
+    return all_losses, out, int(all_losses.numel())
+
+
 def _loss_scale(trainer: pl.Trainer) -> float:
     """The AMP GradScaler's current scale (1.0 without one): the backward just run used it."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -450,13 +569,37 @@ def _loss_scale(trainer: pl.Trainer) -> float:
 
 
 def _as_list(value: Any, n: int, default: Any) -> list:
+    """Per-sample values of a batch entry: ``n`` copies of a scalar (or ``default`` for ``None``);
+    a tensor is flattened first, so ``[B]`` and ``[B, 1]`` id tensors give the same ``B`` ids."""
     if value is None:
         return [default] * n
     if torch.is_tensor(value):
-        value = value.tolist()
+        value = value.flatten().tolist() if value.dim() else value.item()
     if isinstance(value, (str, int)):
         return [value] * n
     return list(value)
+
+
+def _task_names(value: Any, n: int, default: str) -> list[str]:
+    """Task tag of each of ``n`` samples: strings as given, integer tags (ints, integer tensors) as
+    their decimal string (tag ``3`` is task ``"3"``); anything else is a clear error."""
+    names = _as_list(value, n, default)
+    for k, name in enumerate(names):
+        if isinstance(name, bool) or not isinstance(name, (str, int)):
+            raise TypeError(
+                f"task tags must be strings or integers, got {type(name).__name__} {name!r} "
+                f"(sample {k} of the batch)"
+            )
+    return [name if isinstance(name, str) else str(name) for name in names]
+
+
+def _head(batch: Mapping[str, Any], n: int, room: int) -> dict[str, Any]:
+    """The first ``room`` samples of a batch of ``n``: tensors and per-sample lists (ids, tags)
+    are cut together; other entries are kept as they are."""
+    return {
+        k: v[:room] if torch.is_tensor(v) or (isinstance(v, (list, tuple)) and len(v) == n) else v
+        for k, v in batch.items()
+    }
 
 
 def _forward_module(pl_module: pl.LightningModule) -> torch.nn.Module:

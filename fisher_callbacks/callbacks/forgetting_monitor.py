@@ -7,15 +7,12 @@ the history and the accumulators, and talks to the loggers.
 from __future__ import annotations
 
 import logging
-import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ..functional.forgetting import (
@@ -29,10 +26,10 @@ from ..loggers import (
     forgetting_dashboard_layout,
     log_custom_scalars,
     log_figure,
-    log_metrics,
     log_table,
 )
 from ..plots import plot_forgetting_timeline, plot_layer_head_heatmaps
+from ._ranks import WarningRelay, log_agreed
 from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
 log = logging.getLogger("fisher_callbacks")
@@ -92,6 +89,17 @@ class ForgettingRiskMonitor(Callback):
         predict_on: parameters of the first-order prediction: ``"all"`` trainable ones (keeps a
             copy of them and their probe gradient) or ``"monitored"`` Q/K/V/O weights only (far
             less memory on large models; misses the MLP/embedding share of forgetting).
+        checkpoint_params: keep in checkpoints the copy of the predicted-on parameters at the last
+            boundary and each task's probe gradient there (``(1 + R) * P_pred`` numbers, see the
+            README's checkpoint-overhead formula). ``False`` leaves them out: a resumed run
+            restarts the first-order prediction from the resumed weights (one probe pass at fit
+            start), so ``predicted`` misses the steps between the last boundary before the
+            checkpoint and the checkpoint; the anchor, measured forgetting, EWC and the history
+            are unaffected.
+
+    Under DDP the probe results are those of every rank's probe samples (see FisherMonitor), the
+    logged keys are agreed across ranks (a key missing on a rank is logged by none) and the
+    warnings of every rank reach the user once, from rank zero; one "stopping at step" line per run.
     """
 
     def __init__(
@@ -106,6 +114,7 @@ class ForgettingRiskMonitor(Callback):
         trend_window: int = 3,
         noise_sigmas: float = 3.0,
         predict_on: str = "all",
+        checkpoint_params: bool = True,
     ) -> None:
         if warn_threshold <= 0:
             raise ValueError(f"warn_threshold must be > 0, got {warn_threshold}")
@@ -122,6 +131,9 @@ class ForgettingRiskMonitor(Callback):
             raise ValueError(f"predict_on must be 'all' or 'monitored', got {predict_on!r}")
         self.predict_on = predict_on
         self.noise_sigmas = noise_sigmas
+        self.checkpoint_params = checkpoint_params
+        self._relay = WarningRelay("ForgettingRiskMonitor")
+        self._to_log: dict[str, float] = {}
         self.alerts: list[dict[str, Any]] = []
         self.history: dict[str, dict[str, list[float]]] = {}
         self._alert = AlertSender(alert_wait_seconds)
@@ -133,11 +145,11 @@ class ForgettingRiskMonitor(Callback):
         self._acc: dict[str, FirstOrderForgettingAccumulator] = {}
         self._acc_state: dict[str, Any] = {}
         self.stopped_at: int | None = None
-        self._warned_nonfinite: set[str] = set()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.fisher_monitor = find_fisher_monitor(trainer, self.fisher_monitor, type(self).__name__)
+        self._relay = self.fisher_monitor._relay.view("ForgettingRiskMonitor")  # one record for the suite
         if self.predict_on == "monitored" and self.fisher_monitor.layout is not None:
             self.fisher_monitor.probe_grad_names = set(self.fisher_monitor.layout.monitored_parameters())
 
@@ -168,6 +180,18 @@ class ForgettingRiskMonitor(Callback):
             self._prev = _to(self._prev, device)
             self._prev_grad = {t: _to(g, device) for t, g in self._prev_grad.items()}
             self._anchor_fisher = {t: _to(f, device) for t, f in self._anchor_fisher.items()}
+            if self._prev is None:  # saved with checkpoint_params=False: restart the prediction here
+                self._prev = self._snapshot(pl_module)
+                for task in self.reference_tasks:
+                    try:
+                        probe = self.fisher_monitor.run_probe(
+                            pl_module, task, self.fisher_monitor.reference_tasks[task], trainer.global_step
+                        )
+                    except Exception as err:
+                        self._relay.warn(f"no probe gradient for {task!r} at resume ({err!r})")
+                        continue
+                    self._prev_grad[task] = probe["grad"]
+            self._relay.flush()
             return
         params = dict(pl_module.named_parameters())
         self._anchor = {n: params[n].detach().clone() for n in layout.monitored_parameters()}
@@ -178,15 +202,15 @@ class ForgettingRiskMonitor(Callback):
                     pl_module, task, self.fisher_monitor.reference_tasks[task], trainer.global_step
                 )
             except Exception as err:
-                rank_zero_warn(f"ForgettingRiskMonitor: no anchor for {task!r} ({err!r}); not watched")
+                self._relay.warn(f"no anchor for {task!r} ({err!r}); not watched")
                 continue
             self._baseline[task] = probe["loss"]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with self._relay.catch(f"{task}: "):
                 fisher0 = self.fisher_monitor.collector.fisher(task)
             self._anchor_fisher[task] = {n: f.clone() for n, f in fisher0.items()}
             self._prev_grad[task] = probe["grad"]
             self.history[task] = {"step": [], "measured": [], "predicted": []}
+        self._relay.flush()
 
     # ------------------------------------------------------------------ boundary
     @override
@@ -198,6 +222,7 @@ class ForgettingRiskMonitor(Callback):
         now = self._snapshot(pl_module)
         delta = {n: now[n] - self._prev[n] for n in now if n in self._prev}
         stop = False
+        self._to_log = {}
         for task in self.reference_tasks:
             probe = self.fisher_monitor.probe.get(task)
             if probe is None or probe["step"] != step:
@@ -205,14 +230,19 @@ class ForgettingRiskMonitor(Callback):
             try:
                 stop |= self._evaluate(trainer, pl_module, task, probe, delta, step)
             except Exception as err:
-                rank_zero_warn(f"ForgettingRiskMonitor: {task} failed at step {step}: {err!r}")
+                self._relay.warn(f"{task} failed at step {step}: {err!r}")
+        # the same keys on every rank, or sync_dist would run a collective on some ranks only
+        log_agreed(trainer, pl_module, self._to_log, self._relay, sync_dist=trainer.world_size > 1)
+        self._to_log = {}
+        self._relay.flush()
         self._prev = now
         if self.stop_threshold is not None:
             should_stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
             if should_stop and not trainer.should_stop:
                 trainer.should_stop = True
                 self.stopped_at = step
-                log.warning("fisher_callbacks: stopping at step %d (forgetting >= stop_threshold)", step)
+                if trainer.is_global_zero:  # the decision is agreed: one line per run, not per rank
+                    log.warning("fisher_callbacks: stopping at step %d (forgetting >= stop_threshold)", step)
         if trainer.is_global_zero:
             self._log_timelines(trainer, step)
 
@@ -243,8 +273,7 @@ class ForgettingRiskMonitor(Callback):
         collector = self.fisher_monitor.collector
         params = dict(pl_module.named_parameters())
         current = {n: params[n].detach() for n in self._anchor}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with self._relay.catch(f"{task}: "):
             fisher_a = collector.fisher(task)
         fisher0 = self._anchor_fisher.get(task) or fisher_a
         ewc = ewc_penalty(fisher0, current, self._anchor) if fisher0 else 0.0
@@ -272,14 +301,7 @@ class ForgettingRiskMonitor(Callback):
             f"{prefix}/threshold": self._in_nats(task, self.warn_threshold),
         }
         values.update(self._damage(task, fisher_a, grad_now, prefix))
-        finite = {}
-        for name, value in values.items():
-            if math.isfinite(float(value)):
-                finite[name] = float(value)
-            elif name not in self._warned_nonfinite:
-                self._warned_nonfinite.add(name)
-                rank_zero_warn(f"ForgettingRiskMonitor: {name} is {value} at step {step}; not logged")
-        log_metrics(trainer, pl_module, finite, sync_dist=trainer.world_size > 1)
+        self._to_log.update(values)  # logged once every rank has its values (log_agreed)
         if decision.warn:
             self._warn(trainer, task, step, measured, predicted, decision)
         if trainer.is_global_zero:
@@ -353,7 +375,7 @@ class ForgettingRiskMonitor(Callback):
                 try:
                     fig = self.timeline_figure(task, step)
                 except Exception as err:
-                    rank_zero_warn(f"ForgettingRiskMonitor: no timeline of {task} at step {step}: {err!r}")
+                    self._relay.warn(f"no timeline of {task} at step {step}: {err!r}")
                     continue
                 log_figure(trainer.loggers, f"forgetting/{task}/timeline", fig, step)
                 fig.clf()
@@ -361,12 +383,12 @@ class ForgettingRiskMonitor(Callback):
     def _damage(self, task: str, fisher_a: dict, grad_a: dict, prefix: str) -> dict[str, float]:
         collector = self.fisher_monitor.collector
         train = self.fisher_monitor.train_task
-        _, rows = collector.stored_gradients(train)
+        key = self.fisher_monitor.train_key(train)  # the training side, never the probe set
+        _, rows = collector.stored_gradients(key)
         if not rows or not fisher_a:
             return {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fisher_b = collector.fisher(train)
+        with self._relay.catch(f"{train}: "):
+            fisher_b = collector.fisher(key)
         grad_b = {n: r.float().mean(0) for n, r in rows.items()}
         grad_a = {n: grad_a[n] for n in grad_b if n in grad_a}
         if len(grad_a) != len(grad_b):
@@ -403,8 +425,8 @@ class ForgettingRiskMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "anchor": self._anchor,
-            "prev": self._prev,
-            "prev_grad": self._prev_grad,
+            "prev": self._prev if self.checkpoint_params else None,
+            "prev_grad": self._prev_grad if self.checkpoint_params else {},
             "baseline": self._baseline,
             "anchor_fisher": self._anchor_fisher,
             "history": self.history,

@@ -4,7 +4,6 @@ validation boundaries, logged to every attached logger. All math is in
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +11,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from typing_extensions import override
 
@@ -20,6 +18,7 @@ from ..interference import HEAD_MAPS, QKOVInterferenceMetric
 from ..layouts import BLOCKS
 from ..loggers import log_figure, log_metrics, log_table, save_arrays
 from ..plots import plot_layer_head_heatmaps
+from ._ranks import WarningRelay, gather
 from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
 _SCORE_UNITS = {
@@ -61,6 +60,12 @@ class QKOVInterferenceMonitor(Callback):
         max_samples: stored samples per task used (all by default).
         every_n_validations: compute at every n-th validation boundary.
         log_figures: draw and send figures.
+
+    Pair names are collector keys (see :class:`FisherMonitor`): a probe set's name is the probe
+    set, ``f"{task}@train"`` the training samples of a task that is also a probe set. At the
+    first boundary a pair naming a task that is neither a probe set, the training task, a task
+    tag seen in training nor a collector task is a ``ValueError`` listing the known tasks (a typo
+    would otherwise log zeros). Every distinct warning of the computation reaches the user once.
     """
 
     def __init__(
@@ -99,10 +104,13 @@ class QKOVInterferenceMonitor(Callback):
         self.latest: dict[tuple[str, str], Any] = {}
         self.figure_paths: list[str] = []
         self._validations = 0
+        self._pairs_checked = False
+        self._relay = WarningRelay("QKOVInterferenceMonitor")
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.fisher_monitor = find_fisher_monitor(trainer, self.fisher_monitor, type(self).__name__)
+        self._relay = self.fisher_monitor._relay.view("QKOVInterferenceMonitor")  # one record for the suite
 
     @property
     def state_key(self) -> str:
@@ -119,6 +127,7 @@ class QKOVInterferenceMonitor(Callback):
         collector = self.fisher_monitor.collector
         if collector is None:
             return
+        self._check_pairs()
         metric = QKOVInterferenceMetric(
             self.fisher_monitor.layout,
             collector,
@@ -133,18 +142,30 @@ class QKOVInterferenceMonitor(Callback):
         )
         for task_a, task_b in self.pairs:
             try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
+                with self._relay.catch(f"{task_a} vs {task_b}: "):
                     heatmap = metric.compute_heatmap(task_a, task_b, max_samples=self.max_samples)
-                for w in caught[:1]:
-                    rank_zero_warn(f"QKOVInterferenceMonitor {task_a} vs {task_b}: {w.message}")
             except Exception as err:
-                rank_zero_warn(f"QKOVInterferenceMonitor: {task_a} vs {task_b} failed: {err!r}")
+                self._relay.warn(f"{task_a} vs {task_b} failed: {err!r}")
                 continue
             self.latest[(task_a, task_b)] = heatmap
             self._log_scalars(trainer, pl_module, heatmap, task_a, task_b)
             if trainer.is_global_zero and self.log_figures:
                 self._log_figures(trainer, heatmap, task_a, task_b)
+        self._relay.flush()
+
+    def _check_pairs(self) -> None:
+        """Once, at the first boundary: every pair names a known task (all ranks' tasks)."""
+        if self._pairs_checked:
+            return
+        self._pairs_checked = True
+        known = set().union(*gather(sorted(self.fisher_monitor.known_tasks())))
+        unknown = sorted({t for pair in self.pairs for t in pair if t not in known})
+        if unknown:
+            raise ValueError(
+                f"QKOVInterferenceMonitor: pairs name unknown task(s) {unknown}; known tasks: "
+                f"{sorted(known)} (probe sets keep their name, training samples of a probe set's "
+                "task are under '<task>@train')"
+            )
 
     # ------------------------------------------------------------------ logging
     def _log_scalars(self, trainer, pl_module, heatmap, task_a: str, task_b: str) -> None:
