@@ -1,8 +1,10 @@
 """A seeded random generator that can be pickled (``ddp_spawn`` sends the callbacks to its children).
 
-``torch.Generator`` cannot be pickled, so an object holding one cannot cross a spawn boundary.
-:class:`SeededGenerator` keeps the seed and, once used, the generator's state as a CPU
-``ByteTensor``; the ``torch.Generator`` itself is created lazily in each process from them.
+A ``torch.Generator`` pickles through its state tensor, which multiprocessing's pickler sends as
+shared memory; under ``ddp_spawn`` the children then fail to map it (seen here: "unable to resize
+file"). :class:`SeededGenerator` keeps the seed and, once used, the generator's state as a CPU
+``ByteTensor`` (plain bytes when pickled); the ``torch.Generator`` is created lazily in each
+process from them.
 """
 
 from __future__ import annotations
@@ -47,10 +49,13 @@ class SeededGenerator:
         self._state = state.detach().to("cpu", torch.uint8).clone()
 
     def __getstate__(self) -> dict[str, Any]:
+        # Plain bytes, not a tensor: multiprocessing's pickler would send a tensor through shared
+        # memory (a file descriptor), which is what made ddp_spawn fail at launch.
         state = self._state if self._generator is None else self._generator.get_state()
-        return {"seed": self.seed, "state": state}
+        return {"seed": self.seed, "state": None if state is None else state.numpy().tobytes()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.seed = int(state["seed"])
         self._generator = None
-        self._state = state["state"]
+        raw = state["state"]
+        self._state = None if raw is None else torch.frombuffer(bytearray(raw), dtype=torch.uint8)

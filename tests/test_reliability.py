@@ -149,19 +149,22 @@ def test_probe_cap_cuts_string_ids_and_integer_task_tags_are_tasks(tmp_path):
 
 
 def test_monitor_and_collector_pickle_with_their_rng_state():
-    """Item 6 (unit). Before: a torch.Generator inside FisherMonitor / FisherCollector could not be
-    pickled, so ddp_spawn failed at launch. Now the RNG travels as its state and continues."""
+    """Item 6 (unit; the regression test is the ddp_spawn fit in test_distributed_reliability.py).
+    The RNG travels as plain bytes through multiprocessing's pickler (a tensor would go through
+    shared memory, which made ddp_spawn fail at launch) and continues where it was."""
+    from multiprocessing.reduction import ForkingPickler
+
     fm = FisherMonitor(seed=3)
-    clone = pickle.loads(pickle.dumps(fm))
-    assert torch.equal(
-        torch.randperm(9, generator=fm._rng.generator), torch.randperm(9, generator=clone._rng.generator)
-    )
+    torch.randperm(5, generator=fm._rng.generator)  # used: the state, not the seed, must travel
+    clone = pickle.loads(ForkingPickler.dumps(fm))
+    expected = torch.randperm(9, generator=fm._rng.generator)
+    assert torch.equal(torch.randperm(9, generator=clone._rng.generator), expected)
+    assert isinstance(fm._rng.__getstate__()["state"], bytes)
     collector = FisherCollector(TinyGPT(**TINY), seed=5)
-    torch.rand(4, generator=collector._generator)  # advance: the state, not the seed, must travel
-    clone = pickle.loads(pickle.dumps(collector))
-    assert torch.equal(
-        torch.rand(6, generator=collector._generator), torch.rand(6, generator=clone._generator)
-    )
+    torch.rand(4, generator=collector._generator)
+    clone = pickle.loads(ForkingPickler.dumps(collector))
+    expected = torch.rand(6, generator=collector._generator)
+    assert torch.equal(torch.rand(6, generator=clone._generator), expected)
     state = collector.state_dict()["generator"]
     assert state.dtype == torch.uint8 and state.device.type == "cpu"
 
