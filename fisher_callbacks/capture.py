@@ -356,6 +356,7 @@ def probe_pass(
     generator: torch.Generator | None = None,
     sum_params: dict[str, torch.Tensor] | None = None,
     forward_model: nn.Module | None = None,
+    capture: PerSampleGradientCapture | None = None,
 ) -> ProbeResult:
     """One forward and one ``torch.autograd.grad`` backward: per-sample gradients of the monitored
     weights (hooks), per-sample losses, and optionally the summed gradient of other parameters.
@@ -364,7 +365,11 @@ def probe_pass(
     removed on error). ``sum_params`` (``{name: parameter}``) get ``grad sum_i l_i`` in ``summed``,
     e.g. every trainable parameter for a first-order forgetting prediction. ``forward_model``
     (default ``model``) is the submodule to call, e.g. the Hugging Face model inside a
-    LightningModule that defines no ``forward``; names stay relative to ``model``.
+    LightningModule that defines no ``forward``; names stay relative to ``model``. ``capture``
+    reuses an attached capture of ``model`` and ``layout`` (under ``torch.compile`` it must be the
+    one whose hooks the compiled graph holds; a new one is attached and removed otherwise). Without
+    a ``layout``, frozen attention weights (e.g. the base weights of a LoRA model) are left out with
+    a warning.
     """
     if fisher_type not in ("empirical", "true"):
         raise ValueError(f"fisher_type must be 'empirical' or 'true', got {fisher_type!r}")
@@ -373,16 +378,20 @@ def probe_pass(
     labels = batch["labels"]
     if labels.shape[0] == 0:
         raise ValueError("the batch is empty")
-    layout = layout or AttentionLayout.from_model(model)
+    if capture is not None:
+        layout = capture.layout
+    layout = layout or AttentionLayout.from_model(model, trainable_only=True)
     forward_model = forward_model if forward_model is not None else model
     loss_type = loss_type or infer_loss_type(forward_model)
-    capture = PerSampleGradientCapture(model, layout)
+    capture = capture or PerSampleGradientCapture(model, layout)
     params = dict(model.named_parameters())
     weights = [params[n] for n in capture.param_names]
-    if not all(w.requires_grad for w in weights):
+    frozen = [n for n, w in zip(capture.param_names, weights) if not w.requires_grad]
+    if frozen:
         raise ValueError(
-            "monitored attention weights are frozen (requires_grad=False); unfreeze them "
-            "to capture their per-sample gradients"
+            f"{len(frozen)} monitored attention weight(s) are frozen (requires_grad=False), e.g. "
+            f"{frozen[0]!r}; unfreeze them, or leave them out with "
+            "layout.trainable_only(model) / AttentionLayout.from_model(model, trainable_only=True)"
         )
     extra = {n: p for n, p in (sum_params or {}).items() if p.requires_grad}
     with capture.capturing(), torch.enable_grad():
