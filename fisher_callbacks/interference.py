@@ -374,7 +374,7 @@ class QKOVInterferenceMetric:
                 total += self.compute_block_head_score(
                     g_i[name], g_j[name], fisher, layer, head, block, name, is_bias
                 )
-            out[block] = total
+            out[block] = total if self.layout.is_monitored(layer, block) else math.nan  # not monitored
         return out
 
     # ------------------------------------------------------------------ heatmap
