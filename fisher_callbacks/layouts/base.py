@@ -349,7 +349,7 @@ class AttentionLayout:
         if not any(s is not None for specs in layers for s in specs.values()):
             raise LayoutError(
                 f"none of the {len(frozen)} monitored attention weights of {type(model).__name__} "
-                f"trains (all have requires_grad=False, e.g. {frozen[0]!r}): nothing to monitor. "
+                f"trains (all are frozen, requires_grad=False, e.g. {frozen[0]!r}): nothing to monitor. "
                 "Unfreeze some Q/K/V/O projections or give them a LoRA adapter."
             )
         return replace(self, layers=layers), frozen
