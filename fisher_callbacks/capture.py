@@ -16,7 +16,9 @@ accumulation) into ``grad l_b``, the gradient of sample b's own mean loss; :meth
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,6 +38,57 @@ from .losses import (
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
+
+
+# ---------------------------------------------------------------------- torch.compile path
+# Under torch.compile, dynamo inlines module forward hooks, and a tensor hook registered inside the
+# compiled region must be a pure function of tensors (it is traced into the graph): ours stores
+# per-sample gradients on a Python object, which dynamo rejects with a graph break at every
+# projection. While compiling, the forward hook therefore routes the projection output through
+# two opaque custom ops instead: ``tap`` (identity in the forward, saves the activation) whose
+# backward calls ``deliver`` (identity on the output gradient that hands it, with the
+# activation, to the capture in eager Python at run time). The math is the same ``_grad_hook``.
+_LIVE: weakref.WeakValueDictionary[int, PerSampleGradientCapture] = weakref.WeakValueDictionary()
+_IDS = itertools.count()
+
+
+@torch.library.custom_op("fisher_callbacks::tap", mutates_args=())
+def _tap(output: torch.Tensor, x: torch.Tensor, capture_id: int, slot: int) -> torch.Tensor:
+    """Identity on ``output`` (a copy: custom ops may not alias inputs); ``x`` is saved."""
+    return output.clone()
+
+
+@_tap.register_fake
+def _tap_fake(output: torch.Tensor, x: torch.Tensor, capture_id: int, slot: int) -> torch.Tensor:
+    return torch.empty_like(output)
+
+
+@torch.library.custom_op("fisher_callbacks::deliver", mutates_args=())
+def _deliver(grad: torch.Tensor, x: torch.Tensor, capture_id: int, slot: int) -> torch.Tensor:
+    """Hand ``(x, grad)`` of projection ``slot`` to capture ``capture_id``; identity on ``grad``."""
+    capture = _LIVE.get(capture_id)
+    if capture is not None:
+        capture._deliver(slot, x, grad)
+    return grad.clone()
+
+
+@_deliver.register_fake
+def _deliver_fake(grad: torch.Tensor, x: torch.Tensor, capture_id: int, slot: int) -> torch.Tensor:
+    return torch.empty_like(grad)
+
+
+def _tap_setup_context(ctx, inputs, output) -> None:
+    _, x, capture_id, slot = inputs
+    ctx.save_for_backward(x)
+    ctx.capture_id, ctx.slot = capture_id, slot
+
+
+def _tap_backward(ctx, grad: torch.Tensor):
+    (x,) = ctx.saved_tensors
+    return _deliver(grad, x, ctx.capture_id, ctx.slot), None, None, None
+
+
+_tap.register_autograd(_tap_backward, setup_context=_tap_setup_context)
 
 
 class PerSampleGradientCapture:
@@ -76,13 +129,19 @@ class PerSampleGradientCapture:
                 )
             self._targets.setdefault(mod_name, {"weight": None, "bias": None})[kind] = name
         self._modules = {n: modules[n] for n in self._targets}
+        self._slots = list(self._modules)  # slot k of the compile path -> module name
+        self._id = next(_IDS)
+        _LIVE[self._id] = self
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._armed = False
         self._samples: torch.Tensor | None = None
         self._scale: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] = {}
         self.batch_size: int | None = None
-        self.nonfinite = False  # a captured factor (activation / output gradient) was inf or NaN
+        # 0-d bool tensor, AND of the finiteness of every captured factor (activation / output
+        # gradient); read on the host once, by :attr:`nonfinite`, not in each hook (a host sync
+        # per projection, and a graph break per projection under ``torch.compile``).
+        self._finite: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> PerSampleGradientCapture:
@@ -108,6 +167,12 @@ class PerSampleGradientCapture:
     def armed(self) -> bool:
         return self._armed
 
+    @property
+    def nonfinite(self) -> bool:
+        """Whether a captured factor (activation or output gradient) of the current capture was
+        inf or NaN (AMP overflow). One host sync; False before any backward reached the hooks."""
+        return self._finite is not None and not bool(self._finite)
+
     def arm(self, samples: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> None:
         """Capture the next backward(s).
 
@@ -121,7 +186,7 @@ class PerSampleGradientCapture:
         """
         self._buffers.clear()
         self.batch_size = None
-        self.nonfinite = False
+        self._finite = None
         self._samples = None if samples is None else samples.long()
         self._scale = None if scale is None else scale.float()
         self._armed = True
@@ -150,7 +215,7 @@ class PerSampleGradientCapture:
                 self._handles.clear()
 
     # ------------------------------------------------------------------ hooks
-    def _forward_hook(self, mod_name: str, module: nn.Module, inputs, output) -> None:
+    def _forward_hook(self, mod_name: str, module: nn.Module, inputs, output) -> torch.Tensor | None:
         if not self._armed or not torch.is_tensor(output) or not output.requires_grad:
             return
         x = inputs[0].detach()
@@ -158,7 +223,16 @@ class PerSampleGradientCapture:
             self.batch_size = x.shape[0]
         if self._samples is not None:
             x = x.index_select(0, self._samples.to(x.device))
+        if torch.compiler.is_compiling():  # see "torch.compile path" above
+            return _tap(output, x, self._id, self._slots.index(mod_name))
         output.register_hook(partial(self._grad_hook, mod_name, module, x))
+        return None
+
+    def _deliver(self, slot: int, x: torch.Tensor, grad: torch.Tensor) -> None:
+        """Output gradient of projection ``slot`` from the compiled path (run time, eager)."""
+        if self._armed:
+            mod_name = self._slots[slot]
+            self._grad_hook(mod_name, self._modules[mod_name], x, grad)
 
     def _grad_hook(self, mod_name: str, module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
         go = grad.detach()
@@ -168,9 +242,10 @@ class PerSampleGradientCapture:
         with torch.autocast(device_type=go.device.type, enabled=False):
             x3 = x.reshape(b, -1, x.shape[-1]).float()  # [B, T, in]
             g3 = go.reshape(b, -1, go.shape[-1]).float()  # [B, T, out]
-            # Cheap on the small factors: finite factors give finite per-sample gradients.
-            if not (bool(torch.isfinite(g3.sum())) and bool(torch.isfinite(x3.sum()))):
-                self.nonfinite = True
+            # Cheap on the small factors: finite factors give finite per-sample gradients. Kept
+            # on the device (no sync here); ``nonfinite`` reads it once.
+            finite = torch.isfinite(g3.sum()) & torch.isfinite(x3.sum())  # 0-d bool
+            self._finite = finite if self._finite is None else self._finite & finite
             if self._scale is not None:
                 g3 = g3 * self._scale.to(g3.device).view(-1, 1, 1)
             target = self._targets[mod_name]
@@ -281,6 +356,7 @@ def probe_pass(
     generator: torch.Generator | None = None,
     sum_params: dict[str, torch.Tensor] | None = None,
     forward_model: nn.Module | None = None,
+    capture: PerSampleGradientCapture | None = None,
 ) -> ProbeResult:
     """One forward and one ``torch.autograd.grad`` backward: per-sample gradients of the monitored
     weights (hooks), per-sample losses, and optionally the summed gradient of other parameters.
@@ -289,7 +365,11 @@ def probe_pass(
     removed on error). ``sum_params`` (``{name: parameter}``) get ``grad sum_i l_i`` in ``summed``,
     e.g. every trainable parameter for a first-order forgetting prediction. ``forward_model``
     (default ``model``) is the submodule to call, e.g. the Hugging Face model inside a
-    LightningModule that defines no ``forward``; names stay relative to ``model``.
+    LightningModule that defines no ``forward``; names stay relative to ``model``. ``capture``
+    reuses an attached capture of ``model`` and ``layout`` (under ``torch.compile`` it must be the
+    one whose hooks the compiled graph holds; a new one is attached and removed otherwise). Without
+    a ``layout``, frozen attention weights (e.g. the base weights of a LoRA model) are left out with
+    a warning.
     """
     if fisher_type not in ("empirical", "true"):
         raise ValueError(f"fisher_type must be 'empirical' or 'true', got {fisher_type!r}")
@@ -298,16 +378,20 @@ def probe_pass(
     labels = batch["labels"]
     if labels.shape[0] == 0:
         raise ValueError("the batch is empty")
-    layout = layout or AttentionLayout.from_model(model)
+    if capture is not None:
+        layout = capture.layout
+    layout = layout or AttentionLayout.from_model(model, trainable_only=True)
     forward_model = forward_model if forward_model is not None else model
     loss_type = loss_type or infer_loss_type(forward_model)
-    capture = PerSampleGradientCapture(model, layout)
+    capture = capture or PerSampleGradientCapture(model, layout)
     params = dict(model.named_parameters())
     weights = [params[n] for n in capture.param_names]
-    if not all(w.requires_grad for w in weights):
+    frozen = [n for n, w in zip(capture.param_names, weights) if not w.requires_grad]
+    if frozen:
         raise ValueError(
-            "monitored attention weights are frozen (requires_grad=False); unfreeze them "
-            "to capture their per-sample gradients"
+            f"{len(frozen)} monitored attention weight(s) are frozen (requires_grad=False), e.g. "
+            f"{frozen[0]!r}; unfreeze them, or leave them out with "
+            "layout.trainable_only(model) / AttentionLayout.from_model(model, trainable_only=True)"
         )
     extra = {n: p for n, p in (sum_params or {}).items() if p.requires_grad}
     with capture.capturing(), torch.enable_grad():

@@ -56,7 +56,7 @@ class FisherCollector:
 
     Args:
         model: a Hugging Face model or a module wrapping one.
-        layout: attention layout (default ``AttentionLayout.from_model(model)``).
+        layout: attention layout (default ``AttentionLayout.from_model(model, trainable_only=True)``).
         ema_decay: ``beta`` of the EMA Fisher.
         storage_dtype: dtype of the stored signed gradients (fp32, bf16 or fp16); Fisher sums are
             always fp32.
@@ -92,7 +92,7 @@ class FisherCollector:
         if max_samples_per_task is not None and max_samples_per_task < 0:
             raise ValueError("max_samples_per_task must be >= 0")
         self.model = model
-        self.layout = layout or AttentionLayout.from_model(model)
+        self.layout = layout or AttentionLayout.from_model(model, trainable_only=True)
         self.ema_decay = float(ema_decay)
         self.storage_dtype = storage_dtype
         self.gradient_memory_mb = float(gradient_memory_mb)

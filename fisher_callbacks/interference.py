@@ -374,7 +374,7 @@ class QKOVInterferenceMetric:
                 total += self.compute_block_head_score(
                     g_i[name], g_j[name], fisher, layer, head, block, name, is_bias
                 )
-            out[block] = total
+            out[block] = total if self.layout.is_monitored(layer, block) else math.nan  # not monitored
         return out
 
     # ------------------------------------------------------------------ heatmap
@@ -441,6 +441,10 @@ class QKOVInterferenceMetric:
             effect = torch.zeros(n_layers, n_h, dtype=torch.float64)
             extreme = torch.zeros(n_layers, n_h, dtype=torch.long)
             for li, layer in enumerate(layers):
+                if not layout.is_monitored(layer, block):  # no adapter / frozen: NaN, untested
+                    for t in (scores[:, :, li], overlap[li], cosine[li], p_vals[li], effect[li]):
+                        t.fill_(math.nan)
+                    continue
                 entries = self._head_index(layer, block, hsel, index_cache)
                 fa = fb = None
                 if fisher_a and fisher_b:
@@ -475,7 +479,11 @@ class QKOVInterferenceMetric:
             scores = scores.cpu()
             res: dict[str, Any] = {
                 "scores": scores,
-                "layer_head_avg": (scores.mean(dim=(0, 1)) if not empty else torch.zeros(n_layers, n_h)),
+                "layer_head_avg": (
+                    scores.mean(dim=(0, 1))
+                    if not empty
+                    else torch.zeros(n_layers, n_h).masked_fill(_unmonitored(layout, layers, block), math.nan)
+                ),
                 "top_conflicts": self._top_conflicts(scores, ids_a, ids_b, layers, block, hsel),
                 "sample_ids_a": list(ids_a),
                 "sample_ids_b": list(ids_b),
@@ -711,7 +719,7 @@ class QKOVInterferenceMetric:
         if scores.numel() == 0 or self.top_k == 0:
             return []
         strength = -scores if self.variant == "signed" else scores
-        flat = strength.reshape(-1)
+        flat = strength.reshape(-1).nan_to_num(nan=-math.inf)  # not-monitored cells never rank
         values, index = torch.topk(flat, min(self.top_k, flat.numel()))
         keep = values > 0
         values, index = values[keep], index[keep]
@@ -880,6 +888,11 @@ def _require(tensors: Mapping[str, Tensor], name: str, task: str) -> None:
             f"no tensor for parameter {name!r} in task {task!r}: the collector does not monitor "
             "the parameters of this layout"
         )
+
+
+def _unmonitored(layout: AttentionLayout, layers: Sequence[int], block: str) -> Tensor:
+    """``[L, 1]`` bool: the layers whose ``block`` is not monitored (their map cells are NaN)."""
+    return torch.tensor([not layout.is_monitored(layer, block) for layer in layers])[:, None]
 
 
 def _unravel(index: int, shape: Sequence[int]) -> tuple[int, ...]:

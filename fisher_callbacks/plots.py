@@ -40,6 +40,8 @@ SEQUENTIAL_CMAP = "viridis"
 """Colormap of one-signed maps."""
 NAN_COLOR = "#c8c8c8"
 """Colour of cells without a value (NaN / inf)."""
+NOT_MONITORED_LABEL = "grey: not monitored (no adapter or frozen)"
+"""``nan_label`` of maps whose NaN cells are blocks the layout does not monitor."""
 DEFAULT_DPI = 120
 
 _ANNOTATE_MAX = 8  # write cell values when the grid is at most this many layers and heads
@@ -207,6 +209,7 @@ def plot_layer_head_heatmaps(
     cmap: str | None = None,
     annotate: bool | None = None,
     dpi: float = DEFAULT_DPI,
+    nan_label: str = "grey: no value (NaN)",
 ) -> Figure:
     """Layer x head heatmaps, one panel per block, each with its own labelled colour bar.
 
@@ -243,6 +246,7 @@ def plot_layer_head_heatmaps(
         cmap: colormap name overriding the default of the chosen kind.
         annotate: write each cell's value; default: when a panel is at most 8 x 8.
         dpi: figure resolution (dots per inch) for :func:`figure_to_array` and :func:`save_figure`.
+        nan_label: legend text of the grey NaN cells (e.g. :data:`NOT_MONITORED_LABEL`).
 
     Returns:
         A :class:`~matplotlib.figure.Figure` on an Agg canvas, not registered with pyplot.
@@ -316,7 +320,7 @@ def plot_layer_head_heatmaps(
                 )
             )
     if has_nan:
-        handles.append(Patch(facecolor=NAN_COLOR, edgecolor="0.5", label="grey: no value (NaN)"))
+        handles.append(Patch(facecolor=NAN_COLOR, edgecolor="0.5", label=nan_label))
     bar_label = value_label
     if not shared_scale and len(names) > 1:
         bar_label = f"{value_label} (per-block scale)"

@@ -218,3 +218,59 @@ def test_bad_block_and_shape_errors():
         layout.head_slice(torch.zeros(5, 5), 0, 0, "Q")
     with pytest.raises(IndexError):
         layout.head_slice(torch.zeros(32, 96), 0, 4, "Q")
+
+
+# ---------------------------------------------------------------------- sanity (issue 11)
+def test_from_projections_checks_every_width_against_heads_times_head_dim():
+    model = NanoGPT(d=16, n_head=2)
+    layers = [
+        {"Q": "blocks.0.c_attn", "K": "blocks.0.c_attn", "V": "blocks.0.c_attn", "O": "blocks.0.c_proj"}
+    ]
+    with pytest.raises(fc.LayoutError, match=r"48 output features, not a multiple of .* 5 \+ 2 \* 5"):
+        fc.AttentionLayout.from_projections(model, layers, num_heads=5, fused="concat")
+    model.blocks[0].c_proj = nn.Linear(12, 16)  # O takes 12 inputs, but 2 heads x 8 = 16
+    with pytest.raises(
+        fc.LayoutError, match=r"O projection 'blocks.0.c_proj' has 12 input features.*2 \* 8 = 16"
+    ):
+        fc.AttentionLayout.from_projections(model, layers, num_heads=2, fused="concat")
+    llama = tiny_causal_lm("llama")  # 4 heads of 8, 2 KV heads: K/V 16 wide
+    sep = [{b: f"model.layers.0.self_attn.{p}_proj" for b, p in zip("QKVO", "qkvo")}]
+    with pytest.raises(
+        fc.LayoutError, match=r"K projection .* 16 output features, but num_kv_heads \* head_dim = 4"
+    ):
+        fc.AttentionLayout.from_projections(llama, sep, num_heads=4, num_kv_heads=4)
+
+
+def test_registered_type_without_what_the_builder_needs_says_so():
+    class Impostor(nn.Module):
+        model_type = "llama"  # claims a registered type, has no config and no layers
+
+    with pytest.raises(fc.LayoutError, match=r"claims model_type 'llama'.*cannot map it"):
+        fc.AttentionLayout.from_model(Impostor())
+
+
+def test_unsupported_projection_names_the_module_path_and_hints():
+    model = NanoGPT()
+    model.blocks[1].c_proj = nn.Conv2d(16, 16, 1)
+    fc.register_layout("nanogpt_test", build_nanogpt, overwrite=True)
+    with pytest.raises(fc.LayoutError, match=r"'blocks.1.c_proj' of type torch.nn.modules.conv.Conv2d.*peft"):
+        fc.AttentionLayout.from_model(model)
+
+
+def test_include_bias_kept_through_prefixes_and_registered_builders():
+    def with_bias(model):
+        return build_nanogpt(model)._with_bias()
+
+    fc.register_layout("nanogpt_bias_test", with_bias, overwrite=True)
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = NanoGPT()
+            self.net.model_type = "nanogpt_bias_test"
+
+    layout = fc.AttentionLayout.from_model(Wrapper())  # the builder's choice survives the prefix
+    assert layout.include_bias and "net.blocks.0.c_attn.bias" in layout.monitored_parameters()
+    assert not fc.AttentionLayout.from_model(Wrapper(), include_bias=False).include_bias
+    gpt2 = fc.AttentionLayout.from_model(tiny_causal_lm("gpt2"), include_bias=True)
+    assert gpt2.include_bias and gpt2.renamed(lambda n: f"x.{n}").include_bias

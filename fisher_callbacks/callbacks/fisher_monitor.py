@@ -21,7 +21,8 @@ from typing_extensions import override
 from .._rng import SeededGenerator
 from ..capture import PerSampleGradientCapture, ProbeResult, probe_pass
 from ..fisher import FisherCollector, _collective_device
-from ..layouts import AttentionLayout
+from ..layouts import AttentionLayout, canonical_name
+from ..layouts.base import frozen_message
 from ..losses import LossType, infer_loss_type, reduction_scale
 from ._ranks import WarningRelay, distributed, log_agreed
 
@@ -103,6 +104,17 @@ class FisherMonitor(Callback):
             checkpoint-overhead formula); a resumed run keeps every Fisher sum, count and EMA but
             starts with an empty store, which refills from the next flagged step (heatmaps and
             top conflicts then see only samples captured after the resume).
+        include_bias: monitor the Q/K/V biases too (``None``: what the layout's builder chose,
+            no biases for the built-in layouts).
+
+    What is monitored: the Q/K/V/O weights that train. On a ``peft`` LoRA model those are the
+    adapters (``lora_B`` rows of Q/K/V and ``lora_A`` columns of O per head, the other factor
+    shared by the heads of its projection: in the Fisher sums and the forgetting prediction, not
+    in the per-head maps); frozen weights (a projection without adapter, a frozen layer) are left
+    out with one warning and show as not monitored in the heatmaps; only when nothing monitored
+    trains is it an error. The layout is resolved again at fit start, so a model compiled
+    (``torch.compile``, names under ``_orig_mod.``), wrapped or frozen in the LightningModule's
+    ``setup()``/``configure_model()`` is monitored as it trains.
     """
 
     def __init__(
@@ -124,6 +136,7 @@ class FisherMonitor(Callback):
         loss_type: LossType | None = None,
         seed: int = 0,
         checkpoint_store: bool = True,
+        include_bias: bool | None = None,
     ) -> None:
         if capture_every_n_steps < 0 or ema_samples_per_step < 0 or ema_every_n_steps < 1:
             raise ValueError(
@@ -152,6 +165,7 @@ class FisherMonitor(Callback):
         self.loss_type = loss_type
         self.seed = seed
         self.checkpoint_store = checkpoint_store
+        self.include_bias = include_bias
 
         self.layout: AttentionLayout | None = None
         self.collector: FisherCollector | None = None
@@ -169,6 +183,7 @@ class FisherMonitor(Callback):
         self._ema_step: int | None = None  # optimizer step of the last EMA update
         self._relay = WarningRelay("FisherMonitor")
         self._seen_tasks: set[str] = set()  # collector keys of the training tags seen
+        self._warned_frozen: tuple[str, ...] = ()
 
     @property
     def state_key(self) -> str:
@@ -196,8 +211,24 @@ class FisherMonitor(Callback):
         if self.collector is not None:
             self.capture.attach()
             return
-        self.layout = AttentionLayout.from_model(pl_module)
         self.loss_type = self.loss_type or infer_loss_type(pl_module)
+        self._build(pl_module, self._resolve_layout(pl_module))
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+
+    def _resolve_layout(self, pl_module: pl.LightningModule) -> AttentionLayout:
+        """The layout of what trains now; warns once (per set of names) about frozen weights."""
+        layout = AttentionLayout.from_model(pl_module, include_bias=self.include_bias)
+        layout, frozen = layout.trainable_only(pl_module)
+        key = tuple(canonical_name(n) for n in frozen)
+        if frozen and key != self._warned_frozen:
+            self._warned_frozen = key
+            self._relay.warn(frozen_message(frozen))
+        return layout
+
+    def _build(self, pl_module: pl.LightningModule, layout: AttentionLayout) -> None:
+        self.layout = layout
         self.collector = FisherCollector(
             pl_module,
             self.layout,
@@ -210,9 +241,30 @@ class FisherMonitor(Callback):
             seed=self.seed,
         )
         self.capture = PerSampleGradientCapture(pl_module, self.layout).attach()
-        if self._pending_state is not None:
-            self._apply_state(self._pending_state)
-            self._pending_state = None
+
+    def resolve(self, pl_module: pl.LightningModule) -> None:
+        """Re-map the layout if the module changed since ``setup`` (compiled, LoRA-wrapped or
+        frozen in the LightningModule's ``setup``/``configure_model``). Idempotent and cheap when
+        nothing changed; called at fit start (the other monitors call it too, whatever the
+        callback order). Stored state keeps its samples: names are matched through
+        :func:`~fisher_callbacks.layouts.canonical_name`."""
+        if self.collector is None:
+            return
+        params = dict(pl_module.named_parameters())
+        names = self.layout.monitored_parameters()
+        if all(n in params and params[n].requires_grad for n in names):
+            return
+        layout = self._resolve_layout(pl_module)
+        if layout.monitored_parameters() == names:
+            return
+        state = self.collector.state_dict()
+        self.capture.remove()
+        self._build(pl_module, layout)
+        self.collector.load_state_dict(_renamed_state(state, layout.monitored_parameters()))
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.resolve(pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -377,6 +429,7 @@ class FisherMonitor(Callback):
         """
         if self.collector is None or self._probe_step == trainer.global_step:
             return
+        self.resolve(pl_module)
         self._probe_step = trainer.global_step
         self.collector.sync([t for t in self.collector.tasks if t not in self.reference_tasks])
         for task, loader in self.reference_tasks.items():
@@ -473,6 +526,7 @@ class FisherMonitor(Callback):
                         generator=self.collector._generator,
                         sum_params=params,
                         forward_model=_forward_module(pl_module),
+                        capture=self.capture if self.capture.attached else None,
                     )
                     ids = batch.get(self.sample_id_key)
                     has_target = res.counts > 0  # a sample without targets has no gradient
@@ -514,7 +568,8 @@ class FisherMonitor(Callback):
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         if state.get("collector") is not None:
-            self.collector.load_state_dict(state["collector"])
+            names = self.collector.param_names
+            self.collector.load_state_dict(_renamed_state(state["collector"], names))
             dist = torch.distributed
             if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
                 # Every rank loads rank 0's checkpoint: keep the synced totals, but only rank 0
@@ -566,6 +621,18 @@ def _loss_scale(trainer: pl.Trainer) -> float:
     if scaler is None or not scaler.is_enabled():
         return 1.0
     return float(scaler.get_scale())
+
+
+def _renamed_state(state: Any, names: Sequence[str]) -> Any:
+    """``state`` with every dict key that names a parameter mapped onto ``names`` through
+    :func:`canonical_name` (a checkpoint of a compiled run loads into an uncompiled one and back)."""
+    by_canon = {canonical_name(n): n for n in names}
+    if isinstance(state, dict):
+        return {
+            (by_canon.get(canonical_name(k), k) if isinstance(k, str) else k): _renamed_state(v, names)
+            for k, v in state.items()
+        }
+    return state
 
 
 def _as_list(value: Any, n: int, default: Any) -> list:

@@ -28,7 +28,7 @@ from ..loggers import (
     log_figure,
     log_table,
 )
-from ..plots import plot_forgetting_timeline, plot_layer_head_heatmaps
+from ..plots import NOT_MONITORED_LABEL, plot_forgetting_timeline, plot_layer_head_heatmaps
 from ._ranks import WarningRelay, log_agreed
 from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
@@ -150,6 +150,9 @@ class ForgettingRiskMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.fisher_monitor = find_fisher_monitor(trainer, self.fisher_monitor, type(self).__name__)
         self._relay = self.fisher_monitor._relay.view("ForgettingRiskMonitor")  # one record for the suite
+        self._restrict_probe_grads()
+
+    def _restrict_probe_grads(self) -> None:
         if self.predict_on == "monitored" and self.fisher_monitor.layout is not None:
             self.fisher_monitor.probe_grad_names = set(self.fisher_monitor.layout.monitored_parameters())
 
@@ -160,6 +163,8 @@ class ForgettingRiskMonitor(Callback):
     # ------------------------------------------------------------------ anchor
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fisher_monitor.resolve(pl_module)  # names may have changed (compiled in setup)
+        self._restrict_probe_grads()
         missing = [t for t in self.reference_tasks if t not in self.fisher_monitor.reference_tasks]
         if missing:
             raise ValueError(
@@ -351,9 +356,11 @@ class ForgettingRiskMonitor(Callback):
 
     def _log_figures(self, trainer, task: str, step: int, per_block_head: dict, predicted: float) -> None:
         prefix = f"forgetting/{task}"
-        cells = float(sum(float(v.double().sum()) for v in per_block_head.values()))
+        # NaN cells: blocks the layout does not monitor (no adapter / frozen)
+        cells = float(sum(float(v.double().nansum()) for v in per_block_head.values()))
         share = f" ({cells / predicted:.0%})" if abs(predicted) > 1e-12 else ""
         where = "all trainable weights" if self.predict_on == "all" else "the Q/K/V/O weights"
+        layout = self.fisher_monitor.layout
         fig = plot_layer_head_heatmaps(
             per_block_head,
             title=f"Predicted forgetting of {task!r} by layer/head/block, step {step}",
@@ -363,6 +370,7 @@ class ForgettingRiskMonitor(Callback):
                 f"attention weights (the cells): {cells:+.3g} of {predicted:+.3g} nats predicted "
                 f"over {where}{share}"
             ],
+            **({"nan_label": NOT_MONITORED_LABEL} if layout and layout.partial else {}),
         )
         log_figure(trainer.loggers, f"{prefix}/attribution", fig, step)
         fig.clf()

@@ -4,6 +4,7 @@ validation boundaries, logged to every attached logger. All math is in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from typing_extensions import override
 from ..interference import HEAD_MAPS, QKOVInterferenceMetric
 from ..layouts import BLOCKS
 from ..loggers import log_figure, log_metrics, log_table, save_arrays
-from ..plots import plot_layer_head_heatmaps
+from ..plots import NOT_MONITORED_LABEL, plot_layer_head_heatmaps
 from ._ranks import WarningRelay, gather
 from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
@@ -178,9 +179,11 @@ class QKOVInterferenceMonitor(Callback):
         worst = (float("inf"), 0, 0)
         for block in BLOCKS:
             res = heatmap[block]
-            values[f"{prefix}/{block}/mean_score"] = float(res["layer_head_avg"].float().mean())
-            values[f"{prefix}/{block}/fisher_overlap"] = float(res["fisher_overlap"].float().mean())
-            cos = res["conflict_cosine"].float()
+            # NaN cells are blocks that are not monitored (no adapter / frozen): left out of the
+            # means; a block with no monitored cell logs nothing.
+            values[f"{prefix}/{block}/mean_score"] = float(res["layer_head_avg"].float().nanmean())
+            values[f"{prefix}/{block}/fisher_overlap"] = float(res["fisher_overlap"].float().nanmean())
+            cos = res["conflict_cosine"].float().nan_to_num(nan=math.inf)
             values[f"{prefix}/{block}/conflict_cosine_min"] = float(cos.min()) if cos.numel() else 0.0
             n_sig = int(res["significant"].sum()) if "significant" in res else 0
             values[f"{prefix}/{block}/n_significant"] = float(n_sig)
@@ -200,6 +203,8 @@ class QKOVInterferenceMonitor(Callback):
         key = f"qkov/{task_a}_vs_{task_b}/heatmap"
         pair = f"{task_a} vs {task_b}"
         sig = {b: heatmap[b]["significant"] for b in BLOCKS if "significant" in heatmap[b]}
+        layout = self.fisher_monitor.layout
+        nan = {"nan_label": NOT_MONITORED_LABEL} if layout is not None and layout.partial else {}
         figs: dict[str, Figure] = {
             "conflict_cosine": plot_layer_head_heatmaps(
                 {b: heatmap[b]["conflict_cosine"] for b in BLOCKS},
@@ -208,6 +213,7 @@ class QKOVInterferenceMonitor(Callback):
                 significant=sig or None,
                 significance_label=f"significant conflict ({self.fdr_method.upper()} q<={self.fdr_alpha})",
                 diverging=True,
+                **nan,
             ),
             "fisher_overlap": plot_layer_head_heatmaps(
                 {b: heatmap[b]["fisher_overlap"] for b in BLOCKS},
@@ -215,6 +221,7 @@ class QKOVInterferenceMonitor(Callback):
                 value_label="overlap (0-1)",
                 diverging=False,
                 value_range=(0.0, 1.0),
+                **nan,
             ),
             # Blocks differ by orders of magnitude here (V/O scores dwarf Q/K): one colour
             # scale per block, said on every bar.
@@ -223,6 +230,7 @@ class QKOVInterferenceMonitor(Callback):
                 title=f"{self.variant.capitalize()} score {pair}, step {step} (mean over pairs)",
                 value_label=_SCORE_UNITS[self.variant],
                 shared_scale=False,
+                **nan,
             ),
         }
         for name, fig in figs.items():

@@ -279,6 +279,10 @@ class FirstOrderForgettingAccumulator:
         for block in layout.blocks:
             rows = []
             for layer in range(layout.num_layers):
+                if not layout.is_monitored(layer, block):  # no adapter / frozen: NaN, not 0
+                    device = next(iter(products.values())).device
+                    rows.append(torch.full((layout.heads_in_block(block),), math.nan, device=device))
+                    continue
                 row = sum(  # [H_b]; the weight, plus the Q/K/V bias when the layout includes it
                     layout.head_view(products[name], layer, block, bias=is_bias).sum(-1)
                     for name, is_bias in layout.block_entries(layer, block)
@@ -308,7 +312,9 @@ class FirstOrderForgettingAccumulator:
             return {}
         if not self._per_block_head:
             return {
-                b: torch.zeros(self.layout.num_layers, self.layout.heads_in_block(b))
+                b: torch.zeros(self.layout.num_layers, self.layout.heads_in_block(b)).masked_fill(
+                    ~self.layout.monitored_mask(b), math.nan
+                )
                 for b in self.layout.blocks
             }
         return {b: v.to(ACCUM_DTYPE, copy=True) for b, v in self._per_block_head.items()}

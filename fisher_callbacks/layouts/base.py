@@ -9,8 +9,9 @@ separate projections, fused QKV (GPT-2), per-head interleaved QKV (GPT-NeoX) and
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -35,12 +36,17 @@ class BlockSpec:
             1 for O; transformers ``Conv1D`` ``[in, out]``: 1 for Q/K/V, 0 for O).
         index: ``[H_block, head_dim]`` long tensor, positions of each head's rows/columns along ``axis``.
         bias: bias name of Q/K/V projections (``None`` for O, whose bias is not per head, or no bias).
+        shared: parameters of the same projection that every head of it uses, so they are not split
+            into heads (LoRA: ``lora_A`` ``[r, in]`` of a Q/K/V projection, ``lora_B`` ``[out, r]``
+            of O). They are captured and enter the Fisher, the stored gradients and the forgetting
+            prediction, but no per-head map.
     """
 
     param: str
     axis: int
     index: torch.Tensor
     bias: str | None = None
+    shared: tuple[str, ...] = ()
 
     @property
     def num_heads(self) -> int:
@@ -53,14 +59,14 @@ class BlockSpec:
         return bool((self.index - self.index[:, :1] == torch.arange(d)).all())
 
 
-def _prefixed(spec: BlockSpec, prefix: str) -> BlockSpec:
-    if not prefix:
-        return spec
-    return BlockSpec(
-        param=f"{prefix}.{spec.param}",
-        axis=spec.axis,
-        index=spec.index,
-        bias=f"{prefix}.{spec.bias}" if spec.bias else None,
+def _renamed(spec: BlockSpec | None, rename: Callable[[str], str]) -> BlockSpec | None:
+    if spec is None:
+        return None
+    return replace(
+        spec,
+        param=rename(spec.param),
+        bias=rename(spec.bias) if spec.bias else None,
+        shared=tuple(rename(n) for n in spec.shared),
     )
 
 
@@ -71,7 +77,9 @@ class AttentionLayout:
     Build it with :meth:`from_model`; the seeds' name :data:`QKOVConfig` is an alias.
 
     Attributes:
-        layers: per layer, ``{"Q": BlockSpec, "K": ..., "V": ..., "O": ...}``.
+        layers: per layer, ``{"Q": BlockSpec, "K": ..., "V": ..., "O": ...}``; ``None`` marks a
+            block that is not monitored (a projection without a LoRA adapter, or a frozen one, see
+            :meth:`trainable_only`): it has no entries and its head-map cells are NaN.
         num_heads: query heads per layer (Q and O blocks have this many heads).
         num_kv_heads: key/value heads per layer (K and V blocks; ``< num_heads`` under GQA/MQA).
         head_dim: entries per head along the head axis.
@@ -80,7 +88,7 @@ class AttentionLayout:
         include_bias: whether Q/K/V biases are monitored too.
     """
 
-    layers: list[dict[str, BlockSpec]]
+    layers: list[dict[str, BlockSpec | None]]
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -99,6 +107,8 @@ class AttentionLayout:
             if missing:
                 raise LayoutError(f"layer {layer} has no block(s) {sorted(missing)}")
             for block, spec in specs.items():
+                if spec is None:
+                    continue
                 want = self.heads_in_block(block)
                 if spec.index.shape != (want, self.head_dim):
                     raise LayoutError(
@@ -111,22 +121,39 @@ class AttentionLayout:
                         f"layer {layer} block {block}: head index exceeds {spec.param} "
                         f"axis {spec.axis} of size {shape[spec.axis]}"
                     )
+        if self.layers and not any(s is not None for specs in self.layers for s in specs.values()):
+            raise LayoutError("no block of any layer is monitored")
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model(
-        cls, model: nn.Module, model_type: str | None = None, include_bias: bool = False
+        cls,
+        model: nn.Module,
+        model_type: str | None = None,
+        include_bias: bool | None = None,
+        trainable_only: bool = False,
     ) -> AttentionLayout:
         """Map the attention of ``model`` (or of the first registered submodule inside it).
 
-        ``model`` may be a Hugging Face model or anything that wraps one (a LightningModule): the
-        first module, in ``named_modules()`` order, whose ``config.model_type`` (or ``model_type``
-        attribute, or the explicit ``model_type`` argument for the root) has a registered layout is
-        mapped, and the parameter names are given relative to ``model``.
+        ``model`` may be a Hugging Face model or anything that wraps one (a LightningModule, a
+        ``peft`` ``PeftModel``, a ``torch.compile`` ``OptimizedModule``): the first module, in
+        ``named_modules()`` order, whose ``config.model_type`` (or ``model_type`` attribute, or the
+        explicit ``model_type`` argument for the root) has a registered layout is mapped, and the
+        parameter names are given relative to ``model``. Projections wrapped by a ``peft`` LoRA
+        layer are mapped on their adapter (see :meth:`from_projections`).
+
+        Args:
+            model: the model.
+            model_type: registered layout to use for the root module.
+            include_bias: monitor the Q/K/V biases too; ``None`` keeps what the builder chose
+                (no biases for the built-in layouts).
+            trainable_only: leave out frozen monitored weights (:meth:`trainable_only`, with a
+                warning that names them).
 
         Raises:
-            LayoutError: no module has a registered layout; the message names the model type(s)
-                seen, the registered layouts and how to register one.
+            LayoutError: no module has a registered layout (the message names the model type(s)
+                seen, the registered layouts and how to register one), or a module claims a
+                registered type but its builder cannot map it (the message says what is missing).
         """
         seen: list[str] = []
         for prefix, module in model.named_modules():
@@ -137,12 +164,29 @@ class AttentionLayout:
             builder = _REGISTRY.get(mtype)
             if builder is None:
                 continue
-            layout = builder(module)
+            where = f"{type(module).__name__} at {prefix!r}" if prefix else type(module).__name__
+            try:
+                layout = builder(module)
+            except (AttributeError, KeyError, TypeError, IndexError, LayoutError) as err:
+                raise LayoutError(
+                    f"{where} claims model_type {mtype!r}, but the registered {mtype!r} layout "
+                    f"cannot map it: {err}. Give it the modules and config the builder expects, "
+                    "or register a layout of its own with fisher_callbacks.register_layout(...)"
+                ) from err
+            if not isinstance(layout, AttentionLayout):
+                raise LayoutError(
+                    f"the layout builder for {mtype!r} returned {type(layout).__name__}, "
+                    "not an AttentionLayout"
+                )
             layout.model_type = mtype
             if prefix:
                 layout = layout._with_prefix(prefix)
-            if include_bias:
-                layout = layout._with_bias()
+            if include_bias is not None and include_bias != layout.include_bias:
+                layout = replace(layout, include_bias=include_bias)
+            if trainable_only:
+                layout, frozen = layout.trainable_only(model)
+                if frozen:
+                    warnings.warn(frozen_message(frozen), stacklevel=2)
             return layout
         kinds = ", ".join(sorted(set(seen))) or f"none (root class {type(model).__name__})"
         raise LayoutError(
@@ -167,65 +211,84 @@ class AttentionLayout:
 
         Covers the common cases; use :class:`BlockSpec` directly for anything else.
 
+        A projection wrapped by a ``peft`` LoRA layer (``peft.tuners.lora.Linear`` over an
+        ``nn.Linear`` or a transformers ``Conv1D``, plain or DoRA, any scaling incl. rsLoRA) is
+        mapped on its active adapter, what actually trains: for Q/K/V the rows of ``lora_B``
+        (``[out, r]``) belong to heads exactly like the base weight's output features (axis 0 of
+        ``lora_B`` also for GPT-2's ``Conv1D`` with ``fan_in_fan_out``, whose base weight has them
+        on axis 1), and ``lora_A`` (``[r, in]``) is ``shared`` by all heads of the projection; for
+        O the columns of ``lora_A`` (``[r, in]``) belong to heads and ``lora_B`` is shared. The
+        frozen base weight is not monitored. A DoRA magnitude vector has no per-sample hook and is
+        not monitored (it still counts wherever all trainable parameters do).
+
         Args:
             model: the module the names are relative to.
-            layers: per layer ``{"Q": module name, "K": ..., "V": ..., "O": ...}`` (``nn.Linear`` or
-                transformers ``Conv1D``). With a fused QKV projection give its name for Q, K and V.
+            layers: per layer ``{"Q": module name, "K": ..., "V": ..., "O": ...}`` (``nn.Linear``,
+                transformers ``Conv1D`` or a peft LoRA layer over one of them). With a fused QKV
+                projection give its name for Q, K and V.
             num_heads: query heads.
             num_kv_heads: key/value heads (GQA/MQA); defaults to ``num_heads``.
             fused: layout of a fused QKV projection: ``"concat"`` (``[Q | K | V]``, GPT-2, Phi-3,
                 Falcon multi-query) or ``"interleaved"`` (per head ``[q, k, v]``, GPT-NeoX);
                 ``None`` for separate projections.
+
+        Raises:
+            LayoutError: an unknown module name or type, a merged or multi-adapter LoRA layer, or
+                a projection whose width is not ``heads * head_dim`` (the message gives the numbers).
         """
         num_kv_heads = num_kv_heads or num_heads
+        if fused not in (None, "concat", "interleaved"):
+            raise LayoutError(f"unknown fused layout {fused!r}: 'concat', 'interleaved' or None")
         modules = dict(model.named_modules())
-        specs: list[dict[str, BlockSpec]] = []
+        specs: list[dict[str, BlockSpec | None]] = []
         head_dim = None
-        for names in layers:
-            q_mod = _get_module(modules, names["Q"])
-            out_axis = _out_axis(q_mod)
-            q_out = q_mod.weight.shape[out_axis]
-            if fused is None:
-                d = q_out // num_heads
-            elif fused == "concat":
-                d = q_out // (num_heads + 2 * num_kv_heads)
-            elif fused == "interleaved":
-                d = q_out // (3 * num_heads)
-            else:
-                raise LayoutError(f"unknown fused layout {fused!r}: 'concat', 'interleaved' or None")
+        for li, names in enumerate(layers):
+            proj = {b: _projection(modules, names[b]) for b in BLOCKS}
+            q_out = proj["Q"].out_features
+            groups = {None: num_heads, "concat": num_heads + 2 * num_kv_heads, "interleaved": 3 * num_heads}
+            d = q_out // groups[fused]
+            if d == 0 or q_out % groups[fused]:
+                what = {
+                    None: f"num_heads={num_heads}",
+                    "concat": f"num_heads + 2 * num_kv_heads = {num_heads} + 2 * {num_kv_heads}",
+                    "interleaved": f"3 * num_heads = 3 * {num_heads}",
+                }
+                raise LayoutError(
+                    f"layer {li}: Q projection {names['Q']!r} has {q_out} output features, not a "
+                    f"multiple of {what[fused]}"
+                )
             head_dim = head_dim or d
+            widths = {"O": (proj["O"].in_features, num_heads * d, "input features", "num_heads")}
             if fused is None:
                 idx = {
                     "Q": contiguous_heads(num_heads, d),
                     "K": contiguous_heads(num_kv_heads, d),
                     "V": contiguous_heads(num_kv_heads, d),
                 }
+                for b in ("K", "V"):
+                    widths[b] = (proj[b].out_features, num_kv_heads * d, "output features", "num_kv_heads")
             elif fused == "concat":
                 idx = concat_qkv_heads(num_heads, num_kv_heads, d)
             else:
                 idx = interleaved_qkv_heads(num_heads, d)
-            layer_specs = {}
-            for block in ("Q", "K", "V"):
-                mod = _get_module(modules, names[block])
-                layer_specs[block] = BlockSpec(
-                    param=f"{names[block]}.weight",
-                    axis=_out_axis(mod),
-                    index=idx[block],
-                    bias=f"{names[block]}.bias" if getattr(mod, "bias", None) is not None else None,
-                )
-            o_mod = _get_module(modules, names["O"])
-            layer_specs["O"] = BlockSpec(
-                param=f"{names['O']}.weight",
-                axis=1 - _out_axis(o_mod),
-                index=contiguous_heads(num_heads, d),
-            )
+            for b, (have, want, what, heads) in widths.items():
+                if have != want:
+                    raise LayoutError(
+                        f"layer {li}: {b} projection {names[b]!r} has {have} {what}, but "
+                        f"{heads} * head_dim = {want // d} * {d} = {want} (head_dim {d} from "
+                        f"Q {names['Q']!r}: {q_out} output features)"
+                    )
+            layer_specs: dict[str, BlockSpec | None] = {b: proj[b].qkv_spec(idx[b]) for b in ("Q", "K", "V")}
+            layer_specs["O"] = proj["O"].o_spec(contiguous_heads(num_heads, d))
             specs.append(layer_specs)
         params = dict(model.named_parameters())
         shapes = {}
         for layer_specs in specs:
             for spec in layer_specs.values():
-                for name in (spec.param, spec.bias):
+                for name in (spec.param, spec.bias, *spec.shared):
                     if name is not None:
+                        if name not in params:
+                            raise LayoutError(f"{type(model).__name__} has no parameter {name!r}")
                         shapes[name] = params[name].shape
         return cls(
             layers=specs,
@@ -236,23 +299,60 @@ class AttentionLayout:
         )
 
     def _with_prefix(self, prefix: str) -> AttentionLayout:
-        shapes = {f"{prefix}.{k}": v for k, v in self.param_shapes.items()}
-        layers = [{b: _prefixed(s, prefix) for b, s in specs.items()} for specs in self.layers]
-        return AttentionLayout(
-            layers, self.num_heads, self.num_kv_heads, self.head_dim, shapes, self.model_type
-        )
+        return self.renamed(lambda name: f"{prefix}.{name}")
 
     def _with_bias(self) -> AttentionLayout:
-        layout = AttentionLayout(
-            self.layers,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            self.param_shapes,
-            self.model_type,
-            include_bias=True,
+        return replace(self, include_bias=True)
+
+    def renamed(self, rename: Callable[[str], str] | Mapping[str, str]) -> AttentionLayout:
+        """The same layout with every parameter name mapped through ``rename`` (a function, or a
+        ``{old: new}`` mapping that leaves other names as they are); everything else is kept."""
+        fn = (lambda n: rename.get(n, n)) if isinstance(rename, Mapping) else rename
+        return replace(
+            self,
+            layers=[{b: _renamed(s, fn) for b, s in specs.items()} for specs in self.layers],
+            param_shapes={fn(k): v for k, v in self.param_shapes.items()},
         )
-        return layout
+
+    def trainable_only(self, model: nn.Module) -> tuple[AttentionLayout, list[str]]:
+        """Leave out the monitored tensors of ``model`` that do not train (``requires_grad=False``).
+
+        A block whose per-head weight is frozen becomes not monitored (``None``); a frozen shared
+        factor or bias is dropped from its block. Nothing else changes (indices, head counts).
+
+        Returns:
+            ``(layout, frozen names)``; ``self`` and ``[]`` when everything trains.
+
+        Raises:
+            LayoutError: a monitored name is not a parameter of ``model``, or nothing monitored
+                trains (the message says how to fix it).
+        """
+        params = dict(model.named_parameters())
+        missing = [n for n in self.monitored_parameters() if n not in params]
+        if missing:
+            raise LayoutError(
+                f"{len(missing)} monitored name(s) are not parameters of {type(model).__name__}, "
+                f"e.g. {missing[0]!r}"
+            )
+        frozen = [n for n in self.monitored_parameters() if not params[n].requires_grad]
+        if not frozen:
+            return self, []
+
+        def keep(spec: BlockSpec | None) -> BlockSpec | None:
+            if spec is None or not params[spec.param].requires_grad:
+                return None
+            bias = spec.bias if spec.bias is None or params[spec.bias].requires_grad else None
+            shared = tuple(n for n in spec.shared if params[n].requires_grad)
+            return replace(spec, bias=bias, shared=shared)
+
+        layers = [{b: keep(s) for b, s in specs.items()} for specs in self.layers]
+        if not any(s is not None for specs in layers for s in specs.values()):
+            raise LayoutError(
+                f"none of the {len(frozen)} monitored attention weights of {type(model).__name__} "
+                f"trains (all are frozen, requires_grad=False, e.g. {frozen[0]!r}): nothing to monitor. "
+                "Unfreeze some Q/K/V/O projections or give them a LoRA adapter."
+            )
+        return replace(self, layers=layers), frozen
 
     # ------------------------------------------------------------------ queries
     @property
@@ -279,29 +379,66 @@ class AttentionLayout:
         """Head index within ``block`` for query head ``head`` (the serving KV head for K/V)."""
         return self.kv_head(head) if block in ("K", "V") else head
 
-    def spec(self, layer: int, block: str) -> BlockSpec:
+    def is_monitored(self, layer: int, block: str) -> bool:
+        """Whether ``block`` of ``layer`` is monitored (False: no adapter there, or frozen)."""
         _check_block(block)
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        return self.layers[layer][block] is not None
+
+    def monitored_mask(self, block: str) -> torch.Tensor:
+        """``[L, H_block]`` bool: True where the block of that layer is monitored (head maps of
+        the other cells are NaN and drawn as not monitored)."""
+        rows = [self.is_monitored(layer, block) for layer in range(self.num_layers)]
+        return torch.tensor(rows, dtype=torch.bool)[:, None].expand(-1, self.heads_in_block(block)).clone()
+
+    @property
+    def partial(self) -> bool:
+        """True when some block of some layer is not monitored."""
+        return any(s is None for specs in self.layers for s in specs.values())
+
+    def spec(self, layer: int, block: str) -> BlockSpec:
+        if not self.is_monitored(layer, block):
+            raise LayoutError(
+                f"block {block} of layer {layer} is not monitored (no adapter on that projection, "
+                "or its weight is frozen)"
+            )
         return self.layers[layer][block]
 
     def param_names(self, layer: int) -> dict[str, str]:
-        """``{"Q": name, "K": name, "V": name, "O": name}`` (a fused QKV gives one name thrice)."""
-        return {block: self.spec(layer, block).param for block in BLOCKS}
+        """``{"Q": name, "K": name, "V": name, "O": name}`` of the per-head weights (a fused QKV
+        gives one name thrice); blocks that are not monitored are left out."""
+        return {b: self.spec(layer, b).param for b in BLOCKS if self.is_monitored(layer, b)}
 
     def monitored_parameters(self) -> list[str]:
-        """Ordered unique names of every monitored weight (and Q/K/V bias if ``include_bias``)."""
+        """Ordered unique names of every monitored tensor: per-head weights, their Q/K/V biases if
+        ``include_bias``, and the ``shared`` factors (LoRA)."""
         names: dict[str, None] = {}
         for layer in range(self.num_layers):
             for block in BLOCKS:
+                if not self.is_monitored(layer, block):
+                    continue
                 spec = self.spec(layer, block)
                 names[spec.param] = None
                 if self.include_bias and spec.bias is not None:
                     names[spec.bias] = None
+                names.update(dict.fromkeys(spec.shared))
+        return list(names)
+
+    def shared_parameters(self) -> list[str]:
+        """Ordered unique names of the monitored tensors that no head owns (see ``BlockSpec.shared``)."""
+        names: dict[str, None] = {}
+        for specs in self.layers:
+            for spec in specs.values():
+                if spec is not None:
+                    names.update(dict.fromkeys(spec.shared))
         return list(names)
 
     def block_entries(self, layer: int, block: str) -> Iterator[tuple[str, bool]]:
-        """``(name, is_bias)`` of each tensor whose head slices make up ``block`` of ``layer``."""
+        """``(name, is_bias)`` of each tensor whose head slices make up ``block`` of ``layer``
+        (none when the block is not monitored; shared factors are not head slices)."""
+        if not self.is_monitored(layer, block):
+            return
         spec = self.spec(layer, block)
         yield spec.param, False
         if self.include_bias and spec.bias is not None:
@@ -463,13 +600,138 @@ def _get_module(modules: Mapping[str, nn.Module], name: str) -> nn.Module:
         raise LayoutError(f"no module named {name!r}") from None
 
 
-def _out_axis(module: nn.Module) -> int:
+def _is_lora_layer(module: nn.Module) -> bool:
+    """A ``peft`` LoRA layer (``peft.tuners.lora.LoraLayer``), recognised without importing peft."""
+    return all(isinstance(getattr(module, a, None), nn.ModuleDict) for a in ("lora_A", "lora_B")) and hasattr(
+        module, "base_layer"
+    )
+
+
+_LORA_VARIANTS_OK = ("DoraLinearVariant",)  # variants whose adapter runs through lora_B(lora_A(x))
+
+
+@dataclass(frozen=True)
+class _Projection:
+    """One projection module as the layout sees it (plain or a LoRA layer's active adapter)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    weight: str  # the weight that trains: the module's own, or the base weight under a LoRA layer
+    out_axis: int  # axis of the output features in ``weight``
+    bias: str | None
+    lora: tuple[str, str] | None = None  # (lora_A weight, lora_B weight) of the active adapter
+
+    def qkv_spec(self, index: torch.Tensor) -> BlockSpec:
+        """Heads on the output features: rows of ``lora_B`` ``[out, r]``, or the weight's out axis."""
+        if self.lora is not None:
+            lora_a, lora_b = self.lora
+            return BlockSpec(param=lora_b, axis=0, index=index, bias=self.bias, shared=(lora_a,))
+        return BlockSpec(param=self.weight, axis=self.out_axis, index=index, bias=self.bias)
+
+    def o_spec(self, index: torch.Tensor) -> BlockSpec:
+        """Heads on the input features: columns of ``lora_A`` ``[r, in]``, or the weight's in axis."""
+        if self.lora is not None:
+            lora_a, lora_b = self.lora
+            return BlockSpec(param=lora_a, axis=1, index=index, shared=(lora_b,))
+        return BlockSpec(param=self.weight, axis=1 - self.out_axis, index=index)
+
+
+def _projection(modules: Mapping[str, nn.Module], name: str) -> _Projection:
+    module = _get_module(modules, name)
+    if _is_lora_layer(module):
+        return _lora_projection(module, name)
+    axis = _out_axis(module, name)
+    weight = module.weight  # Linear [out, in]; Conv1D [in, out]
+    bias = f"{name}.bias" if getattr(module, "bias", None) is not None else None
+    return _Projection(
+        name, int(weight.shape[1 - axis]), int(weight.shape[axis]), f"{name}.weight", axis, bias
+    )
+
+
+def _lora_projection(module: nn.Module, name: str) -> _Projection:
+    """The active LoRA adapter of a peft layer; the base layer if no adapter is active here."""
+    base = module.get_base_layer()
+    if getattr(module, "merged", False):
+        raise LayoutError(
+            f"{name}: LoRA adapter(s) {list(module.merged_adapters)} are merged into the base weight, "
+            "so the adapter no longer runs: call model.unmerge_adapter() to monitor the adapter, "
+            "or model.merge_and_unload() to monitor the merged (plain) weights"
+        )
+    adapters = [] if module.disable_adapters else [a for a in module.active_adapters if a in module.lora_A]
+    # Quantised bases (QLoRA) are neither; their weight is frozen and never monitored.
+    base_axis = 1 if _is_conv1d(base) else 0
+    base_bias = f"{name}.base_layer.bias" if getattr(base, "bias", None) is not None else None
+    in_f, out_f = int(module.in_features), int(module.out_features)
+    if not adapters:
+        return _Projection(name, in_f, out_f, f"{name}.base_layer.weight", base_axis, base_bias)
+    if len(adapters) > 1:
+        raise LayoutError(
+            f"{name}: {len(adapters)} active LoRA adapters {adapters}; monitoring supports one "
+            "active adapter per projection (model.set_adapter(name))"
+        )
+    (adapter,) = adapters
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None and type(variant).__name__ not in _LORA_VARIANTS_OK:
+        raise LayoutError(
+            f"{name}: LoRA variant {type(variant).__name__} of adapter {adapter!r} is not supported "
+            f"(supported: plain LoRA, rsLoRA, DoRA)"
+        )
+    lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+    for part, sub in (("lora_A", lora_a), ("lora_B", lora_b)):
+        if not isinstance(sub, nn.Linear):
+            raise LayoutError(
+                f"{name}.{part}.{adapter} is a {type(sub).__name__}; only LoRA adapters on linear "
+                "projections (nn.Linear) are supported"
+            )
+    bias = f"{name}.lora_B.{adapter}.bias" if lora_b.bias is not None else base_bias
+    return _Projection(
+        name,
+        in_f,
+        out_f,
+        f"{name}.base_layer.weight",
+        base_axis,
+        bias,
+        lora=(f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight"),
+    )
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D, weight [in, out]
+
+
+def _out_axis(module: nn.Module, name: str = "?") -> int:
     """Axis of the output features in the module's weight: 0 for Linear, 1 for Conv1D."""
     if isinstance(module, nn.Linear):
         return 0
-    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D, weight [in, out]
+    if _is_conv1d(module):
         return 1
-    raise LayoutError(f"unsupported projection module {type(module).__name__}: expected nn.Linear or Conv1D")
+    kind = f"{type(module).__module__}.{type(module).__name__}"
+    hint = ""
+    if kind.startswith("peft."):
+        hint = (
+            " (a peft layer that is not a LoRA layer over nn.Linear/Conv1D: only LoRA adapters, "
+            "incl. rsLoRA and DoRA, on linear projections are supported)"
+        )
+    raise LayoutError(
+        f"unsupported projection module {name!r} of type {kind}: expected nn.Linear, transformers "
+        f"Conv1D, or a peft LoRA layer (peft.tuners.lora.Linear) over one of them{hint}. Register "
+        "a layout with BlockSpec entries for other modules (fisher_callbacks.register_layout)"
+    )
+
+
+def frozen_message(frozen: Sequence[str]) -> str:
+    """Warning text for monitored tensors left out because they do not train."""
+    shown = ", ".join(frozen[:4]) + (f" and {len(frozen) - 4} more" if len(frozen) > 4 else "")
+    return (
+        f"{len(frozen)} monitored attention tensor(s) are frozen (requires_grad=False) and are "
+        f"not monitored: {shown}; their blocks show as not monitored in the head maps"
+    )
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without ``torch.compile``'s ``_orig_mod`` components (``a._orig_mod.b`` -> ``a.b``)."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def find_layer_modules(model: nn.Module, pattern: str, num_layers: int | None = None) -> list[str]:

@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from ._hf import layout_from_attention_modules
-from .base import AttentionLayout, BlockSpec, grouped_qkv_heads, register_layout
+from .base import AttentionLayout, grouped_qkv_heads, register_layout
 
 
 @register_layout("falcon")
@@ -35,7 +37,7 @@ def falcon_layout(model: nn.Module) -> AttentionLayout:
     )
     index = grouped_qkv_heads(heads, kv, layout.head_dim)
     layers = [
-        {b: BlockSpec(s.param, s.axis, index[b], s.bias) if b in index else s for b, s in specs.items()}
+        {b: replace(s, index=index[b]) if b in index and s is not None else s for b, s in specs.items()}
         for specs in layout.layers
     ]
-    return AttentionLayout(layers, heads, kv, layout.head_dim, layout.param_shapes)
+    return replace(layout, layers=layers)
