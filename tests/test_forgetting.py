@@ -536,8 +536,11 @@ def test_relative_mode_equals_scaled_absolute() -> None:
 def test_non_finite_and_empty_series() -> None:
     empty = early_warning([], [])
     assert empty == WarningDecision(False, "no drift measured yet", None, 0.0, 0.0, 0.0, 0.1)
-    nan_only = early_warning([0, 1], [math.nan, math.nan])
-    assert not nan_only.warn
+    # a diverged probe loss is never a silent "no risk"
+    for bad in (math.nan, -math.inf):
+        diverged = early_warning([0, 1], [0.0, bad])
+        assert diverged.warn and diverged.risk == 1.0
+        assert "not finite" in diverged.reason
     # NaN validations are skipped
     ignored = early_warning([0, 1, 2, 3], [0.0, math.nan, 0.0, 0.0])
     assert not ignored.warn
