@@ -150,8 +150,8 @@ def test_forecast_warns_an_interval_before_the_crossing_and_never_on_controls():
     assert fast.lead_steps >= fast.val_every, fast
     assert fast.boundary_warn_step is None or fast.boundary_warn_step >= fast.crossing_step
     for control in (
-        run_lead_time(0.0, max_steps=12),
-        run_lead_time(1e-3, train_task="general", max_steps=12),
+        run_lead_time(0.0, max_steps=8),
+        run_lead_time(1e-3, train_task="general", max_steps=8),
     ):
         assert control.crossing_step is None and control.warn_step is None, control
 
