@@ -83,8 +83,8 @@ class ForgettingRiskMonitor(BoundaryCallback):
     boundary step is the one before re-anchoring). The same
     :func:`~fisher_callbacks.functional.forgetting.early_warning` rule runs on the last
     ``forecast_window`` forecasts: the forecast reaching ``warn_threshold``, or its significant
-    rising trend reaching it within ``forecast_horizon_steps`` (default: one validation interval
-    ahead), fires the warning at that step, at most once per validation interval and task.
+    rising trend or its projection reaching it within ``forecast_horizon_steps`` (default: two
+    validation intervals ahead), fires the warning at that step, at most once per interval and task.
 
     On a warning: one log line, an entry in ``alerts`` (``step``, ``task``, ``measured``,
     ``predicted``, ``forecast``, ``risk``, ``reason``, ``source``: ``"boundary"`` or
@@ -117,7 +117,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         forecast: keep the per-step forecast (costs one copy-free dot product per task and
             optimizer step, plus one flat fp32 buffer of the predicted parameters).
         forecast_horizon_steps: steps ahead the forecast's trend may reach the threshold to warn
-            (default: the validation interval in optimizer steps).
+            (default: two validation intervals, in optimizer steps).
         forecast_window: recent steps the forecast's trend is fitted on (>= 3).
     """
 
