@@ -32,9 +32,11 @@ from fisher_callbacks.functional import (
     fisher_overlap_tensor,
     fisher_weighted_damage,
     flatten_fp32,
+    forecast_drift,
     measured_forgetting,
     parameter_delta,
     probe_loss,
+    secant_curvature,
     unflatten_like,
 )
 from fisher_callbacks.layouts import AttentionLayout
@@ -358,6 +360,31 @@ def test_accumulator_gqa_heads_and_checks(llama_gqa: LlamaForCausalLM) -> None:
 
 
 # --------------------------------------------------------------------------- EWC and damage
+def test_secant_curvature_and_forecast_are_exact_on_a_quadratic() -> None:
+    """L(theta) = 0.5 theta^T A theta + b . theta in float64: the secant curvature along a move is
+    Delta^T A Delta, and the forecast (now and projected ahead) equals L's true change."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    a, b = m @ m.T, torch.randn(6, generator=g, dtype=torch.float64)
+    loss = lambda t: float(0.5 * t @ a @ t + b @ t)  # noqa: E731
+    grad = lambda t: {"w": a @ t + b}  # noqa: E731
+    theta0 = torch.randn(6, generator=g, dtype=torch.float64)
+    delta = torch.randn(6, generator=g, dtype=torch.float64)
+    theta_b = theta0 + delta
+    kappa = secant_curvature(grad(theta0), grad(theta_b), {"w": delta})
+    assert kappa == pytest.approx(float(delta @ a @ delta), rel=1e-6)  # fp32 dot products
+    measured = loss(theta_b) - loss(theta0)
+    along = float(first_order_forgetting(grad(theta_b), {"w": delta}))
+    for alpha, ahead in ((0.0, 0.0), (0.4, 0.0), (0.4, 2.0), (1.0, 1.0)):
+        d = alpha * delta
+        first = float(first_order_forgetting(grad(theta_b), {"w": d}))
+        got = forecast_drift(measured, first, kappa, alpha, along=along, ahead=ahead)
+        truth = loss(theta_b + (alpha + ahead) * delta) - loss(theta0)
+        assert got == pytest.approx(truth, rel=1e-6)  # the dot products run in fp32
+    assert forecast_drift(0.1, 0.2) == pytest.approx(0.3)  # pure first order
+    assert math.isnan(forecast_drift(math.nan, 0.0))
+
+
 def test_ewc_penalty_matches_formula() -> None:
     fisher, params, anchor = rand_dict(1, positive=True), rand_dict(2), rand_dict(3)
     ref = 0.5 * naive_sum(lambda f, p, a: f * (p - a) ** 2, fisher, params, anchor)
@@ -536,8 +563,11 @@ def test_relative_mode_equals_scaled_absolute() -> None:
 def test_non_finite_and_empty_series() -> None:
     empty = early_warning([], [])
     assert empty == WarningDecision(False, "no drift measured yet", None, 0.0, 0.0, 0.0, 0.1)
-    nan_only = early_warning([0, 1], [math.nan, math.nan])
-    assert not nan_only.warn
+    # a diverged probe loss is never a silent "no risk"
+    for bad in (math.nan, -math.inf):
+        diverged = early_warning([0, 1], [0.0, bad])
+        assert diverged.warn and diverged.risk == 1.0
+        assert "not finite" in diverged.reason
     # NaN validations are skipped
     ignored = early_warning([0, 1, 2, 3], [0.0, math.nan, 0.0, 0.0])
     assert not ignored.warn

@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -24,12 +23,13 @@ from ..fisher import FisherCollector, _collective_device
 from ..layouts import AttentionLayout, canonical_name
 from ..layouts.base import frozen_message
 from ..losses import LossType, infer_loss_type, reduction_scale
+from ._boundary import BoundaryCallback
 from ._ranks import WarningRelay, distributed, log_agreed
 
 log = logging.getLogger("fisher_callbacks")
 
 
-class FisherMonitor(Callback):
+class FisherMonitor(BoundaryCallback):
     """Collect per-sample gradients and Fisher information of the Q/K/V/O weights while training.
 
     On a flagged step (every ``capture_every_n_steps`` optimizer steps) the per-sample gradients
@@ -50,10 +50,15 @@ class FisherMonitor(Callback):
     ``reference_tasks={"general": dataloader}`` are probe sets: at each validation boundary (never
     during the sanity check) every probe sample's gradient and loss are computed with
     ``torch.autograd.grad`` on the LightningModule itself (never ``.grad``, never the DDP
-    wrapper), in eval mode, restoring the mode after. The reference Fisher is refreshed at each
+    wrapper), in eval mode, restoring the mode after. The probe batches are drawn from each loader
+    ONCE (within ``probe_max_samples``, at the first probe pass) and kept, also in the checkpoint:
+    every boundary sees the same samples in the same order, so a shuffled probe loader cannot make
+    frozen weights look like drift (:meth:`probe_batches`). The reference Fisher is refreshed at each
     boundary (the Fisher at the current weights). Batches must be dicts with ``input_ids``,
     ``labels`` (and optionally ``attention_mask``, ``task``, ``sample_id``) that the wrapped Hugging
-    Face model accepts.
+    Face model accepts. Boundaries also come at the end of a fit without validation and at the
+    resume of a checkpoint written just before a validation (see
+    :class:`~fisher_callbacks.callbacks._boundary.BoundaryCallback`).
 
     With ``fisher_type="true"`` probe passes sample labels from the model; the training-step
     capture always sees the training labels (empirical Fisher).
@@ -180,6 +185,7 @@ class FisherMonitor(Callback):
         self._rng = SeededGenerator(seed)  # picklable (ddp_spawn); the torch.Generator is lazy
         self._failed = False
         self.probe_grad_names: set[str] | None = None  # None: every trainable parameter
+        self._probe_batches: dict[str, list[dict[str, Any]]] = {}  # fixed probe samples (CPU)
         self._ema_step: int | None = None  # optimizer step of the last EMA update
         self._relay = WarningRelay("FisherMonitor")
         self._seen_tasks: set[str] = set()  # collector keys of the training tags seen
@@ -388,10 +394,7 @@ class FisherMonitor(Callback):
         self._pending = None
 
     # ------------------------------------------------------------------ validation boundary
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
+    def _boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.refresh(trainer, pl_module)
         self._log_scalars(trainer, pl_module)
         self._relay.flush()
@@ -432,11 +435,36 @@ class FisherMonitor(Callback):
         self.resolve(pl_module)
         self._probe_step = trainer.global_step
         self.collector.sync([t for t in self.collector.tasks if t not in self.reference_tasks])
-        for task, loader in self.reference_tasks.items():
+        for task in self.reference_tasks:
             try:
-                self.probe[task] = self.run_probe(pl_module, task, loader, trainer.global_step)
+                batches = self.probe_batches(task)
+                self.probe[task] = self.run_probe(pl_module, task, batches, trainer.global_step)
             except Exception as err:
                 self._fail_once(f"probe pass on {task!r} failed: {err!r}", keep_capturing=True)
+
+    def probe_batches(self, task: str) -> list[dict[str, Any]]:
+        """The fixed probe batches of ``task``: drawn from its loader once, then reused.
+
+        The loader is iterated once, batches are cut to ``probe_max_samples`` samples in all and
+        kept on the CPU (the probe pass moves them to the module's device). Checkpointed, so a
+        resumed run probes the same samples in the same order.
+
+        Returns:
+            A list of batch dicts (``input_ids`` ``[b, T]``, ``labels`` ``[b, T]``, ...).
+        """
+        if task not in self._probe_batches:
+            batches, n = [], 0
+            for batch in self.reference_tasks[task]:
+                if self.probe_max_samples is not None and n >= self.probe_max_samples:
+                    break
+                batch = _to_device(batch, torch.device("cpu"))
+                if self.probe_max_samples is not None:
+                    room = self.probe_max_samples - n
+                    batch = {k: v[:room] if torch.is_tensor(v) else v for k, v in batch.items()}
+                batches.append(batch)
+                n += int(batch["labels"].shape[0]) if "labels" in batch else 0
+            self._probe_batches[task] = batches
+        return self._probe_batches[task]
 
     def run_probe(
         self,
@@ -557,6 +585,8 @@ class FisherMonitor(Callback):
             "captured_steps": self.captured_steps,
             "ema_updates": self.ema_updates,
             "generator": self._rng.get_state(),
+            "probe_batches": self._probe_batches,
+            **self._boundary_state(),
         }
 
     @override
@@ -580,6 +610,8 @@ class FisherMonitor(Callback):
         self.ema_updates = state.get("ema_updates", 0)
         if "generator" in state:
             self._rng.set_state(state["generator"])
+        self._probe_batches = dict(state.get("probe_batches", {}))
+        self._load_boundary_state(state)
 
     def _fail_once(self, message: str, keep_capturing: bool = False) -> None:
         if not keep_capturing:

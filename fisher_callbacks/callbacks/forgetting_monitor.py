@@ -7,19 +7,23 @@ the history and the accumulators, and talks to the loggers.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ..functional.forgetting import (
     FirstOrderForgettingAccumulator,
     early_warning,
     ewc_penalty,
+    first_order_forgetting,
     fisher_damage_asymmetry,
+    forecast_drift,
+    secant_curvature,
 )
 from ..loggers import (
     AlertSender,
@@ -29,13 +33,14 @@ from ..loggers import (
     log_table,
 )
 from ..plots import NOT_MONITORED_LABEL, plot_forgetting_timeline, plot_layer_head_heatmaps
+from ._boundary import BoundaryCallback
 from ._ranks import WarningRelay, log_agreed
 from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
 log = logging.getLogger("fisher_callbacks")
 
 
-class ForgettingRiskMonitor(Callback):
+class ForgettingRiskMonitor(BoundaryCallback):
     """Watch the loss of reference tasks while training on another, and warn before it is lost.
 
     The anchor theta_0 is taken at fit start (or restored from a checkpoint, so a resumed run
@@ -66,12 +71,31 @@ class ForgettingRiskMonitor(Callback):
     layout (:func:`~fisher_callbacks.loggers.forgetting_dashboard_layout`): one chart per task
     with drift, forecast and threshold.
 
+    Between boundaries, after every optimizer step (``forecast=True``), the per-step forecast
+    ``forecast_t = measured_b + g_A(theta_b) . (theta_t - theta_b)`` extends the drift measured at
+    the last boundary ``b`` with the first-order change since then (the sum over the steps of
+    ``g_A . delta theta``, which telescopes to one dot product over the predicted parameters per
+    task and step: no forward pass). Each boundary re-anchors it on the measured drift, so the
+    offset between the first order and the truth never accumulates. Logged as
+    ``forgetting/{A}/forecast`` (at the trainer's ``log_every_n_steps``) and kept in
+    ``history[A]["forecast_step"]`` / ``history[A]["forecast"]`` (every step; the value at a
+    boundary step is the one before re-anchoring). The same
+    :func:`~fisher_callbacks.functional.forgetting.early_warning` rule runs on the last
+    ``forecast_window`` forecasts: the forecast reaching ``warn_threshold``, or its significant
+    rising trend or its projection reaching it within ``forecast_horizon_steps`` (default: two
+    validation intervals ahead), fires the warning at that step, at most once per interval and task.
+
     On a warning: one log line, an entry in ``alerts`` (``step``, ``task``, ``measured``,
-    ``predicted``, ``risk``, ``reason``), the alerts so far as the table ``forgetting/{A}/alerts``
-    (W&B table, TensorBoard text, CSV file: unlike the 0/1 ``warning`` chart, no dashboard
-    smoothing blurs it), a rate-limited ``wandb.alert`` when a W&B logger is attached. When the
-    measured drift reaches ``stop_threshold`` the run stops (decision reduced across ranks like
-    EarlyStopping).
+    ``predicted``, ``forecast``, ``risk``, ``reason``, ``source``: ``"boundary"`` or
+    ``"forecast"``), the alerts so far as the table ``forgetting/{A}/alerts`` (W&B table,
+    TensorBoard text, CSV file), a rate-limited ``wandb.alert`` when a W&B logger is attached; a
+    forecast warning also writes ``forgetting/{A}/warning = 1`` (and ``/risk``, ``/forecast``)
+    straight to the loggers at its step. When the measured drift, or the forecast, reaches
+    ``stop_threshold`` the run stops (decision reduced across ranks like EarlyStopping).
+
+    A probe loss that is not finite (a diverged model) is never "no risk": a non-finite measured
+    drift or forecast gives ``risk = 1``, a warning that says the probe loss is not finite,
+    ``forgetting/{A}/nonfinite = 1``, and a stop when ``stop_threshold`` is set.
 
     Args:
         fisher_monitor: the :class:`FisherMonitor` (default: the one in ``trainer.callbacks``, so a
@@ -100,6 +124,11 @@ class ForgettingRiskMonitor(Callback):
     Under DDP the probe results are those of every rank's probe samples (see FisherMonitor), the
     logged keys are agreed across ranks (a key missing on a rank is logged by none) and the
     warnings of every rank reach the user once, from rank zero; one "stopping at step" line per run.
+        forecast: keep the per-step forecast (costs one copy-free dot product per task and
+            optimizer step, plus one flat fp32 buffer of the predicted parameters).
+        forecast_horizon_steps: steps ahead the forecast's trend may reach the threshold to warn
+            (default: two validation intervals, in optimizer steps).
+        forecast_window: recent steps the forecast's trend is fitted on (>= 3).
     """
 
     def __init__(
@@ -115,6 +144,9 @@ class ForgettingRiskMonitor(Callback):
         noise_sigmas: float = 3.0,
         predict_on: str = "all",
         checkpoint_params: bool = True,
+        forecast: bool = True,
+        forecast_horizon_steps: float | None = None,
+        forecast_window: int = 8,
     ) -> None:
         if warn_threshold <= 0:
             raise ValueError(f"warn_threshold must be > 0, got {warn_threshold}")
@@ -145,6 +177,30 @@ class ForgettingRiskMonitor(Callback):
         self._acc: dict[str, FirstOrderForgettingAccumulator] = {}
         self._acc_state: dict[str, Any] = {}
         self.stopped_at: int | None = None
+        if forecast_window < 3:
+            raise ValueError(f"forecast_window must be >= 3, got {forecast_window}")
+        if forecast_horizon_steps is not None and not forecast_horizon_steps >= 0:
+            raise ValueError(f"forecast_horizon_steps must be >= 0, got {forecast_horizon_steps}")
+        self.forecast = forecast
+        self.forecast_horizon_steps = forecast_horizon_steps
+        self.forecast_window = forecast_window
+        # per-step forecast: flat fp32 theta_b [N] and g_A(theta_b) [n_tasks, N] (``_prev`` and
+        # ``_prev_grad`` are views into them), the live parameters, the drift at b per task
+        self._fc_base: torch.Tensor | None = None
+        self._fc_grads: torch.Tensor | None = None
+        self._fc_params: list[torch.Tensor] = []
+        self._fc_tasks: list[str] = []
+        self._fc_anchor: dict[str, float] = {}  # measured drift at the last boundary
+        self._fc_curv: dict[str, float] = {}  # kappa along the last interval's displacement
+        self._fc_along: dict[str, float] = {}  # g_A(theta_b) . that displacement
+        self._fc_delta: dict[str, torch.Tensor] | None = None  # that displacement (views)
+        self._fc_series: dict[str, list[tuple[int, float]]] = {}  # recent (step, forecast)
+        self._fc_fired: dict[str, bool] = {}  # forecast warning fired in this interval
+        self._fc_step: int | None = None  # optimizer step of the last forecast
+        self._fc_failed = False
+        self._fc_delta_sq = 0.0
+        self._interval: float | None = None  # validation interval, optimizer steps
+        self._last_eval_step: int | None = None  # fit start or the last boundary
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -190,12 +246,14 @@ class ForgettingRiskMonitor(Callback):
                 for task in self.reference_tasks:
                     try:
                         probe = self.fisher_monitor.run_probe(
-                            pl_module, task, self.fisher_monitor.reference_tasks[task], trainer.global_step
+                            pl_module, task, self.fisher_monitor.probe_batches(task), trainer.global_step
                         )
                     except Exception as err:
                         self._relay.warn(f"no probe gradient for {task!r} at resume ({err!r})")
                         continue
                     self._prev_grad[task] = probe["grad"]
+            self._fc_delta = _to(self._fc_delta, device)
+            self._build_forecast(pl_module)
             self._relay.flush()
             return
         params = dict(pl_module.named_parameters())
@@ -204,7 +262,7 @@ class ForgettingRiskMonitor(Callback):
         for task in self.reference_tasks:
             try:
                 probe = self.fisher_monitor.run_probe(
-                    pl_module, task, self.fisher_monitor.reference_tasks[task], trainer.global_step
+                    pl_module, task, self.fisher_monitor.probe_batches(task), trainer.global_step
                 )
             except Exception as err:
                 self._relay.warn(f"no anchor for {task!r} ({err!r}); not watched")
@@ -214,13 +272,137 @@ class ForgettingRiskMonitor(Callback):
                 fisher0 = self.fisher_monitor.collector.fisher(task)
             self._anchor_fisher[task] = {n: f.clone() for n, f in fisher0.items()}
             self._prev_grad[task] = probe["grad"]
-            self.history[task] = {"step": [], "measured": [], "predicted": []}
+            self.history[task] = _new_history()
+            self._fc_anchor[task] = 0.0
         self._relay.flush()
+        self._last_eval_step = trainer.global_step
+        self._build_forecast(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        vcb = trainer.val_check_batch
+        if self._interval is None and vcb is not None and math.isfinite(vcb) and vcb > 0:
+            self._interval = max(float(vcb) / trainer.accumulate_grad_batches, 1.0)
+        super().on_train_start(trainer, pl_module)  # may evaluate a boundary pending at resume
+
+    # ------------------------------------------------------------------ per-step forecast
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.forecast or self._fc_base is None or self._fc_failed or step == self._fc_step:
+            return  # off, no anchor yet, or no optimizer step since the last forecast
+        self._fc_step = step
+        try:
+            values = self._forecast_values()
+            stop = False
+            for task, (value, projected) in zip(self._fc_tasks, values):
+                stop |= self._forecast_task(trainer, pl_module, task, value, projected, step)
+        except Exception as err:
+            self._fc_failed = True
+            self._relay.warn(f"per-step forecast disabled at step {step}: {err!r}")
+            return
+        if self.stop_threshold is not None:
+            self._maybe_stop(trainer, stop, step, "forecast")
+
+    def _forecast_values(self) -> list[tuple[float, float]]:
+        """``(forecast now, projected forecast_horizon_steps ahead)`` per forecast task
+        (:func:`forecast_drift`; no projection before the second boundary)."""
+        now = torch.cat([p.detach().reshape(-1).float() for p in self._fc_params])  # [N] fp32
+        now -= self._fc_base  # d = theta_t - theta_b, exact where fp32 subtraction is
+        dots = (self._fc_grads @ now).tolist()  # [n_tasks + 1]: g_A . d per task, Delta . d
+        progress = dots[-1] / self._fc_delta_sq if self._fc_delta_sq > 0 else 0.0
+        ahead = self._forecast_horizon() / self._interval if self._fc_delta_sq > 0 else 0.0
+        out = []
+        for task, first in zip(self._fc_tasks, dots[:-1]):
+            args = (self._fc_anchor[task], first, self._fc_curv.get(task, 0.0), progress)
+            along = self._fc_along.get(task, 0.0)
+            out.append((forecast_drift(*args), forecast_drift(*args, along=along, ahead=ahead)))
+        return out
+
+    def _forecast_task(
+        self, trainer, pl_module, task: str, value: float, projected: float, step: int, record: bool = True
+    ) -> bool:
+        """Record and log one forecast, warn (once per interval) when it or its projection reaches
+        the threshold; returns whether it asks for a stop. ``record=False``: the check right after
+        a boundary, on the re-anchored series (nothing new recorded or logged)."""
+        hist = self.history[task]
+        series = self._fc_series.setdefault(task, [])
+        prefix = f"forgetting/{task}"
+        finite = math.isfinite(value)
+        if record:
+            hist["forecast_step"].append(step)
+            hist["forecast"].append(value)
+            series.append((step, value))
+            del series[: -2 * self.forecast_window]  # the fit's window plus as much for its noise
+            if finite:
+                pl_module.log(f"{prefix}/forecast", value, on_step=True, on_epoch=False)
+        decision = early_warning(
+            [s for s, _ in series],
+            [v for _, v in series],
+            self.warn_threshold,
+            relative=self.relative,
+            baseline=self._baseline[task],
+            horizon_steps=self._forecast_horizon(),
+            window=self.forecast_window,
+            noise_sigmas=self.noise_sigmas,
+        )
+        scale = 1.0 / abs(self._baseline[task]) if self.relative else 1.0
+        warn, reason = decision.warn, decision.reason
+        if not warn and projected * scale >= self.warn_threshold:
+            warn = True
+            reason = (
+                f"forecast {value * scale:.4g} projected to {projected * scale:.4g} within "
+                f"{self._forecast_horizon():g} steps (threshold {self.warn_threshold:.4g})"
+            )
+        if warn and not self._fc_fired.get(task, False):
+            self._fc_fired[task] = True
+            reason = reason if finite else f"forecast {value}: the probe loss is not finite"
+            measured = hist["measured"][-1] if hist["measured"] else 0.0
+            predicted = hist["predicted"][-1] if hist["predicted"] else 0.0
+            self._warn(trainer, task, step, measured, predicted, decision, reason, "forecast", value)
+            if trainer.is_global_zero:
+                metrics = {f"{prefix}/warning": 1.0, f"{prefix}/risk": 1.0}
+                metrics[f"{prefix}/forecast" if finite else f"{prefix}/nonfinite"] = value if finite else 1.0
+                _log_now(trainer, metrics)
+        return self.stop_threshold is not None and (not finite or value * scale >= self.stop_threshold)
+
+    def _forecast_horizon(self) -> float:
+        if self.forecast_horizon_steps is not None:
+            return float(self.forecast_horizon_steps)
+        return 2.0 * self._interval if self._interval is not None else 1.0
+
+    def _build_forecast(self, pl_module: pl.LightningModule) -> None:
+        """One flat fp32 copy of theta_b ``[N]`` and the matrix ``[n_tasks + 1, N]`` of each task's
+        g_A(theta_b) and the last interval's displacement Delta; ``_prev``, ``_prev_grad`` and
+        ``_fc_delta`` become views into them (no second copy)."""
+        self._fc_base = self._fc_grads = None
+        if self._prev is None:
+            return
+        tasks = [t for t in self.reference_tasks if t in self._prev_grad and t in self._baseline]
+        params = dict(pl_module.named_parameters())
+        names = [n for n in self._prev if n in params and all(n in self._prev_grad[t] for t in tasks)]
+        delta = self._fc_delta if self._fc_delta is not None else {}
+        try:
+            base, self._prev = _flat_views({n: self._prev[n] for n in names})
+            rows = []
+            for task in tasks:
+                flat, self._prev_grad[task] = _flat_views({n: self._prev_grad[task][n] for n in names})
+                rows.append(flat)
+            zero = {n: torch.zeros_like(self._prev[n]) for n in names}
+            flat, self._fc_delta = _flat_views({n: delta.get(n, zero[n]) for n in names})
+            rows.append(flat)
+        except Exception as err:  # e.g. parameters on several devices: boundaries still work
+            self._relay.warn(f"no per-step forecast ({err!r})")
+            return
+        self._fc_params = [params[n] for n in names]
+        self._fc_tasks = tasks
+        self._fc_base = base
+        self._fc_grads = torch.stack(rows)  # [n_tasks + 1, N]
+        self._fc_delta_sq = float(flat.square().sum())
 
     # ------------------------------------------------------------------ boundary
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or self._anchor is None:
+    def _boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._anchor is None:
             return
         self.fisher_monitor.refresh(trainer, pl_module)
         step = trainer.global_step
@@ -239,17 +421,35 @@ class ForgettingRiskMonitor(Callback):
         # the same keys on every rank, or sync_dist would run a collective on some ranks only
         log_agreed(trainer, pl_module, self._to_log, self._relay, sync_dist=trainer.world_size > 1)
         self._to_log = {}
-        self._relay.flush()
+        if self._last_eval_step is not None and step > self._last_eval_step:
+            self._interval = float(step - self._last_eval_step)
+        self._last_eval_step = step
         self._prev = now
+        self._fc_delta = delta
+        self._build_forecast(pl_module)
+        if self.forecast and self._fc_base is not None and not self._fc_failed:
+            try:  # project from the boundary itself: the earliest step a warning can come
+                for task, (value, projected) in zip(self._fc_tasks, self._forecast_values()):
+                    self._forecast_task(trainer, pl_module, task, value, projected, step, record=False)
+            except Exception as err:
+                self._fc_failed = True
+                self._relay.warn(f"per-step forecast disabled at step {step}: {err!r}")
         if self.stop_threshold is not None:
-            should_stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-            if should_stop and not trainer.should_stop:
-                trainer.should_stop = True
-                self.stopped_at = step
-                if trainer.is_global_zero:  # the decision is agreed: one line per run, not per rank
-                    log.warning("fisher_callbacks: stopping at step %d (forgetting >= stop_threshold)", step)
+            self._maybe_stop(trainer, stop, step, "measured")
         if trainer.is_global_zero:
             self._log_timelines(trainer, step)
+
+    def _maybe_stop(self, trainer: pl.Trainer, stop: bool, step: int, what: str) -> None:
+        should_stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if should_stop and not trainer.should_stop:
+            trainer.should_stop = True
+            self.stopped_at = step
+            if trainer.is_global_zero:  # the decision is agreed: one line per run, not per rank
+                log.warning(
+                    "fisher_callbacks: stopping at step %d (%s forgetting >= stop_threshold, or not finite)",
+                    step,
+                    what,
+                )
 
     def _snapshot(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         names = self.fisher_monitor.probe_grad_names if self.predict_on == "monitored" else None
@@ -260,18 +460,17 @@ class ForgettingRiskMonitor(Callback):
         }
 
     def _evaluate(self, trainer, pl_module, task: str, probe: dict, delta: dict, step: int) -> bool:
-        hist = self.history.setdefault(task, {"step": [], "measured": [], "predicted": []})
+        hist = self.history.setdefault(task, _new_history())
         if task not in self._baseline or (hist["step"] and step <= hist["step"][-1]):
             return False  # no anchor, or this step was evaluated already (two boundaries, one step)
         grad_now = probe["grad"]
         acc = self._acc[task]
         prev = self._prev_grad.get(task, grad_now)
         names = [n for n in delta if n in prev and n in grad_now]
-        acc.update(
-            {n: prev[n] for n in names},
-            {n: delta[n] for n in names},
-            grad_a_end={n: grad_now[n] for n in names},
-        )
+        prev_names = {n: prev[n] for n in names}
+        delta_names = {n: delta[n] for n in names}
+        grad_names = {n: grad_now[n] for n in names}
+        acc.update(prev_names, delta_names, grad_a_end=grad_names)
         self._prev_grad[task] = grad_now
         measured = probe["loss"] - self._baseline[task]
         predicted = acc.total
@@ -296,6 +495,9 @@ class ForgettingRiskMonitor(Callback):
         hist["measured"].append(measured)
         hist["predicted"].append(predicted)
         hist.setdefault("ewc_quadratic", []).append(ewc)
+        curvature = secant_curvature(prev_names, grad_names, delta_names)
+        self._reanchor(task, step, measured, curvature)
+        self._fc_along[task] = float(first_order_forgetting(grad_names, delta_names))
         prefix = f"forgetting/{task}"
         values = {
             f"{prefix}/measured": measured,
@@ -305,14 +507,42 @@ class ForgettingRiskMonitor(Callback):
             f"{prefix}/warning": float(decision.warn),
             f"{prefix}/threshold": self._in_nats(task, self.warn_threshold),
         }
+        finite = math.isfinite(measured)
+        if not finite:
+            values[f"{prefix}/nonfinite"] = 1.0
         values.update(self._damage(task, fisher_a, grad_now, prefix))
         self._to_log.update(values)  # logged once every rank has its values (log_agreed)
         if decision.warn:
-            self._warn(trainer, task, step, measured, predicted, decision)
+            self._fc_fired[task] = True  # the forecast does not repeat it within this interval
+            reason = decision.reason if finite else f"drift {measured}: the probe loss is not finite"
+            self._warn(trainer, task, step, measured, predicted, decision, reason, "boundary")
         if trainer.is_global_zero:
             self._log_figures(trainer, task, step, acc.per_block_head(), predicted)
         scaled = measured / abs(self._baseline[task]) if self.relative else measured
-        return self.stop_threshold is not None and scaled >= self.stop_threshold
+        return self.stop_threshold is not None and (not finite or scaled >= self.stop_threshold)
+
+    def _reanchor(self, task: str, step: int, measured: float, curvature: float) -> None:
+        """Re-anchor the per-step forecast of ``task`` on the drift measured at boundary ``step``.
+
+        The forecasts of the interval just ended are shifted by the offset found at its end,
+        growing linearly from 0 at its start, so the trend fit sees no jump at the boundary and the
+        first order's bias does not carry into the next interval.
+        """
+        self._fc_anchor[task] = measured
+        self._fc_curv[task] = curvature if math.isfinite(curvature) else 0.0
+        self._fc_fired[task] = False
+        series = self._fc_series.setdefault(task, [])
+        start = self._last_eval_step
+        if series and series[-1][0] == step and start is not None and step > start:
+            offset = measured - series[-1][1]
+            if math.isfinite(offset):
+                series[:] = [
+                    (s, v + offset * (s - start) / (step - start)) if s > start else (s, v) for s, v in series
+                ]
+        if series and series[-1][0] == step:
+            series[-1] = (step, measured)
+        else:
+            series.append((step, measured))
 
     def _in_nats(self, task: str, threshold: float) -> float:
         """A threshold in nats: scaled by ``|L_A(theta_0)|`` when ``relative``."""
@@ -333,11 +563,13 @@ class ForgettingRiskMonitor(Callback):
             numeric = all(v is None or isinstance(v, (int, float)) for v in values)
             if (
                 name not in labels
-                and name not in ("step", "ewc_quadratic")
+                and name not in ("step", "ewc_quadratic", "forecast_step", "forecast")
                 and numeric
                 and len(values) == len(steps)
             ):
                 series[name] = (steps, values)
+        if hist.get("forecast"):  # per step, re-anchored at each boundary
+            series["forecast (per step)"] = (hist["forecast_step"], hist["forecast"])
         ewc = hist.get("ewc_quadratic", [])
         secondary = {"EWC quadratic": (steps, ewc)} if len(ewc) == len(steps) and steps else None
         stop = self.stopped_at
@@ -407,20 +639,34 @@ class ForgettingRiskMonitor(Callback):
             f"{prefix}/damage_log_ratio": res["log_ratio"],
         }
 
-    def _warn(self, trainer, task: str, step: int, measured: float, predicted: float, decision) -> None:
+    def _warn(
+        self,
+        trainer,
+        task: str,
+        step: int,
+        measured: float,
+        predicted: float,
+        decision,
+        reason: str,
+        source: str,
+        forecast: float | None = None,
+    ) -> None:
         alert = {
             "step": step,
             "task": task,
             "measured": measured,
             "predicted": predicted,
+            "forecast": forecast,
             "risk": decision.risk,
-            "reason": decision.reason,
+            "reason": reason,
+            "source": source,
         }
         self.alerts.append(alert)
         if trainer.is_global_zero:
+            ahead = "" if forecast is None else f", forecast {forecast:+.4f} from the last boundary"
             text = (
-                f"step {step}: forgetting of {task!r} at {measured:+.4f} nats (predicted "
-                f"{predicted:+.4f}); {decision.reason}"
+                f"step {step}: forgetting of {task!r} at {measured:+.4f} nats at the last boundary "
+                f"(predicted {predicted:+.4f}{ahead}); {reason}"
             )
             log.warning("fisher_callbacks: %s", text)
             self._alert(trainer.loggers, f"Forgetting risk: {task}", text)
@@ -440,6 +686,19 @@ class ForgettingRiskMonitor(Callback):
             "history": self.history,
             "alerts": self.alerts,
             "accumulators": {t: a.state_dict() for t, a in self._acc.items()},
+            "forecast": {
+                "anchor": self._fc_anchor,
+                "curvature": self._fc_curv,
+                "along": self._fc_along,
+                "delta": self._fc_delta,
+                "series": self._fc_series,
+                "fired": self._fc_fired,
+                "step": self._fc_step,
+                "interval": self._interval,
+                "last_eval_step": self._last_eval_step,
+            },
+            "stopped_at": self.stopped_at,
+            **self._boundary_state(),
         }
 
     @override
@@ -452,9 +711,48 @@ class ForgettingRiskMonitor(Callback):
         self.history = state_dict.get("history", {})
         self.alerts = list(state_dict.get("alerts", []))
         self._acc_state = dict(state_dict.get("accumulators", {}))
+        fc = state_dict.get("forecast", {})
+        self._fc_anchor = dict(fc.get("anchor", {}))
+        self._fc_curv = dict(fc.get("curvature", {}))
+        self._fc_along = dict(fc.get("along", {}))
+        self._fc_delta = fc.get("delta")
+        self._fc_series = {t: list(v) for t, v in fc.get("series", {}).items()}
+        self._fc_fired = dict(fc.get("fired", {}))
+        self._fc_step = fc.get("step")
+        self._interval = fc.get("interval")
+        self._last_eval_step = fc.get("last_eval_step")
+        self.stopped_at = state_dict.get("stopped_at")
+        self._load_boundary_state(state_dict)
         for task, acc in list(self._acc.items()):
             if task in self._acc_state:
                 acc.load_state_dict(self._acc_state.pop(task))
+
+
+def _new_history() -> dict[str, list]:
+    """``history[task]``: boundaries (``step``, ``measured``, ``predicted``) and the per-step
+    forecast (``forecast_step``, ``forecast``; every optimizer step, nats)."""
+    return {"step": [], "measured": [], "predicted": [], "forecast_step": [], "forecast": []}
+
+
+def _flat_views(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One flat fp32 copy of ``tensors`` (``[N]``, N = total entries) and views of it per name."""
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors.values()])  # [N]
+    views, offset = {}, 0
+    for name, t in tensors.items():
+        views[name] = flat[offset : offset + t.numel()].view(t.shape)
+        offset += t.numel()
+    return flat, views
+
+
+def _log_now(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Write ``metrics`` to every logger at once, at the step Lightning logs this batch under (a
+    forecast warning must not wait for ``log_every_n_steps``). Rank zero only."""
+    step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+    for logger in trainer.loggers:
+        try:
+            logger.log_metrics(metrics, step=step)
+        except Exception as err:
+            rank_zero_warn(f"ForgettingRiskMonitor: {type(logger).__name__} could not log {err!r}")
 
 
 def _to(tensors: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor] | None:

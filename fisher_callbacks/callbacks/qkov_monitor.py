@@ -11,7 +11,6 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from matplotlib.figure import Figure
 from typing_extensions import override
 
@@ -19,6 +18,7 @@ from ..interference import HEAD_MAPS, QKOVInterferenceMetric
 from ..layouts import BLOCKS
 from ..loggers import log_figure, log_metrics, log_table, save_arrays
 from ..plots import NOT_MONITORED_LABEL, plot_layer_head_heatmaps
+from ._boundary import BoundaryCallback
 from ._ranks import WarningRelay, gather
 from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
@@ -29,10 +29,11 @@ _SCORE_UNITS = {
 }
 
 
-class QKOVInterferenceMonitor(Callback):
+class QKOVInterferenceMonitor(BoundaryCallback):
     """Per layer, head and block (Q, K, V, O) interference between task pairs.
 
-    At each validation boundary (every ``every_n_validations``; never in the sanity check) and for
+    At each validation boundary (every ``every_n_validations``; never in the sanity check; at the
+    end of a fit without validation; at the resume of a checkpoint written just before one) and for
     each ``(task_a, task_b)`` in ``pairs`` it computes the heatmap from the per-sample gradients
     stored by ``fisher_monitor`` and logs, under ``qkov/{task_a}_vs_{task_b}/``:
 
@@ -117,10 +118,7 @@ class QKOVInterferenceMonitor(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(pairs=self.pairs, variant=self.variant)
 
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
+    def _boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._validations += 1
         if (self._validations - 1) % self.every_n_validations:
             return
@@ -259,8 +257,9 @@ class QKOVInterferenceMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"validations": self._validations}
+        return {"validations": self._validations, **self._boundary_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._validations = int(state_dict.get("validations", 0))
+        self._load_boundary_state(state_dict)

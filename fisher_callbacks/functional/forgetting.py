@@ -54,9 +54,11 @@ __all__ = [
     "first_order_forgetting",
     "fisher_damage_asymmetry",
     "fisher_weighted_damage",
+    "forecast_drift",
     "measured_forgetting",
     "parameter_delta",
     "probe_loss",
+    "secant_curvature",
 ]
 
 DAMAGE_LOG_FLOOR = 1e-30
@@ -187,6 +189,64 @@ def _step_products(grad_a: TensorDict, delta: TensorDict, grad_a_end: TensorDict
             g = 0.5 * (g + as_fp32(grad_a_end[k]).to(g.device))
         products[k] = g * as_fp32(delta[k]).to(g.device)
     return products
+
+
+def secant_curvature(grad_start: TensorDict, grad_end: TensorDict, delta: TensorDict) -> float:
+    """Curvature of ``L_A`` along one displacement, from the gradients at both ends (nats).
+
+    ``kappa = (g_A(theta_1) - g_A(theta_0)) . delta`` with ``delta = theta_1 - theta_0``: exactly
+    ``delta^T H_A delta`` for a quadratic ``L_A`` (the secant of the directional derivative), so
+    ``L_A(theta_0 + a delta) ~ L_A(theta_0) + a g_A(theta_0) . delta + 0.5 a^2 kappa``.
+
+    Args:
+        grad_start: ``{name: Tensor}`` gradient of task A's probe loss at theta_0.
+        grad_end: The same at theta_1.
+        delta: ``{name: Tensor}`` ``theta_1 - theta_0``, same keys and shapes.
+
+    Returns:
+        ``kappa`` as a Python float (negative where ``L_A`` is concave along ``delta``).
+    """
+    return float(first_order_forgetting(grad_end, delta)) - float(first_order_forgetting(grad_start, delta))
+
+
+def forecast_drift(
+    measured: float,
+    first_order: float,
+    curvature: float = 0.0,
+    progress: float = 0.0,
+    *,
+    along: float = 0.0,
+    ahead: float = 0.0,
+) -> float:
+    """Per-step forecast of the drift between two validation boundaries, now or ahead (nats).
+
+    With ``d = theta_t - theta_b`` since the last boundary ``b`` and ``Delta`` the displacement of
+    the interval before it::
+
+        forecast = measured_b + g_A(theta_b) . d + ahead * g_A(theta_b) . Delta
+                   + 0.5 kappa (alpha + ahead)^2
+
+    ``measured_b`` is the drift measured at ``b`` (the first order's error never accumulates past a
+    boundary), ``g_A(theta_b) . d`` the first-order change since ``b``, ``kappa`` the curvature
+    along ``Delta`` (:func:`secant_curvature` over that interval) and ``alpha = d . Delta /
+    |Delta|^2`` how far the current interval went along it. Near task A's minimum ``g_A`` is ~0
+    and the drift is almost all curvature, which the first order alone misses. ``ahead > 0``
+    projects the same model that many more intervals alike (``Delta`` per interval): the
+    extrapolation the early warning uses. ``kappa = alpha = ahead = 0`` is the pure first order.
+
+    Args:
+        measured: Drift ``L_A(theta_b) - L_A(theta_0)`` at the last boundary.
+        first_order: ``g_A(theta_b) . d``.
+        curvature: ``kappa`` along the previous interval's displacement.
+        progress: ``alpha``, the current displacement along it (1 = one interval alike).
+        along: ``g_A(theta_b) . Delta``.
+        ahead: Intervals to project ahead (0 = now).
+
+    Returns:
+        The forecast as a Python float (NaN/inf propagate: a diverged run is never "no risk").
+    """
+    reach = progress + ahead
+    return measured + first_order + ahead * along + 0.5 * curvature * reach * reach
 
 
 def _running_dtype(device: torch.device) -> torch.dtype:
@@ -550,7 +610,8 @@ def early_warning(
        fires at the crossing at the latest.
 
     An exactly flat series, and a flat series with noise well below ``T``, never warn: their
-    slope is 0 or not significant. NaN drifts are ignored.
+    slope is 0 or not significant. A latest drift that is not finite (NaN, -inf: the probe loss
+    diverged) warns with ``risk = 1``; NaN drifts before the latest are left out of the fits.
 
     Args:
         steps: Global steps of the validations, strictly increasing.
@@ -601,6 +662,17 @@ def _decide(
         scale = 1.0 / max(abs(float(baseline)), _RELATIVE_BASELINE_FLOOR)
     thr = config.warn_threshold
 
+    if drifts and not math.isfinite(drifts[-1]) and drifts[-1] != math.inf:
+        # NaN or -inf: the model (or its probe loss) diverged; never a silent "no risk"
+        return WarningDecision(
+            True,
+            f"drift is {drifts[-1]} at step {steps[-1]:g}: the probe loss is not finite",
+            0.0,
+            0.0,
+            1.0,
+            drifts[-1],
+            thr,
+        )
     points = [(s, d * scale) for s, d in zip(steps, drifts) if not math.isnan(d)]
     if not points:
         return WarningDecision(False, "no drift measured yet", None, 0.0, 0.0, 0.0, thr)
