@@ -64,6 +64,38 @@ def summarise(hm, floor: float) -> dict[str, float]:
     }
 
 
+def planted(collector: FisherCollector, task_a: str, task_b: str, heads: int) -> FisherCollector:
+    """A copy of ``collector`` whose tasks A and B are shifted apart in ``heads`` O heads.
+
+    Every sample of A gets ``+r u`` and every sample of B ``-r u`` added to the head's O slice,
+    ``u`` a random unit direction and ``r`` the mean per-sample norm of that slice: real gradient
+    structure everywhere, a known conflict in known heads.
+    """
+    layout = collector.layout
+    g = torch.Generator().manual_seed(7)
+    picks = torch.randperm(layout.num_layers * layout.num_heads, generator=g)[:heads].tolist()
+    out = FisherCollector(
+        collector.model,
+        layout=layout,
+        gradient_memory_mb=collector.gradient_memory_mb,
+        max_samples_per_task=collector.max_samples_per_task,
+        loss_type=collector.loss_type,
+    )
+    for task in collector.tasks:
+        ids, grads = collector.stored_gradients(task)
+        grads = {k: v.clone().float() for k, v in grads.items()}
+        sign = {task_a: 1.0, task_b: -1.0}.get(task, 0.0)
+        for flat in picks if sign else []:
+            layer, head = divmod(flat, layout.num_heads)
+            view = layout.head_slice(grads[layout.param_names(layer)["O"]], layer, head, "O")
+            radius = view.reshape(view.shape[0], -1).norm(dim=1).mean()
+            u = torch.randn(view.shape[1:], generator=torch.Generator().manual_seed(flat))
+            view.add_(sign * radius * u / u.norm())
+        out.add_gradients(grads, task, sample_ids=ids)
+    print(f"planted conflicts in O heads (layer, head): {[divmod(f, layout.num_heads) for f in picks]}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--boundaries", type=int, default=4)
@@ -72,6 +104,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reference", choices=("magnitude", "anti_parity"), default="magnitude")
+    parser.add_argument(
+        "--plant",
+        type=int,
+        default=0,
+        help="plant a conflict in this many O heads of the real pair's stored MiniLM gradients",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = model_dir()
@@ -105,6 +143,8 @@ def main() -> None:
         collector.collect(batch(n, 1, args.reference), args.reference)
         collector.collect(batch(n, 2 + boundary, "parity"), "parity")
         collector.collect(batch(n, 500 + boundary, "parity"), "parity_2")
+        if args.plant:
+            collector = planted(collector, args.reference, "parity", args.plant)
         with torch.no_grad():
             acc = model(**batch(64, 3, "parity")).logits.argmax(-1) == batch(64, 3, "parity")["labels"]
         for pair, (ta, tb) in (("real", (args.reference, "parity")), ("null", ("parity", "parity_2"))):

@@ -52,11 +52,19 @@ class QKOVInterferenceMonitor(BoundaryCallback):
             LightningCLI YAML can list the callbacks independently) whose collector holds the samples.
         pairs: task pairs ``(task_a, task_b)``; task A's samples are ``i``, its Fisher normalises.
         variant: ``"directional"``, ``"signed"`` or ``"symmetric"``.
-        fdr_alpha, min_conflict_effect_size, n_permutations: conflict test settings.
-        fdr_method: ``"by"`` (Benjamini-Yekutieli, valid under dependence; strict: with m tests
-            the smallest reachable q is about ``m ln(m) / n_permutations``) or ``"bh"``.
-        p_value: ``"permutation"`` (exact) or ``"normal"`` (normal tail of the permutation null:
-            no ``1 / (n_permutations + 1)`` floor, for isolated heads in large models).
+        fdr_alpha, min_conflict_effect_size: conflict test settings.
+        n_permutations: permutations of the first stage, run for every (layer, head, block) test.
+        max_permutations: largest refinement stage of ``p_value="adaptive"``; ``None`` (default):
+            ``ceil(2 m c(m) / fdr_alpha)`` for the ``m`` tests of a pair (``c(m) = sum 1/i`` for
+            BY), e.g. 71,906 for MiniLM's 288 tests and 206,126 for the 720 of a 30-layer model
+            with 9 query and 3 KV heads, so that even a lone conflict can pass BY.
+        fdr_method: ``"by"`` (Benjamini-Yekutieli, valid under dependence; with m tests a lone
+            conflict needs ``p <= fdr_alpha / (m c(m))``) or ``"bh"``.
+        p_value: ``"adaptive"`` (default: exact permutation p-values, refined with fresh, ten
+            times larger permutation sets for the tests near the floor until the BY decision no
+            longer depends on it), ``"permutation"`` (one set of ``n_permutations``: floored at
+            ``1 / (n_permutations + 1)``, so BY over many tests can rarely reject) or ``"normal"``
+            (normal tail of the permutation null: approximate, anti-conservative far in the tail).
         top_k: top conflicts kept per block.
         fisher: ``"task_a"`` or ``"pooled"`` Fisher for the pair scores.
         max_samples: stored samples per task used (all by default).
@@ -77,9 +85,10 @@ class QKOVInterferenceMonitor(BoundaryCallback):
         variant: str = "directional",
         fdr_alpha: float = 0.05,
         fdr_method: str = "by",
-        p_value: str = "permutation",
+        p_value: str = "adaptive",
         min_conflict_effect_size: float = 0.2,
         n_permutations: int = 200,
+        max_permutations: int | None = None,
         top_k: int = 10,
         fisher: str = "task_a",
         max_samples: int | None = None,
@@ -98,6 +107,7 @@ class QKOVInterferenceMonitor(BoundaryCallback):
         self.p_value = p_value
         self.min_conflict_effect_size = min_conflict_effect_size
         self.n_permutations = n_permutations
+        self.max_permutations = max_permutations
         self.top_k = top_k
         self.fisher = fisher
         self.max_samples = max_samples
@@ -133,6 +143,7 @@ class QKOVInterferenceMonitor(BoundaryCallback):
             variant=self.variant,
             fisher=self.fisher,
             n_permutations=self.n_permutations,
+            max_permutations=self.max_permutations,
             fdr_alpha=self.fdr_alpha,
             fdr_method=self.fdr_method,
             p_value=self.p_value,
