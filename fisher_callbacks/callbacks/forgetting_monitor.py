@@ -361,6 +361,8 @@ class ForgettingRiskMonitor(Callback):
     def _damage(self, task: str, fisher_a: dict, grad_a: dict, prefix: str) -> dict[str, float]:
         collector = self.fisher_monitor.collector
         train = self.fisher_monitor.train_task
+        if not collector.store.entrywise:  # sketches: no per-entry task-B mean gradient
+            return {}
         _, rows = collector.stored_gradients(train)
         if not rows or not fisher_a:
             return {}
