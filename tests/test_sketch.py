@@ -374,8 +374,6 @@ def test_fisher_monitor_with_sketches_in_a_real_trainer(tmp_path):
     for block in BLOCKS:
         assert torch.isfinite(hm[block]["conflict_cosine"]).all()
         assert hm[block]["p_values"].min() < 1
-    logged = trainer.logged_metrics
-    assert any(k.startswith("qkov/general_vs_math/") for k in logged)
     state = fm.state_dict()
     fresh = FisherMonitor(train_task="math", reference_tasks=["general"], store="sketch", sketch_dim=64)
     fresh.load_state_dict(state)
