@@ -8,18 +8,27 @@ Definitions (DESIGN section 2), for each monitored weight entry k:
 - EMA Fisher: ``F_t = beta F_{t-1} + (1 - beta) mean_batch C``, reported bias-corrected
   ``F_t / (1 - beta ** t)``.
 
-The signed ``g_i`` are stored (C is derived; every interference variant needs the sign or ``|g|``)
-in ``storage_dtype`` under the key ``f"{task}_{id}"`` with the sample's TRUE id. Storage never
-exceeds ``gradient_memory_mb``: each task keeps a reservoir sample (Algorithm R), so after any
-number of samples the stored ones are a uniform random subset of those seen; when a new task
-arrives the per-task capacity shrinks and the other reservoirs drop random members (still uniform).
+What is stored per sample lives in a :class:`~fisher_callbacks.store.GradientStore` (``store=``):
+
+- ``"exact"``: the signed ``g_i`` (C is derived; every interference variant needs the sign or
+  ``|g|``) in ``storage_dtype`` under the key ``f"{task}_{id}"`` with the sample's TRUE id;
+- ``"sketch"``: per (layer, block, head) slice a ``sketch_dim``-number Kronecker sketch of the
+  Fisher-whitened gradient (:class:`~fisher_callbacks.store.SketchStore`), so a 135M model keeps
+  hundreds of samples per task where the exact store keeps 2;
+- ``"auto"`` (default): ``"sketch"`` when the exact store cannot keep ``min_samples_for_fisher``
+  samples per task (for ``expected_tasks`` tasks) within ``gradient_memory_mb``.
+
+Storage never exceeds ``gradient_memory_mb``: each task keeps a reservoir sample (Algorithm R), so
+after any number of samples the stored ones are a uniform random subset of those seen; when a new
+task arrives the per-task capacity shrinks and the other reservoirs drop random members (still
+uniform). A sample whose id is already stored replaces its row (one row per id, the newest).
+The Fisher sums and the EMA are exact fp32 in both modes (never sketched).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,18 +39,22 @@ from ._rng import SeededGenerator
 from .capture import per_sample_gradients
 from .layouts import AttentionLayout
 from .losses import LossType
+from .store import (
+    DEFAULT_SKETCH_DIM,
+    ExactStore,
+    GradientStore,
+    SketchStore,
+    make_store,
+    resolve_store_kind,
+)
 
 SampleId = int | str
 
 
 @dataclass
 class _TaskState:
-    """Everything the collector keeps for one task."""
+    """The Fisher state the collector keeps for one task (its stored rows live in the store)."""
 
-    ids: list[SampleId] = field(default_factory=list)  # stored ids, row k of each tensor
-    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [capacity, *shape]
-    capacity: int = 0
-    seen: int = 0  # reservoir candidates offered (valid samples)
     fisher_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32 sum of C_i
     fisher_count: int = 0
     synced_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # global sum up to last sync
@@ -65,7 +78,10 @@ class FisherCollector:
         max_samples_per_task: optional cap on stored samples per task (besides the memory cap).
         min_samples_for_fisher: :meth:`fisher` warns below this many samples.
         loss_type: per-sample loss (inferred from the model's head when ``None``).
-        seed: seeds the reservoir and the true-Fisher label sampling.
+        seed: seeds the reservoir, the true-Fisher label sampling and the sketch projections.
+        store: ``"auto"`` (default), ``"exact"`` or ``"sketch"`` (module docstring).
+        sketch_dim: numbers per (layer, block, head) slice of a sketched sample.
+        expected_tasks: tasks the ``"auto"`` rule plans for (FisherMonitor passes its count).
     """
 
     def __init__(
@@ -80,6 +96,9 @@ class FisherCollector:
         min_samples_for_fisher: int = 10,
         loss_type: LossType | None = None,
         seed: int = 0,
+        store: str = "auto",
+        sketch_dim: int = DEFAULT_SKETCH_DIM,
+        expected_tasks: int = 2,
     ) -> None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
@@ -108,6 +127,20 @@ class FisherCollector:
         self._fisher_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._rng = SeededGenerator(seed)  # picklable (ddp_spawn); the torch.Generator is lazy
         self._warned_budget = False
+        self.seed = int(seed)
+        self.store_kind = resolve_store_kind(
+            store, self.layout, storage_dtype, gradient_memory_mb, self.min_samples_for_fisher, expected_tasks
+        )
+        self.store: GradientStore = make_store(
+            self.store_kind,
+            self.layout,
+            storage_dtype=storage_dtype,
+            gradient_memory_mb=gradient_memory_mb,
+            max_samples_per_task=max_samples_per_task,
+            generator=self._rng,
+            sketch_dim=sketch_dim,
+            seed=seed,
+        )
 
     @property
     def _generator(self) -> torch.Generator:
@@ -116,21 +149,13 @@ class FisherCollector:
     # ------------------------------------------------------------------ budget
     @property
     def bytes_per_sample(self) -> int:
-        """Bytes one stored sample takes (all monitored parameters, ``storage_dtype``)."""
-        itemsize = torch.empty((), dtype=self.storage_dtype).element_size()
-        return sum(math.prod(s) for s in self.param_shapes.values()) * itemsize
-
-    def _capacity_per_task(self, n_tasks: int) -> int:
-        total = int(self.gradient_memory_mb * 2**20) // max(self.bytes_per_sample, 1)
-        cap = total // max(n_tasks, 1)
-        if self.max_samples_per_task is not None:
-            cap = min(cap, self.max_samples_per_task)
-        return cap
+        """Bytes one stored sample takes in the store (exact: all monitored weights)."""
+        return self.store.bytes_per_sample
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes allocated for stored per-sample gradients (never above the budget)."""
-        return sum(t.numel() * t.element_size() for s in self._tasks.values() for t in s.rows.values())
+        """Bytes allocated for stored per-sample rows (never above the budget)."""
+        return self.store.stored_bytes
 
     def _task(self, task: str) -> _TaskState:
         if not isinstance(task, str) or not task:
@@ -139,12 +164,13 @@ class FisherCollector:
         if state is None:
             state = _TaskState()
             self._tasks[task] = state
+            self.store.ensure_task(task)
             self._rebalance()
         return state
 
     def _rebalance(self) -> None:
         """Give every task the same capacity; shrink reservoirs by dropping random members."""
-        cap = self._capacity_per_task(len(self._tasks))
+        cap = self.store.rebalance(len(self._tasks))
         if cap == 0 and not self._warned_budget:
             warnings.warn(
                 f"gradient_memory_mb={self.gradient_memory_mb} holds no sample of "
@@ -154,21 +180,6 @@ class FisherCollector:
                 stacklevel=3,
             )
             self._warned_budget = True
-        for state in self._tasks.values():
-            if state.capacity == cap:
-                continue
-            n = len(state.ids)
-            keep = torch.arange(n)
-            if n > cap:
-                keep = torch.randperm(n, generator=self._generator)[:cap].sort().values
-            state.ids = [state.ids[i] for i in keep.tolist()]
-            # Free the old rows before allocating the new ones so the cap holds.
-            old, state.rows = state.rows, {}
-            kept = {name: rows.index_select(0, keep) for name, rows in old.items()}
-            del old
-            state.capacity = cap
-            if cap > 0 and kept and keep.numel():
-                state.rows = kept  # grows on demand (see _ensure_rows)
 
     # ------------------------------------------------------------------ ingest
     def collect(
@@ -194,7 +205,8 @@ class FisherCollector:
 
         Samples with a non-finite entry are skipped, counted in ``skipped_nonfinite`` and warned
         about. Each valid sample adds ``g_i**2`` to the task's fp32 Fisher sum and is offered to
-        the task's reservoir under its true id (a running counter when ``sample_ids`` is None).
+        the task's reservoir under its true id (a running counter when ``sample_ids`` is None); an
+        id already stored replaces its row.
         With ``update_ema`` the same squares also make one EMA step (as
         :meth:`update_ema_from_gradients`, without computing them twice). ``check_finite=False``
         is for callers that have checked already.
@@ -223,8 +235,76 @@ class FisherCollector:
         state.fisher_count += n_kept
         self._fisher_cache.pop(task, None)
         rows = list(range(n)) if keep is None else keep.tolist()
-        self._reservoir_add(state, grads, rows, [ids[i] for i in rows])
+        if isinstance(self.store, SketchStore) and self.store.whitening is None:
+            self.freeze_whitening()  # first samples: the Fisher so far (this batch included)
+        self.store.add(task, grads, rows, [ids[i] for i in rows])
         return n_kept
+
+    # ------------------------------------------------------------------ whitening (sketch store)
+    def whitening_fisher(self, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """``mean_T I_T`` over ``tasks`` (default all) with samples: the Fisher that whitens sketches.
+
+        For two tasks this is the pooled Fisher ``(I_A + I_B) / 2`` of the conflict cosine.
+        """
+        names = [t for t in (tasks if tasks is not None else self.tasks) if self.num_samples(t) > 0]
+        out: dict[str, torch.Tensor] = {}
+        for t in names:
+            sums, count = self.fisher_state(t)
+            for n, s in sums.items():
+                v = s / float(count)
+                out[n] = out[n] + v if n in out else v.clone()
+        return {n: v / len(names) for n, v in out.items()}
+
+    @property
+    def needs_whitening(self) -> bool:
+        """True for a sketch store without a whitening Fisher yet."""
+        return isinstance(self.store, SketchStore) and self.store.whitening is None
+
+    def initial_whitening(
+        self, grads: Mapping[str, torch.Tensor] | None, valid: torch.Tensor | None = None
+    ) -> None:
+        """Freeze the first whitening from one batch, identical on every DDP rank (collective).
+
+        ``F_w = sum g**2 / n`` over the ``valid`` rows (``[B]`` bool) of ``grads`` of all ranks
+        (all-reduced; a rank without usable gradients passes ``None`` and adds nothing). Only for
+        a sketch store without whitening; no whitening is set when no rank has a sample.
+        """
+        if not self.needs_whitening:
+            return
+        params = dict(self.model.named_parameters())
+        device = params[self.param_names[0]].device
+        keep = None if valid is None else torch.nonzero(valid).flatten()
+        sums = {}
+        for name in self.param_names:
+            if grads is None or (keep is not None and keep.numel() == 0):
+                sums[name] = torch.zeros(self.param_shapes[name], device=device)
+            else:
+                sums[name] = _sum_of_squares(grads[name], keep)
+        count = (
+            0 if grads is None else (next(iter(grads.values())).shape[0] if keep is None else keep.numel())
+        )
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            cdev = _collective_device()
+            total = torch.tensor([float(count)], device=cdev)
+            dist.all_reduce(total)
+            count = int(total.item())
+            for name in self.param_names:
+                t = sums[name].to(cdev)
+                dist.all_reduce(t)
+                sums[name] = t.to(device)
+        if count > 0:
+            self.store.set_whitening({n: v / count for n, v in sums.items()})
+
+    def freeze_whitening(self, fisher: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Freeze the whitening of the next sketches: ``fisher`` (``{name: F_w}``) or
+        :meth:`whitening_fisher`. No-op for the exact store (it whitens at compute time) and when
+        no task has samples yet."""
+        if not isinstance(self.store, SketchStore):
+            return
+        fisher = dict(fisher) if fisher is not None else self.whitening_fisher()
+        if fisher:
+            self.store.set_whitening(fisher)
 
     def _finite_rows(
         self, grads: dict[str, torch.Tensor], n: int, task: str, ids: list[SampleId] | None
@@ -285,58 +365,6 @@ class FisherCollector:
         if len(ids) != n:
             raise ValueError(f"{len(ids)} sample ids for {n} samples")
         return ids
-
-    def _reservoir_add(
-        self,
-        state: _TaskState,
-        grads: dict[str, torch.Tensor],
-        rows: list[int],
-        ids: list[SampleId],
-    ) -> None:
-        if state.capacity == 0:
-            state.seen += len(rows)
-            return
-        self._ensure_rows(state, min(state.capacity, len(state.ids) + len(rows)), grads)
-        # Algorithm R: fill, then sample n (1-based) replaces a uniform slot with prob cap / n.
-        src, dst = [], []
-        for row, sid in zip(rows, ids):
-            state.seen += 1
-            if len(state.ids) < state.capacity:
-                slot = len(state.ids)
-                state.ids.append(sid)
-            else:
-                j = int(torch.randint(state.seen, (1,), generator=self._generator))
-                if j >= state.capacity:
-                    continue
-                slot = j
-                state.ids[slot] = sid
-            # A later sample of this batch may take the same slot: the last writer wins.
-            if slot in dst:
-                src[dst.index(slot)] = row
-            else:
-                src.append(row)
-                dst.append(slot)
-        if not dst:
-            return
-        for name in self.param_names:
-            g = grads[name]
-            s = torch.tensor(src, device=g.device)
-            d = torch.tensor(dst, device=state.rows[name].device)
-            state.rows[name].index_copy_(0, d, g.index_select(0, s).to(self.storage_dtype))
-
-    def _ensure_rows(self, state: _TaskState, needed: int, grads: dict[str, torch.Tensor]) -> None:
-        """Grow the task's row storage geometrically up to its capacity (never past the cap)."""
-        have = next(iter(state.rows.values())).shape[0] if state.rows else 0
-        if needed <= have:
-            return
-        size = min(state.capacity, max(needed, 2 * have, 8))
-        for name in self.param_names:
-            old = state.rows.get(name)
-            device = old.device if old is not None else grads[name].device
-            new = torch.zeros((size, *self.param_shapes[name]), dtype=self.storage_dtype, device=device)
-            if old is not None:
-                new[:have] = old
-            state.rows[name] = new
 
     # ------------------------------------------------------------------ EMA
     def update_ema(self, batch: dict, task: str) -> None:
@@ -399,42 +427,42 @@ class FisherCollector:
         return self.fisher_state(task)[1]
 
     def num_stored(self, task: str) -> int:
-        state = self._tasks.get(task)
-        return 0 if state is None else len(state.ids)
+        return self.store.num_stored(task)
 
     def ema_steps(self, task: str) -> int:
         state = self._tasks.get(task)
         return 0 if state is None else state.ema_steps
 
     def sample_ids(self, task: str) -> list[SampleId]:
-        """True ids of the stored samples of ``task``."""
-        state = self._tasks.get(task)
-        return [] if state is None else list(state.ids)
+        """True ids of the stored samples of ``task`` (one per id, row order)."""
+        return self.store.ids(task)
+
+    def _exact_store(self, what: str) -> ExactStore:
+        if not isinstance(self.store, ExactStore):
+            raise RuntimeError(
+                f"{what} needs per-entry gradients, but this collector keeps per-head sketches "
+                f"(store={self.store_kind!r}, sketch_dim={getattr(self.store, 'sketch_dim', None)}); "
+                "use the QK-OV metric (signed scores, head maps, tests) or store='exact'"
+            )
+        return self.store
 
     def stored_gradients(self, task: str) -> tuple[list[SampleId], dict[str, torch.Tensor]]:
         """``(ids, {name: [n, *shape]})``: the stored signed gradients (``storage_dtype``, views).
 
         Row k of every tensor belongs to ``ids[k]``. An unknown or empty task gives ``([], {})``.
+
+        Raises:
+            RuntimeError: the store keeps sketches (``store="sketch"``), not gradients.
         """
-        state = self._tasks.get(task)
-        if state is None or not state.ids:
-            return [], {}
-        n = len(state.ids)
-        return list(state.ids), {name: rows[:n] for name, rows in state.rows.items()}
+        return self._exact_store("stored_gradients").stored(task)
 
     def get_gradient(self, task: str, sample_id: SampleId) -> dict[str, torch.Tensor]:
-        """Stored signed gradient of one sample, by TRUE id."""
-        state = self._tasks.get(task)
-        if state is None:
-            raise KeyError(f"no task {task!r}; tasks: {self.tasks}")
-        try:
-            row = state.ids.index(sample_id)
-        except ValueError:
-            raise KeyError(
-                f"sample {sample_id!r} of task {task!r} is not stored "
-                f"({len(state.ids)} stored; the reservoir keeps a uniform subset)"
-            ) from None
-        return {name: rows[row] for name, rows in state.rows.items()}
+        """Stored signed gradient of one sample, by TRUE id (the newest one for a repeated id).
+
+        Raises:
+            KeyError: the id is not stored; RuntimeError: a sketch store.
+        """
+        return self._exact_store("get_gradient").get(task, sample_id)
 
     def fisher(self, task: str) -> dict[str, torch.Tensor]:
         """Contribution Fisher ``I_task = mean_i g_i**2`` (fp32), cached until new samples arrive.
@@ -468,7 +496,12 @@ class FisherCollector:
 
     @property
     def contribution_cache(self) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-        """``{task: {f"{task}_{id}": {name: C_i}}}`` (fp32, computed from the stored ``g_i``)."""
+        """``{task: {f"{task}_{id}": {name: C_i}}}`` (fp32, computed from the stored ``g_i``).
+
+        Raises:
+            RuntimeError: a sketch store (no per-entry gradients).
+        """
+        self._exact_store("contribution_cache")
         out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         for task in self._tasks:
             ids, rows = self.stored_gradients(task)
@@ -549,6 +582,7 @@ class FisherCollector:
         else:
             self._tasks.pop(task, None)
             self._fisher_cache.pop(task, None)
+        self.store.reset(task)
         self._rebalance()
 
     def state_dict(self, include_store: bool = True) -> dict[str, Any]:
@@ -562,11 +596,7 @@ class FisherCollector:
         """
         tasks = {}
         for name, s in self._tasks.items():
-            n = len(s.ids) if include_store else 0
             tasks[name] = {
-                "ids": list(s.ids[:n]),
-                "rows": {p: r[:n].clone() for p, r in s.rows.items()} if include_store else {},
-                "seen": s.seen if include_store else 0,
                 "fisher_sum": {p: t.clone() for p, t in s.fisher_sum.items()},
                 "fisher_count": s.fisher_count,
                 "synced_sum": {p: t.clone() for p, t in s.synced_sum.items()},
@@ -577,6 +607,7 @@ class FisherCollector:
             }
         return {
             "tasks": tasks,
+            "store": self.store.state_dict(include_rows=include_store),
             "skipped_nonfinite": self.skipped_nonfinite,
             "generator": self._generator.get_state(),
             "ema_decay": self.ema_decay,
@@ -592,8 +623,6 @@ class FisherCollector:
         self._fisher_cache.clear()
         for name, s in state["tasks"].items():
             t = _TaskState(
-                ids=list(s["ids"]),
-                seen=int(s["seen"]),
                 fisher_sum={p: v.float() for p, v in s["fisher_sum"].items()},
                 fisher_count=int(s["fisher_count"]),
                 synced_sum={p: v.float() for p, v in s.get("synced_sum", {}).items()},
@@ -602,9 +631,16 @@ class FisherCollector:
                 ema_steps=int(s["ema_steps"]),
                 next_id=int(s["next_id"]),
             )
-            t.rows = {p: r.to(self.storage_dtype) for p, r in s["rows"].items()}
-            t.capacity = len(t.ids)
             self._tasks[name] = t
+        store = state.get("store")
+        if store is None:  # checkpoints of the first version: exact rows inside each task
+            store = {
+                "kind": "exact",
+                "tasks": {n: {k: s[k] for k in ("ids", "rows", "seen")} for n, s in state["tasks"].items()},
+            }
+        self.store.load_state_dict(store, device)
+        for name in self.store.tasks:
+            self._tasks.setdefault(name, _TaskState())
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         if "generator" in state:
             self._rng.set_state(state["generator"])
@@ -615,6 +651,7 @@ class FisherCollector:
         tasks = ", ".join(f"{t}: {self.num_stored(t)}/{self.num_samples(t)}" for t in self._tasks)
         return (
             f"FisherCollector({self.layout.model_type}, {len(self.param_names)} params, "
+            f"{self.store_kind} store, "
             f"stored/seen {{{tasks}}}, {self.stored_bytes / 2**20:.1f}/{self.gradient_memory_mb} MB)"
         )
 

@@ -40,6 +40,14 @@ What it reports for task A (samples i) against task B (samples j), per block and
   stored this is the mean of ``C`` over the pooled samples, invariant under relabelling, and the
   test is exact; otherwise ``D`` is a fixed metric estimated from more samples than are tested.
 
+Store seam: the metric reads per-head views ``[n, H_block, k]`` from ``collector.store``
+(:class:`~fisher_callbacks.store.GradientStore`) whose inner products are the signed scores:
+the exact store's view is ``g * sqrt(D)`` (``D`` as asked), the sketch store's the per-head sketch
+``z`` (whitened by its frozen whitening Fisher at capture time). Signed scores, the conflict
+cosine (of the mean views), Gram matrices and the permutation test are inner products of views
+in both cases. The directional and symmetric variants need per-entry values
+(``store.entrywise``); with a sketch store they are refused with a clear error.
+
 Mean gradients and tests use the stored samples; Fishers use every sample the collector has seen.
 All math is fp32 on ``computation_device`` (statistics in float64), chunked over samples so that
 one chunk operand holds at most ``max_chunk_elements`` elements.
@@ -63,7 +71,6 @@ from .functional.interference import (
     conflict_cosine,
     inverse_fisher,
     pooled_fisher,
-    whiten,
 )
 from .layouts import BLOCKS, AttentionLayout
 from .stats import (
@@ -75,6 +82,7 @@ from .stats import (
     refine_p_values,
     refinement_candidates,
 )
+from .store import GradientStore, HeadIndex
 
 if TYPE_CHECKING:
     from .fisher import FisherCollector
@@ -132,6 +140,8 @@ class QKOVHeatmap(dict):
             (tests whose p-value comes from a refinement stage), "refinement_stages",
             "test_statistic", "fdr_method", "fdr_alpha", "min_conflict_effect_size", "seed",
             "num_tests", "num_degenerate"}``.
+        store: what the views were (``GradientStore.describe``: ``{"kind": "exact" | "sketch",
+            ...}``; for sketches the dim and whitening versions).
     """
 
     def __init__(
@@ -144,8 +154,10 @@ class QKOVHeatmap(dict):
         fisher_source: str,
         num_fisher_samples: dict[str, int],
         stats: dict[str, Any] | None,
+        store: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(blocks)
+        self.store = store or {"kind": "exact"}
         self.task_a = task_a
         self.task_b = task_b
         self.variant = variant
@@ -159,8 +171,9 @@ class QKOVInterferenceMetric:
 
     Args:
         layout: the attention layout (``None``: ``collector.layout``).
-        collector: a :class:`~fisher_callbacks.fisher.FisherCollector` (or an object with
-            ``stored_gradients``, ``get_gradient``, ``fisher`` and ``num_samples``).
+        collector: a :class:`~fisher_callbacks.fisher.FisherCollector` (or an object with a
+            ``store`` (:class:`~fisher_callbacks.store.GradientStore`), ``fisher`` and
+            ``num_samples``).
         epsilon: floor of the Fisher in ``D = 1 / (max(I, epsilon) + ridge_lambda)``.
         ridge_lambda: ridge of ``D``; ``epsilon + ridge_lambda`` must be > 0.
         min_samples_for_fisher: warn when a task's Fisher has fewer samples.
@@ -270,6 +283,21 @@ class QKOVInterferenceMetric:
         self.test_statistic = test_statistic
         self.max_chunk_elements = int(max_chunk_elements)
 
+        self.index = HeadIndex(self.layout)
+        store = self.store
+        if store is not None and not store.entrywise and variant != "signed":
+            raise ValueError(
+                f"variant={variant!r} needs per-entry gradients (C_i = g_i**2 or |g|), which the "
+                f"{store.kind!r} store does not keep (a linear sketch preserves inner products "
+                "only): use variant='signed' (the head maps and tests are the same for every "
+                "variant) or store='exact'"
+            )
+
+    @property
+    def store(self) -> GradientStore | None:
+        """The collector's gradient store (the one seam the metric reads samples through)."""
+        return getattr(self.collector, "store", None)
+
     # ------------------------------------------------------------------ one slice
     def compute_block_head_score(
         self,
@@ -356,25 +384,26 @@ class QKOVInterferenceMetric:
         """
         if not 0 <= head < self.layout.num_heads:
             raise IndexError(f"head {head} out of range [0, {self.layout.num_heads})")
-        g_i = self.collector.get_gradient(task_a, sample_i)
-        g_j = self.collector.get_gradient(task_b, sample_j)
+        self._check_layers([layer])
+        store = self._require_store()
+        row_i = torch.tensor([store.row_of(task_a, sample_i)])
+        row_j = torch.tensor([store.row_of(task_b, sample_j)])
         fisher_a = self._fisher(task_a)
         fisher_b = self._fisher(task_b) if self.fisher_source == "pooled" else {}
         out: dict[str, float] = {}
         for block in BLOCKS:
-            total = 0.0
-            for name, is_bias in self.layout.block_entries(layer, block):
-                _require(g_i, name, task_a)
-                _require(g_j, name, task_b)
-                _require(fisher_a, name, f"{task_a} (Fisher)")
-                fisher = fisher_a[name]
-                if self.fisher_source == "pooled":
-                    _require(fisher_b, name, f"{task_b} (Fisher)")
-                    fisher = pooled_fisher(fisher_a[name], fisher_b[name])
-                total += self.compute_block_head_score(
-                    g_i[name], g_j[name], fisher, layer, head, block, name, is_bias
-                )
-            out[block] = total if self.layout.is_monitored(layer, block) else math.nan  # not monitored
+            if not self.layout.is_monitored(layer, block):  # no adapter / frozen
+                out[block] = math.nan
+                continue
+            hsel = torch.tensor([self.layout.block_head(head, block)])
+            fa = self.index.gather(fisher_a, layer, block, hsel, owner=f"task {task_a!r} (Fisher)")
+            if self.fisher_source == "pooled":
+                fb = self.index.gather(fisher_b, layer, block, hsel, owner=f"task {task_b!r} (Fisher)")
+                fa = pooled_fisher(fa, fb)
+            inv = inverse_fisher(fa, self.epsilon, self.ridge_lambda).to(self.device)  # [1, k]
+            v_i = store.head_view(task_a, layer, block, hsel, inv, row_i, self.device)  # [1, 1, k]
+            v_j = store.head_view(task_b, layer, block, hsel, inv, row_j, self.device)
+            out[block] = float(self._scores(v_i, v_j, inv)[0, 0, 0])
         return out
 
     # ------------------------------------------------------------------ heatmap
@@ -411,8 +440,8 @@ class QKOVInterferenceMetric:
         layers = self._check_layers(layers)
         heads = self._check_heads(heads)
         block_heads = {b: sorted({layout.block_head(h, b) for h in heads}) for b in BLOCKS}
-        ids_a, grads_a = self._stored(task_a, max_samples)
-        ids_b, grads_b = self._stored(task_b, max_samples)
+        store = self._require_store()
+        ids_a, ids_b = self._stored(task_a, max_samples), self._stored(task_b, max_samples)
         n_a, n_b = len(ids_a), len(ids_b)
         fisher_a = self._fisher(task_a)
         fisher_b = self._fisher(task_b)
@@ -426,7 +455,6 @@ class QKOVInterferenceMetric:
             )
         dev = self.device
         n_layers = len(layers)
-        index_cache: dict[tuple, tuple[Tensor, int | None]] = {}
         blocks: dict[str, dict[str, Any]] = {}
         stats_parts: list[tuple[str, Tensor, Tensor, Tensor]] = []  # (block, p, effect, n_extreme)
         refine: list[tuple[str, int, Tensor, Tensor]] = []  # (block, li, heads [c], Gram [c, n, n])
@@ -445,34 +473,34 @@ class QKOVInterferenceMetric:
                     for t in (scores[:, :, li], overlap[li], cosine[li], p_vals[li], effect[li]):
                         t.fill_(math.nan)
                     continue
-                entries = self._head_index(layer, block, hsel, index_cache)
                 fa = fb = None
                 if fisher_a and fisher_b:
-                    fa = self._rows(fisher_a, entries, task_a)  # [Hb, k] fp32
-                    fb = self._rows(fisher_b, entries, task_b)  # [Hb, k] fp32
+                    fa = self.index.gather(fisher_a, layer, block, hsel, owner=f"task {task_a!r}")  # [Hb, k]
+                    fb = self.index.gather(fisher_b, layer, block, hsel, owner=f"task {task_b!r}")  # [Hb, k]
                     overlap[li] = fisher_overlap_tensor(fa, fb, dim=-1).cpu()
                 if empty:
                     continue
                 if fa is None or fb is None:
                     raise RuntimeError(
                         f"tasks {task_a!r}/{task_b!r} have stored samples but no Fisher "
-                        "(the collector's num_samples/fisher disagree with stored_gradients)"
+                        "(the collector's num_samples/fisher disagree with its store)"
                     )
-                inv_pooled = inverse_fisher(pooled_fisher(fa, fb), self.epsilon, self.ridge_lambda)
+                inv_pooled = inverse_fisher(pooled_fisher(fa, fb), self.epsilon, self.ridge_lambda).to(dev)
                 inv_scores = (
-                    inverse_fisher(fa, self.epsilon, self.ridge_lambda)
+                    inverse_fisher(fa, self.epsilon, self.ridge_lambda).to(dev)
                     if self.fisher_source == "task_a"
                     else inv_pooled
                 )
-                pair, mean_a, mean_b, views = self._pair_scores(
-                    (grads_a, task_a, n_a), (grads_b, task_b, n_b), entries, inv_scores
-                )
+                sides = ((task_a, n_a), (task_b, n_b))
+                pair, views = self._pair_scores(store, sides, layer, block, hsel, inv_scores)
                 scores[:, :, li] = pair  # [n_a, n_b, Hb]
-                cosine[li] = conflict_cosine(mean_a, mean_b, inv_pooled).cpu()
+                if inv_scores is not inv_pooled:
+                    views = None  # the maps and tests whiten with the pooled Fisher
+                c, p, e, ext, n_deg, cand = self._maps_and_test(
+                    store, sides, layer, block, hsel, inv_pooled, views
+                )
+                cosine[li] = c
                 if self.run_stats:
-                    p, e, ext, n_deg, cand = self._conflict_test(
-                        (grads_a, task_a, n_a), (grads_b, task_b, n_b), entries, inv_pooled, views
-                    )
                     p_vals[li], effect[li], extreme[li] = p, e, ext
                     num_degenerate += n_deg
                     refine.extend((block, li, heads_c, gram_c) for heads_c, gram_c in cand)
@@ -508,90 +536,113 @@ class QKOVInterferenceMetric:
                 task_b: self.collector.num_samples(task_b),
             },
             stats=stats_info,
+            store=store.describe(task_a, task_b),
         )
 
     # ------------------------------------------------------------------ pieces
     def _chunk_rows(self, per_row: int) -> int:
         return max(1, self.max_chunk_elements // max(per_row, 1))
 
+    def _scores(self, va: Tensor, vb: Tensor, inv: Tensor) -> Tensor:
+        """Pair scores ``[n_a, n_b, Hb]`` of whitened views ``x = g sqrt(D)`` (or sketches).
+
+        signed ``<x_a, x_b>``; symmetric ``|x_a|.|x_b|``; directional
+        ``sum_k x_a**2 |x_b| D**-1/2 = sum_k C_a D |g_b|`` (entrywise stores only).
+        """
+        if self.variant == "directional":
+            weight = inv.rsqrt()
+        else:
+            weight = torch.ones(va.shape[1:], dtype=ACCUM_DTYPE, device=va.device)  # [Hb, k']
+        return block_head_scores(va, vb, weight, self.variant, max_chunk_elements=self.max_chunk_elements)
+
     def _pair_scores(
         self,
-        side_a: tuple[Mapping[str, Tensor], str, int],
-        side_b: tuple[Mapping[str, Tensor], str, int],
-        entries: list[tuple[str, Tensor, int | None]],
+        store: GradientStore,
+        sides: tuple[tuple[str, int], tuple[str, int]],
+        layer: int,
+        block: str,
+        hsel: Tensor,
         inv: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Scores of one (layer, block), chunked over the samples of both tasks.
 
         Args:
-            side_a, side_b: ``(stored gradients {name: [n, *shape]}, task, n)``.
-            entries: ``[(name, index [Hb, k_e], start)]`` from :meth:`_head_index`.
+            store: the collector's store.
+            sides: ``((task_a, n_a), (task_b, n_b))`` (the first ``n`` stored rows are used).
+            hsel: ``[Hb]`` block heads.
             inv: ``[Hb, k]`` ``D`` of the scores.
 
         Returns:
-            ``(scores [n_a, n_b, Hb], mean_a [Hb, k], mean_b [Hb, k], views)``: fp32 on the
-            device; ``views`` are the whole ``[n, Hb, k]`` head views of both tasks when each
-            fitted in one chunk (reused by the tests), else ``None``.
+            ``(scores [n_a, n_b, Hb], views)``: fp32 on the device; ``views`` are the whole
+            ``[n, Hb, k]`` views of both tasks when each fitted in one chunk (reused by the maps
+            and tests), else ``None``.
         """
-        (grads_a, task_a, n_a), (grads_b, task_b, n_b) = side_a, side_b
+        (task_a, n_a), (task_b, n_b) = sides
         n_h, k = inv.shape
         rows = self._chunk_rows(n_h * k)
         c_a, c_b = min(n_a, rows), min(n_b, rows)
         out = torch.empty(n_a, n_b, n_h, dtype=ACCUM_DTYPE, device=self.device)
-        sum_a = torch.zeros(n_h, k, dtype=ACCUM_DTYPE, device=self.device)
-        sum_b = torch.zeros_like(sum_a)
         whole_a = None
         for j0 in range(0, n_b, c_b):
-            vb = self._rows(grads_b, entries, task_b, slice(j0, j0 + c_b))  # [c_b, Hb, k]
-            sum_b += vb.sum(0)
+            rows_b = slice(j0, min(j0 + c_b, n_b))
+            vb = store.head_view(task_b, layer, block, hsel, inv, rows_b, self.device)  # [c_b, Hb, k']
             for i0 in range(0, n_a, c_a):
                 if whole_a is not None:
                     va = whole_a
                 else:
-                    va = self._rows(grads_a, entries, task_a, slice(i0, i0 + c_a))  # [c_a, Hb, k]
-                    if j0 == 0:
-                        sum_a += va.sum(0)
+                    rows_a = slice(i0, min(i0 + c_a, n_a))
+                    va = store.head_view(
+                        task_a, layer, block, hsel, inv, rows_a, self.device
+                    )  # [c_a, Hb, k']
                     if c_a == n_a:
                         whole_a = va
-                out[i0 : i0 + c_a, j0 : j0 + c_b] = block_head_scores(
-                    va, vb, inv, self.variant, max_chunk_elements=self.max_chunk_elements
-                )
+                out[i0 : i0 + c_a, j0 : j0 + c_b] = self._scores(va, vb, inv)
         views = (whole_a, vb) if whole_a is not None and c_b == n_b else None
-        return out, sum_a / n_a, sum_b / n_b, views
+        return out, views
 
-    def _conflict_test(
+    def _maps_and_test(
         self,
-        side_a: tuple[Mapping[str, Tensor], str, int],
-        side_b: tuple[Mapping[str, Tensor], str, int],
-        entries: list[tuple[str, Tensor, int | None]],
+        store: GradientStore,
+        sides: tuple[tuple[str, int], tuple[str, int]],
+        layer: int,
+        block: str,
+        hsel: Tensor,
         inv_pooled: Tensor,
         views: tuple[Tensor, Tensor] | None,
-    ) -> tuple[Tensor, Tensor, Tensor, int, list[tuple[Tensor, Tensor]]]:
-        """Permutation test per head of one (layer, block) on the whitened gradients ``g sqrt(D)``.
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int, list[tuple[Tensor, Tensor]]]:
+        """Conflict cosine and permutation test per head of one (layer, block), on views whitened
+        by the pooled Fisher (the exact store's ``g sqrt(D)``; the sketch store's ``z``).
 
-        The test runs on the per-head Gram matrices of the pooled whitened samples
-        (:func:`~fisher_callbacks.stats.gram_conflict_test`). Heads are tested in chunks so that
-        the whitened inputs of one call hold at most ``max_chunk_elements`` elements (at least one
-        head per call).
+        The test runs on the per-head Gram matrices of the pooled views
+        (:func:`~fisher_callbacks.stats.gram_conflict_test`). Heads are processed in chunks so
+        that the views of one call hold at most ``max_chunk_elements`` elements (at least one head
+        per call).
 
         Returns:
-            ``(p [Hb], effect [Hb], n_extreme [Hb], number of degenerate tests, candidates)``;
-            ``candidates`` (``p_value="adaptive"`` only) are ``(heads [c], Gram [c, n, n])`` of the
-            heads :meth:`_significance` may refine.
+            ``(cosine [Hb], p [Hb], effect [Hb], n_extreme [Hb], number of degenerate tests,
+            candidates)`` on the CPU (p, effect, n_extreme are 1, 0, 0 without ``run_stats``);
+            ``candidates`` (``p_value="adaptive"`` only) are ``(heads [c], Gram [c, n, n])`` of
+            the heads :meth:`_significance` may refine.
         """
-        (grads_a, task_a, n_a), (grads_b, task_b, n_b) = side_a, side_b
+        (task_a, n_a), (task_b, n_b) = sides
         n_h, k = inv_pooled.shape
         step = max(1, self.max_chunk_elements // max((n_a + n_b) * k, 1))
-        p_parts, e_parts, x_parts, n_deg, candidates = [], [], [], 0, []
+        c_parts, p_parts, e_parts, x_parts, n_deg, candidates = [], [], [], [], 0, []
         for h0 in range(0, n_h, step):
             hs = slice(h0, h0 + step)
             if views is not None:
-                va, vb = views[0][:, hs], views[1][:, hs]
+                xa, xb = views[0][:, hs], views[1][:, hs]
             else:
-                sub = [(name, idx[hs], None) for name, idx, _ in entries]
-                va, vb = self._rows(grads_a, sub, task_a), self._rows(grads_b, sub, task_b)
-            xa = whiten(va, inv_pooled[hs])  # [n_a, Hc, k]
-            xb = whiten(vb, inv_pooled[hs])  # [n_b, Hc, k]
+                xa = store.head_view(
+                    task_a, layer, block, hsel[hs], inv_pooled[hs], slice(0, n_a), self.device
+                )
+                xb = store.head_view(
+                    task_b, layer, block, hsel[hs], inv_pooled[hs], slice(0, n_b), self.device
+                )
+            mean_a, mean_b = xa.mean(0), xb.mean(0)  # [Hc, k']
+            c_parts.append(conflict_cosine(mean_a, mean_b, torch.ones_like(mean_a)).cpu())
+            if not self.run_stats:
+                continue
             gram, finite = pooled_gram(xa, xb)  # [Hc, n, n] float64, [Hc]
             with warnings.catch_warnings():
                 # Degenerate cells (a head without gradient in one task) are counted and reported
@@ -622,7 +673,11 @@ class QKOVInterferenceMetric:
             e_parts.append(res.effect_size.double().cpu())
             x_parts.append(res.n_extreme.cpu())
             n_deg += int(res.degenerate.sum())
-        return torch.cat(p_parts), torch.cat(e_parts), torch.cat(x_parts), n_deg, candidates
+        cosine = torch.cat(c_parts)
+        if not self.run_stats:
+            ones = torch.ones(n_h, dtype=torch.float64)
+            return cosine, ones, ones * 0, torch.zeros(n_h, dtype=torch.long), 0, []
+        return cosine, torch.cat(p_parts), torch.cat(e_parts), torch.cat(x_parts), n_deg, candidates
 
     def _significance(
         self,
@@ -745,16 +800,23 @@ class QKOVInterferenceMetric:
         return out
 
     # ------------------------------------------------------------------ collector access
-    def _stored(self, task: str, max_samples: int | None) -> tuple[list, dict[str, Tensor]]:
-        ids, grads = self.collector.stored_gradients(task)
+    def _require_store(self) -> GradientStore:
+        store = self.store
+        if store is None:
+            raise TypeError(
+                f"{type(self.collector).__name__} has no gradient store (`.store`, a "
+                "fisher_callbacks.store.GradientStore): pass a FisherCollector"
+            )
+        return store
+
+    def _stored(self, task: str, max_samples: int | None) -> list:
+        """TRUE ids of the stored rows used (the first ``max_samples``)."""
+        ids = self._require_store().ids(task)
         if max_samples is not None:
             if max_samples < 0:
                 raise ValueError(f"max_samples must be >= 0, got {max_samples}")
-            ids = list(ids)[:max_samples]
-            grads = {name: g[:max_samples] for name, g in grads.items()}
-        if not ids:
-            return [], {}
-        return list(ids), grads
+            ids = ids[:max_samples]
+        return list(ids)
 
     def _fisher(self, task: str) -> dict[str, Tensor]:
         """The collector's contribution Fisher of ``task`` (``{}`` without samples)."""
@@ -771,70 +833,6 @@ class QKOVInterferenceMetric:
             # The collector warns with its own threshold; the warning above uses this metric's.
             warnings.simplefilter("ignore")
             return self.collector.fisher(task)
-
-    def _head_index(
-        self, layer: int, block: str, hsel: Tensor, cache: dict[tuple, tuple[Tensor, int | None]]
-    ) -> list[tuple[str, Tensor, int | None]]:
-        """Flat positions of the selected heads' entries: ``[(name, index [Hb, k_e], start)]``.
-
-        The positions come from ``layout.head_view`` applied to an index map of the parameter, so
-        the layout stays the one place that knows where heads live; a gather with them
-        (:meth:`_rows`) is one ``index_select`` per tensor, or a plain view when the positions
-        are one contiguous range (``start``; e.g. the rows of a Linear Q/K/V weight). Layers with
-        the same head pattern share the index (``cache``, one heatmap call).
-        """
-        entries = []
-        for name, is_bias in self.layout.block_entries(layer, block):
-            shape = tuple(self.layout.param_shapes[name])
-            spec = self.layout.spec(layer, block)
-            key = (shape, is_bias, spec.axis, spec.index.numpy().tobytes(), tuple(hsel.tolist()))
-            if key not in cache:
-                numel = math.prod(shape)
-                dtype = torch.int32 if numel < 2**31 else torch.long
-                positions = torch.arange(numel, dtype=dtype).view(shape)
-                view = self.layout.head_view(positions, layer, block, bias=is_bias)  # [H, k_e]
-                index = view.index_select(0, hsel).contiguous()  # [Hb, k_e]
-                flat = index.reshape(-1)
-                start = int(flat[0]) if flat.numel() else 0
-                contiguous = torch.equal(flat, torch.arange(start, start + flat.numel(), dtype=dtype))
-                cache[key] = (index, start if contiguous else None)
-            entries.append((name, *cache[key]))
-        return entries
-
-    def _rows(
-        self,
-        tensors: Mapping[str, Tensor],
-        entries: list[tuple[str, Tensor, int | None]],
-        task: str,
-        rows: slice | None = None,
-    ) -> Tensor:
-        """Gather the head entries of ``tensors`` (``[..., *shape]``): ``[..., Hb, k]`` fp32.
-
-        ``rows`` slices the leading (sample) dim first; weight and bias entries are concatenated
-        along the last dim. The result is on the computation device; it may be a view of the
-        stored tensor (never modify it in place).
-        """
-        parts = []
-        for name, index, start in entries:
-            _require(tensors, name, task)
-            x = tensors[name]
-            shape = tuple(self.layout.param_shapes[name])
-            if tuple(x.shape[x.dim() - len(shape) :]) != shape:
-                raise ValueError(
-                    f"task {task!r}: tensor of shape {tuple(x.shape)} for {name!r} does not end "
-                    f"with the parameter shape {shape}"
-                )
-            if rows is not None:
-                x = x[rows]
-            lead = x.shape[: x.dim() - len(shape)]
-            flat = x.reshape(*lead, -1)
-            if start is not None:
-                picked = flat.narrow(-1, start, index.numel())
-            else:
-                picked = flat.index_select(-1, index.reshape(-1).to(x.device))
-            parts.append(picked.reshape(*lead, *index.shape))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        return out.to(self.device, ACCUM_DTYPE)
 
     def _check_layers(self, layers: Sequence[int] | None) -> list[int]:
         n = self.layout.num_layers

@@ -23,6 +23,7 @@ from ..fisher import FisherCollector, _collective_device
 from ..layouts import AttentionLayout, canonical_name
 from ..layouts.base import frozen_message
 from ..losses import LossType, infer_loss_type, reduction_scale
+from ..store import DEFAULT_SKETCH_DIM
 from ._boundary import BoundaryCallback
 from ._ranks import WarningRelay, distributed, log_agreed
 
@@ -103,7 +104,15 @@ class FisherMonitor(BoundaryCallback):
         ema_every_n_steps: EMA update period on non-flagged steps.
         probe_max_samples: cap on samples per probe set and boundary.
         loss_type: per-sample loss (inferred from the model head when ``None``).
-        seed: seeds subsampling, reservoirs and true-Fisher labels.
+        seed: seeds subsampling, reservoirs, true-Fisher labels and sketch projections.
+        store: ``"auto"`` (default: ``"sketch"`` when the exact store cannot keep
+            ``min_samples_for_fisher`` samples per task, for the training task plus the reference
+            tasks, within ``gradient_memory_mb``), ``"exact"`` or ``"sketch"``; see
+            :class:`~fisher_callbacks.store.SketchStore`. With sketches, the whitening Fisher is
+            frozen from the first captured step (all-reduced over DDP ranks) and refreshed at
+            every validation boundary after the Fisher sync, before the probe passes.
+        sketch_dim: numbers per (layer, block, head) slice of a sketched sample.
+        min_samples_for_fisher: the collector's threshold (also the ``"auto"`` rule's).
         checkpoint_store: keep the stored per-sample gradients (rows and ids) in checkpoints.
             ``False`` saves ``n_stored * P * itemsize`` bytes per task (see the README's
             checkpoint-overhead formula); a resumed run keeps every Fisher sum, count and EMA but
@@ -142,6 +151,9 @@ class FisherMonitor(BoundaryCallback):
         seed: int = 0,
         checkpoint_store: bool = True,
         include_bias: bool | None = None,
+        store: str = "auto",
+        sketch_dim: int = DEFAULT_SKETCH_DIM,
+        min_samples_for_fisher: int = 10,
     ) -> None:
         if capture_every_n_steps < 0 or ema_samples_per_step < 0 or ema_every_n_steps < 1:
             raise ValueError(
@@ -171,6 +183,9 @@ class FisherMonitor(BoundaryCallback):
         self.seed = seed
         self.checkpoint_store = checkpoint_store
         self.include_bias = include_bias
+        self.store = store
+        self.sketch_dim = sketch_dim
+        self.min_samples_for_fisher = min_samples_for_fisher
 
         self.layout: AttentionLayout | None = None
         self.collector: FisherCollector | None = None
@@ -245,6 +260,10 @@ class FisherMonitor(BoundaryCallback):
             max_samples_per_task=self.max_samples_per_task,
             loss_type=self.loss_type,
             seed=self.seed,
+            store=self.store,
+            sketch_dim=self.sketch_dim,
+            min_samples_for_fisher=self.min_samples_for_fisher,
+            expected_tasks=1 + len(self.reference_tasks),
         )
         self.capture = PerSampleGradientCapture(pl_module, self.layout).attach()
 
@@ -350,6 +369,10 @@ class FisherMonitor(BoundaryCallback):
         labels = batch["labels"]
         nonfinite = self.capture.nonfinite  # checked in the hooks on the small factors
         grads = self.capture.pop()  # already rescaled inside the hooks
+        if pending["flagged"] and self.collector.needs_whitening:
+            # Every rank reaches this at the same (first flagged) step: a collective.
+            usable = bool(grads) and not nonfinite
+            self.collector.initial_whitening(grads if usable else None, valid[rows] if usable else None)
         if not grads:
             return
         # AMP overflow: the whole step is skipped. A batch without any target token (all labels
@@ -435,6 +458,7 @@ class FisherMonitor(BoundaryCallback):
         self.resolve(pl_module)
         self._probe_step = trainer.global_step
         self.collector.sync([t for t in self.collector.tasks if t not in self.reference_tasks])
+        self.collector.freeze_whitening()  # sketch store: the probe sets use this boundary's Fisher
         for task in self.reference_tasks:
             try:
                 batches = self.probe_batches(task)

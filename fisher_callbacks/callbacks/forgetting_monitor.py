@@ -623,6 +623,8 @@ class ForgettingRiskMonitor(BoundaryCallback):
     def _damage(self, task: str, fisher_a: dict, grad_a: dict, prefix: str) -> dict[str, float]:
         collector = self.fisher_monitor.collector
         train = self.fisher_monitor.train_task
+        if not collector.store.entrywise:  # sketches: no per-entry task-B mean gradient
+            return {}
         key = self.fisher_monitor.train_key(train)  # the training side, never the probe set
         _, rows = collector.stored_gradients(key)
         if not rows or not fisher_a:

@@ -137,10 +137,19 @@ class QKOVInterferenceMonitor(BoundaryCallback):
         if collector is None:
             return
         self._check_pairs()
+        variant = self.variant
+        store = getattr(collector, "store", None)
+        if store is not None and not store.entrywise and variant != "signed":
+            # Sketches keep inner products only; every head map and test is variant-independent.
+            self._relay.warn(
+                f"variant={variant!r} needs per-entry gradients; the "
+                f"FisherMonitor keeps sketches (store={store.kind!r}), so pair scores are 'signed'"
+            )
+            variant = "signed"
         metric = QKOVInterferenceMetric(
             self.fisher_monitor.layout,
             collector,
-            variant=self.variant,
+            variant=variant,
             fisher=self.fisher,
             n_permutations=self.n_permutations,
             max_permutations=self.max_permutations,
@@ -234,10 +243,10 @@ class QKOVInterferenceMonitor(BoundaryCallback):
             ),
             # Blocks differ by orders of magnitude here (V/O scores dwarf Q/K): one colour
             # scale per block, said on every bar.
-            f"{self.variant}_score": plot_layer_head_heatmaps(
+            f"{heatmap.variant}_score": plot_layer_head_heatmaps(
                 {b: heatmap[b]["layer_head_avg"] for b in BLOCKS},
-                title=f"{self.variant.capitalize()} score {pair}, step {step} (mean over pairs)",
-                value_label=_SCORE_UNITS[self.variant],
+                title=f"{heatmap.variant.capitalize()} score {pair}, step {step} (mean over pairs)",
+                value_label=_SCORE_UNITS[heatmap.variant],
                 shared_scale=False,
                 **nan,
             ),

@@ -480,11 +480,21 @@ class AttentionLayout:
             return t.narrow(axis, int(rows[0]), self.head_dim)
         return t.index_select(axis, rows.to(t.device))
 
-    def head_view(self, t: torch.Tensor, layer: int, block: str, bias: bool = False) -> torch.Tensor:
+    def head_view(
+        self,
+        t: torch.Tensor,
+        layer: int,
+        block: str,
+        bias: bool = False,
+        order: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """All heads of a block at once, flattened per head.
 
         Args:
             t: ``[..., *param.shape]`` (see :meth:`head_slice`).
+            order: optional ``[H_block, head_dim]`` permutation of each head's rows/columns along
+                the head axis (entry ``[h, i]`` picks the head's ``order[h, i]``-th one); the
+                sketch store folds slices in a random row order at no extra cost.
 
         Returns:
             ``[..., H_block, per_head_numel]`` with ``H_block = heads_in_block(block)``; entry
@@ -495,8 +505,8 @@ class AttentionLayout:
         spec = self.spec(layer, block)
         axis, name = self._axis_in(t, spec, bias)
         lead = t.dim() - len(self.param_shapes[name])
-        idx = spec.index.reshape(-1)
-        sel = t.index_select(axis, idx.to(t.device))  # [..., *shape with H_block*d on axis]
+        idx = spec.index if order is None else spec.index.gather(1, order.to(spec.index.device))
+        sel = t.index_select(axis, idx.reshape(-1).to(t.device))  # [..., *shape with H_block*d on axis]
         sel = sel.movedim(axis, lead)  # [..., H_block*d, *rest]
         h = spec.num_heads
         return sel.reshape(*t.shape[:lead], h, -1)  # [..., H_block, d * prod(rest)]

@@ -1,0 +1,212 @@
+"""Scale: what one stored sample costs, how many fit in 512 MB, a flagged step and a boundary.
+
+Models are built from configs (random weights; cost does not depend on them):
+
+- ``tiny``: Llama-GQA, 4 layers, hidden 256, 8 heads, 2 KV heads;
+- ``135m``: Llama-GQA as SmolLM-135M: hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate
+  1536, vocab 49152;
+- ``1b``: Llama, hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab 32000.
+
+Per model and store (``exact``, ``sketch`` at the default ``sketch_dim``) it prints:
+
+- bytes per stored sample and samples per task in 512 MB (1 and 2 tasks), from the collector
+  (the 1B and 7B rows use a model on the ``meta`` device: no weights are allocated);
+- the flagged-step ratio: forward + backward + SGD step with per-sample capture, Fisher sum, EMA
+  and the store's ingest, against a plain step (forward + backward + SGD), interleaved in one
+  process (median over ``--repeats``); B = 4, T = 128;
+- boundary seconds: one ``compute_heatmap`` of a task pair with the stored samples (64 per task
+  for sketches; what fits for the exact store), signed scores, 200 permutations.
+
+Run: ``python benchmarks/bench_scale.py [--models tiny,135m] [--repeats 3] [--threads 2]``.
+The 1B flagged step (4 GB of weights, minutes per step on 2 CPU cores) runs only with
+``--models ...,1b`` and is skipped when the host has under 24 GB of RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import torch
+from common import interleaved
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from fisher_callbacks.capture import PerSampleGradientCapture
+from fisher_callbacks.fisher import FisherCollector
+from fisher_callbacks.interference import QKOVInterferenceMetric
+from fisher_callbacks.layouts import AttentionLayout
+from fisher_callbacks.losses import reduction_scale
+
+CONFIGS = {
+    "tiny": dict(
+        num_hidden_layers=4,
+        hidden_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1024,
+        vocab_size=512,
+    ),
+    "135m": dict(
+        num_hidden_layers=30,
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "1b": dict(
+        num_hidden_layers=16,
+        hidden_size=2048,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=32000,
+    ),
+    "7b": dict(  # Llama-2-7B shape (paper rows only)
+        num_hidden_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+    ),
+    "8b-gqa": dict(  # Llama-3-8B shape (paper rows only)
+        num_hidden_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+    ),
+}
+B, T = 4, 128
+
+
+def build(name: str, device: str = "cpu"):
+    cfg = AutoConfig.for_model("llama", max_position_embeddings=T, **CONFIGS[name])
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(cfg).float()
+
+
+def memory_rows(name: str) -> None:
+    model = build(name, "meta")
+    layout = AttentionLayout.from_model(model)
+    for store in ("exact", "sketch"):
+        c = FisherCollector(model, layout, store=store)
+        per = c.bytes_per_sample
+        print(
+            f"  {name:7s} {store:6s} bytes/sample {per / 2**20:9.3f} MB   samples/task in 512 MB: "
+            f"1 task {c.store.capacity_per_task(1):6d}, 2 tasks {c.store.capacity_per_task(2):6d}"
+        )
+
+
+def batch(vocab: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def step_rows(name: str, repeats: int) -> None:
+    model = build(name)
+    layout = AttentionLayout.from_model(model)
+    vocab = CONFIGS[name]["vocab_size"]
+    data = batch(vocab, 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    capture = PerSampleGradientCapture(model, layout).attach()
+    collectors = {
+        s: FisherCollector(model, layout, store=s, max_samples_per_task=64) for s in ("exact", "sketch")
+    }
+    scale = reduction_scale(data["labels"], "causal_lm", "token_mean")
+    counter = {"id": 0}
+
+    def plain() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(**data).loss.backward()
+        opt.step()
+
+    def flagged(store: str):
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            capture.arm(scale=scale)
+            model(**data).loss.backward()
+            grads = capture.pop()
+            ids = list(range(counter["id"], counter["id"] + B))
+            counter["id"] += B
+            collectors[store].add_gradients(grads, "train", ids, update_ema=True, check_finite=False)
+            del grads
+            opt.step()
+
+        return run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        times = interleaved(
+            {"plain": plain, "exact": flagged("exact"), "sketch": flagged("sketch")}, repeats, warmup=1
+        )
+    for store in ("exact", "sketch"):
+        print(
+            f"  {name:7s} {store:6s} flagged step {times[store] / times['plain']:.2f}x "
+            f"(plain {times['plain']:.2f} s, flagged {times[store]:.2f} s, median of {repeats})"
+        )
+    # boundary: fill a second task to 64 samples (copies of captured rows with new ids and random
+    # scales) and time one heatmap of the pair with the tests
+    for store, collector in collectors.items():
+        opt.zero_grad(set_to_none=True)
+        capture.arm(scale=scale)
+        model(**data).loss.backward()
+        grads = capture.pop()
+        g = torch.Generator().manual_seed(1)
+        cap = collector.store.capacity_per_task(2)
+        for task in ("train", "ref"):
+            while collector.num_stored(task) < min(64, cap):
+                factor = torch.randn(B, generator=g)
+                scaled = {n: x * factor.view(-1, *([1] * (x.dim() - 1))) for n, x in grads.items()}
+                ids = list(range(counter["id"], counter["id"] + B))
+                counter["id"] += B
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    collector.add_gradients(scaled, task, ids, check_finite=False)
+                del scaled
+        metric = QKOVInterferenceMetric(None, collector, variant="signed", n_permutations=200)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            metric.compute_heatmap("ref", "train")
+        sec = time.perf_counter() - t0
+        print(
+            f"  {name:7s} {store:6s} boundary heatmap {sec:.2f} s "
+            f"({collector.num_stored('ref')} x {collector.num_stored('train')} samples, signed, 200 perms, "
+            f"store {collector.stored_bytes / 2**20:.0f} MB)"
+        )
+        del grads
+    capture.remove()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="tiny,135m")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    models = args.models.split(",")
+    print(f"bench_scale: B={B}, T={T}, SGD, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("bytes per stored sample and samples per task in 512 MB (default sketch_dim):")
+    for name in ("tiny", "135m", "1b", "7b", "8b-gqa"):
+        memory_rows(name)
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    print("flagged step (ratio to a plain step, interleaved) and boundary seconds:")
+    for name in models:
+        if name == "1b" and ram_gb < 24:
+            print(f"  1b      skipped: {ram_gb:.0f} GB RAM here (24 GB needed: weights, grads, activations)")
+            continue
+        step_rows(name, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
