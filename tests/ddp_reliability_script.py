@@ -2,7 +2,7 @@
 
 ``ddp OUT``: strategy="ddp" with probe sets split unevenly: "general" has 8 samples on rank 0 and
 none on rank 1, "shaky" has 8 samples on rank 0 and a loader that raises on rank 1; a tiny
-stop_threshold stops the run at the first boundary. Each rank writes ``OUT/rank{r}.pt``.
+stop_threshold stops the run (per-step forecast or first boundary). Each rank writes ``OUT/rank{r}.pt``.
 
 ``ddp_spawn OUT``: strategy="ddp_spawn" (the callbacks are pickled to the children); every child
 writes ``OUT/rank{r}.pt`` at train end and the parent writes ``OUT/parent.pt`` after ``fit``.

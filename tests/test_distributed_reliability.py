@@ -51,7 +51,8 @@ def test_ddp_uneven_and_failing_probe_sets_on_one_rank(tmp_path):
     note = "probe pass on 'shaky' failed on this rank"
     failed = [line for line in proc.stderr.splitlines() if note in line]
     assert len(failed) == 1 and "[rank 1]" in failed[0], proc.stderr[-3000:]
-    assert r0["global_step"] == r1["global_step"] == 2  # stopped at the first boundary
+    # stopped together, by the per-step forecast (step 1) or at the first boundary (step 2)
+    assert r0["global_step"] == r1["global_step"] and r0["global_step"] in (1, 2)
     assert proc.stderr.count("stopping at step") == 1, proc.stderr[-3000:]
 
 

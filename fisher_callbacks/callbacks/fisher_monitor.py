@@ -461,8 +461,7 @@ class FisherMonitor(BoundaryCallback):
         self.collector.freeze_whitening()  # sketch store: the probe sets use this boundary's Fisher
         for task in self.reference_tasks:
             try:
-                batches = self.probe_batches(task)
-                self.probe[task] = self.run_probe(pl_module, task, batches, trainer.global_step)
+                self.probe[task] = self.run_probe(pl_module, task, None, trainer.global_step)
             except Exception as err:
                 self._fail_once(f"probe pass on {task!r} failed: {err!r}", keep_capturing=True)
 
@@ -482,9 +481,8 @@ class FisherMonitor(BoundaryCallback):
                 if self.probe_max_samples is not None and n >= self.probe_max_samples:
                     break
                 batch = _to_device(batch, torch.device("cpu"))
-                if self.probe_max_samples is not None:
-                    room = self.probe_max_samples - n
-                    batch = {k: v[:room] if torch.is_tensor(v) else v for k, v in batch.items()}
+                if self.probe_max_samples is not None:  # tensors and per-sample lists (ids) alike
+                    batch = _head(batch, batch["labels"].shape[0], self.probe_max_samples - n)
                 batches.append(batch)
                 n += int(batch["labels"].shape[0]) if "labels" in batch else 0
             self._probe_batches[task] = batches
@@ -494,11 +492,14 @@ class FisherMonitor(BoundaryCallback):
         self,
         pl_module: pl.LightningModule,
         task: str,
-        loader: DataLoader,
+        loader: DataLoader | Sequence[Mapping[str, Any]] | None,
         step: int,
         sum_params: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Per-sample probe pass over ``loader``: refreshes ``task`` in the collector.
+
+        ``loader=None`` probes the task's fixed probe batches (:meth:`probe_batches`), what the
+        monitors do at every boundary.
 
         Under DDP a collective (every rank must call it for the same tasks in the same order):
         each rank probes its loader, then the losses, gradient sums, counts and the probe Fisher
@@ -525,7 +526,10 @@ class FisherMonitor(BoundaryCallback):
         losses: list[torch.Tensor] = []
         total: dict[str, torch.Tensor] = {}
         try:
-            self._probe_local(pl_module, task, loader, params, losses, total)
+            # The fixed batches are drawn inside the try: a rank whose loader fails still joins
+            # the reduction below (a collective), contributing nothing.
+            source = self.probe_batches(task) if loader is None else loader
+            self._probe_local(pl_module, task, source, params, losses, total)
         except Exception as err:
             if not distributed():
                 raise

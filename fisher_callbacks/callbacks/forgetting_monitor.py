@@ -245,9 +245,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
                 self._prev = self._snapshot(pl_module)
                 for task in self.reference_tasks:
                     try:
-                        probe = self.fisher_monitor.run_probe(
-                            pl_module, task, self.fisher_monitor.probe_batches(task), trainer.global_step
-                        )
+                        probe = self.fisher_monitor.run_probe(pl_module, task, None, trainer.global_step)
                     except Exception as err:
                         self._relay.warn(f"no probe gradient for {task!r} at resume ({err!r})")
                         continue
@@ -261,9 +259,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._prev = self._snapshot(pl_module)
         for task in self.reference_tasks:
             try:
-                probe = self.fisher_monitor.run_probe(
-                    pl_module, task, self.fisher_monitor.probe_batches(task), trainer.global_step
-                )
+                probe = self.fisher_monitor.run_probe(pl_module, task, None, trainer.global_step)
             except Exception as err:
                 self._relay.warn(f"no anchor for {task!r} ({err!r}); not watched")
                 continue
@@ -692,7 +688,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
                 "anchor": self._fc_anchor,
                 "curvature": self._fc_curv,
                 "along": self._fc_along,
-                "delta": self._fc_delta,
+                "delta": self._fc_delta if self.checkpoint_params else None,  # P_pred numbers
                 "series": self._fc_series,
                 "fired": self._fc_fired,
                 "step": self._fc_step,
