@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from abc import ABC, abstractmethod
 from typing import Any
 
 import lightning.pytorch as pl
@@ -87,7 +88,7 @@ def validation_due(trainer: pl.Trainer) -> bool:
         return False
 
 
-class BoundaryCallback(Callback):
+class BoundaryCallback(Callback, ABC):
     """Base of the suite's monitors: calls ``_boundary`` whenever a boundary happens (see above).
 
     Subclasses implement ``_boundary(trainer, pl_module)``, put ``self._boundary_state()`` into
@@ -98,8 +99,9 @@ class BoundaryCallback(Callback):
     _pending_boundary: int | None = None  # restored: a boundary the checkpoint was written before
     _validates: bool = True
 
+    @abstractmethod
     def _boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement _boundary")
+        """Evaluate one boundary (probe passes, maps, forgetting) at ``trainer.global_step``."""
 
     def _run_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._boundary_step = trainer.global_step
