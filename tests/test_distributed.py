@@ -3,12 +3,10 @@ and logs figures once."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from ddp_run import run_ddp_script
 
 import fisher_callbacks as fc
 from lightning_examples.synthetic import SyntheticTasks, TinyGPT, collate
@@ -18,16 +16,7 @@ SCRIPT = Path(__file__).with_name("ddp_fisher_script.py")
 
 def test_ddp_fisher_equals_single_process(tmp_path):
     out = tmp_path / "fisher.pt"
-    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(tmp_path / "logs")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ddp_script(SCRIPT, out, tmp_path / "logs", cwd=tmp_path)
     res = torch.load(out, weights_only=False)
     assert res["world"] == 2
     ids = [i for rank_ids in res["ids"] for i in rank_ids]

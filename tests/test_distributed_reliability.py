@@ -4,13 +4,12 @@ pickled to the children; what the parent gets back)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ddp_run import run_ddp_script
 
 SCRIPT = Path(__file__).with_name("ddp_reliability_script.py")
 
@@ -18,19 +17,7 @@ SCRIPT = Path(__file__).with_name("ddp_reliability_script.py")
 def _run(mode: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict[str, dict]]:
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), mode, str(out)],
-            capture_output=True,
-            text=True,
-            timeout=420,
-            env=env,
-            cwd=tmp_path,
-        )
-    except subprocess.TimeoutExpired as err:  # a collective on one rank only blocks forever
-        pytest.fail(f"{mode} run hung: {str(err.stderr)[-3000:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_ddp_script(SCRIPT, mode, out, cwd=tmp_path, timeout=420)
     return proc, {p.stem: torch.load(p, weights_only=False) for p in out.glob("*.pt")}
 
 

@@ -5,15 +5,13 @@ head), state round trips, the store="auto" rule, duplicate ids, and a real Train
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from ddp_run import run_ddp_script
 from test_interference import _micro_batch_grads, _null_parameters, _planted_layout, _PlantedModel
 from tiny_models import lm_batch, tiny_causal_lm
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -387,16 +385,7 @@ def test_ddp_two_ranks_give_the_sketches_of_one_process(tmp_path):
     every stored sketch equals the one a single process makes of the same sample."""
     script = Path(__file__).with_name("ddp_sketch_script.py")
     out = tmp_path / "sketch.pt"
-    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ddp_script(script, out, cwd=tmp_path)
     res = torch.load(out, weights_only=False)
     assert res["world"] == 2
     model = TinyGPT(n_layer=2, n_head=4, n_embd=32, pretrain_steps=0, lr=0.0)
