@@ -41,21 +41,26 @@ def run(kind: str, batch: int, seq: int, repeats: int, ema_k: int = 4) -> None:
         zero()
         model(**data).loss.backward()
 
-    def flagged():
+    counter = iter(range(10**9))
+
+    def flagged():  # as FisherMonitor: streamed from the hooks into the collector's ingest
         capture.attach()
         zero()
-        capture.arm(scale=scale)
+        ingest = collector.ingest(["flagged"] * batch, [next(counter) for _ in range(batch)], ema=True)
+        capture.arm(scale=scale, sink=ingest, chunk=batch)
         model(**data).loss.backward()
-        grads = capture.pop()
-        collector.add_gradients(grads, "flagged", update_ema=True, check_finite=False)
+        ingest.commit()
+        capture.disarm()
 
     def ema_step():
         capture.attach()
         zero()
         idx = torch.randperm(batch)[:ema_k]
-        capture.arm(idx, scale=scale[idx])
+        ingest = collector.ingest(["train"] * ema_k, fisher=False, ema=True, store=False)
+        capture.arm(idx, scale=scale[idx], sink=ingest, chunk=ema_k)
         model(**data).loss.backward()
-        collector.update_ema_from_gradients(capture.pop(), "train", check_finite=False)
+        ingest.commit()
+        capture.disarm()
 
     def disarmed():
         capture.attach()

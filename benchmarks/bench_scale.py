@@ -18,14 +18,17 @@ Per model and store (``exact``, ``sketch`` at the default ``sketch_dim``) it pri
   for sketches; what fits for the exact store), signed scores, 200 permutations.
 
 Run: ``python benchmarks/bench_scale.py [--models tiny,135m] [--repeats 3] [--threads 2]``.
-The 1B flagged step (4 GB of weights, minutes per step on 2 CPU cores) runs only with
-``--models ...,1b`` and is skipped when the host has under 24 GB of RAM.
+The 1B flagged step (4 GB of weights, tens of seconds per step on 2 CPU cores; sketch store only,
+no whole-batch variant, to fit in 16 GB) runs only with
+``--models ...,1b`` and is skipped when the host has under 16 GB of RAM.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import resource
 import time
 import warnings
 
@@ -38,6 +41,7 @@ from fisher_callbacks.fisher import FisherCollector
 from fisher_callbacks.interference import QKOVInterferenceMetric
 from fisher_callbacks.layouts import AttentionLayout
 from fisher_callbacks.losses import reduction_scale
+from fisher_callbacks.store import exact_bytes_per_sample
 
 CONFIGS = {
     "tiny": dict(
@@ -111,6 +115,11 @@ def batch(vocab: int, seed: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def step_rows(name: str, repeats: int) -> None:
     model = build(name)
     layout = AttentionLayout.from_model(model)
@@ -118,39 +127,97 @@ def step_rows(name: str, repeats: int) -> None:
     data = batch(vocab, 0)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     capture = PerSampleGradientCapture(model, layout).attach()
-    collectors = {
-        s: FisherCollector(model, layout, store=s, max_samples_per_task=64) for s in ("exact", "sketch")
-    }
+    # The 1B model (4.4 GB of weights, as much again of gradients): the sketch store only, no
+    # whole-batch variant (its [B, all monitored weights] alone is 2.7 GB), to fit in 24 GB.
+    light = name == "1b"
+    stores = ("sketch",) if light else ("exact", "sketch")
+    collectors = {s: FisherCollector(model, layout, store=s, max_samples_per_task=64) for s in stores}
+    exact_bytes = exact_bytes_per_sample(layout, torch.float32)
     scale = reduction_scale(data["labels"], "causal_lm", "token_mean")
     counter = {"id": 0}
+    largest = max(math.prod(s) for s in collectors["sketch"].param_shapes.values()) * 4
 
     def plain() -> None:
         opt.zero_grad(set_to_none=True)
         model(**data).loss.backward()
         opt.step()
 
-    def flagged(store: str):
+    def flagged(store: str, chunk: int | None):
+        """What FisherMonitor does on a flagged step: the hooks stream each projection's
+        per-sample gradients, ``chunk`` samples at a time, into the collector's ingest."""
+
         def run() -> None:
             opt.zero_grad(set_to_none=True)
-            capture.arm(scale=scale)
-            model(**data).loss.backward()
-            grads = capture.pop()
             ids = list(range(counter["id"], counter["id"] + B))
             counter["id"] += B
-            collectors[store].add_gradients(grads, "train", ids, update_ema=True, check_finite=False)
-            del grads
+            ingest = collectors[store].ingest(["train"] * B, ids, fisher=True, ema=True, store=True)
+            capture.arm(scale=scale, sink=ingest, chunk=chunk)
+            model(**data).loss.backward()
+            ingest.commit()
+            capture.disarm()
             opt.step()
 
         return run
 
+    def buffered() -> None:
+        """The whole-batch path (``[B, all monitored weights]`` held, then filed)."""
+        opt.zero_grad(set_to_none=True)
+        capture.arm(scale=scale)
+        model(**data).loss.backward()
+        grads = capture.pop()
+        ids = list(range(counter["id"], counter["id"] + B))
+        counter["id"] += B
+        collectors["sketch"].add_gradients(grads, "train", ids, update_ema=True, check_finite=False)
+        del grads
+        opt.step()
+
+    variants = {"sketch": flagged("sketch", 1)}
+    if not light:
+        variants = {
+            "exact": flagged("exact", None),
+            **variants,
+            "sketch, chunk 4": flagged("sketch", 4),
+            "sketch, buffered": buffered,
+        }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        times = interleaved(
-            {"plain": plain, "exact": flagged("exact"), "sketch": flagged("sketch")}, repeats, warmup=1
-        )
-    for store in ("exact", "sketch"):
+        # Memory. The sink sees every tensor the hooks make: the largest is the transient a
+        # streamed step holds (one chunk of one projection). Peak RSS after warm-up (collector
+        # state allocated, first whitening set) then shows what each path adds on top.
+        plain()
+        for _ in range(3):
+            flagged("sketch", 1)()
+        largest_seen = {"bytes": 0}
+        ingest = collectors["sketch"].ingest(["train"] * B, list(range(-B, 0)), ema=True)
+
+        def recording(n, g, start):
+            largest_seen["bytes"] = max(largest_seen["bytes"], g.numel() * g.element_size())
+            ingest(n, g, start)
+
+        recording.head_major = ingest.head_major
+        opt.zero_grad(set_to_none=True)
+        capture.arm(scale=scale, sink=recording, chunk=1)
+        model(**data).loss.backward()
+        ingest.commit()
+        capture.disarm()
+        base = peak_rss_mb()
+        flagged("sketch", 1)()
+        streamed = peak_rss_mb()
+        if not light:
+            buffered()
+        whole = peak_rss_mb()
         print(
-            f"  {name:7s} {store:6s} flagged step {times[store] / times['plain']:.2f}x "
+            f"  {name:7s} memory: largest tensor a streamed step (chunk 1) hands over "
+            f"{largest_seen['bytes'] / 2**20:.1f} MB (one sample of the largest projection "
+            f"{largest / 2**20:.1f} MB); store {collectors['sketch'].stored_bytes / 2**20:.0f} MB "
+            f"(cap 512 MB); peak RSS growth after warm-up: streamed step +{streamed - base:.0f} MB, "
+            f"buffered step +{whole - streamed:.0f} MB (B x all monitored weights: "
+            f"{B * exact_bytes / 2**20:.0f} MB{', not run' if light else ''})"
+        )
+        times = interleaved({"plain": plain, **variants}, repeats, warmup=1)
+    for store in variants:
+        print(
+            f"  {name:7s} {store:17s} flagged step {times[store] / times['plain']:.2f}x "
             f"(plain {times['plain']:.2f} s, flagged {times[store]:.2f} s, median of {repeats})"
         )
     # boundary: fill a second task to 64 samples (copies of captured rows with new ids and random
@@ -202,8 +269,8 @@ def main() -> None:
     ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     print("flagged step (ratio to a plain step, interleaved) and boundary seconds:")
     for name in models:
-        if name == "1b" and ram_gb < 24:
-            print(f"  1b      skipped: {ram_gb:.0f} GB RAM here (24 GB needed: weights, grads, activations)")
+        if name == "1b" and ram_gb < 16:
+            print(f"  1b      skipped: {ram_gb:.0f} GB RAM here (16 GB needed: weights, grads, Fisher state)")
             continue
         step_rows(name, args.repeats)
 

@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -34,10 +35,57 @@ from .losses import (
     per_sample_loss,
     sample_true_labels,
 )
+from .store import HeadMajor
 
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
+
+
+class GradientSink(Protocol):
+    """Where the hooks hand each projection's per-sample gradients, as soon as they exist.
+
+    ``sink(name, grad, start)`` gets ``grad``: ``[m, ...]`` fp32 of parameter ``name`` for the
+    captured samples ``start .. start + m - 1`` (scaled as :meth:`PerSampleGradientCapture.arm`
+    says), laid out as ``sink.head_major(name)`` asks: natural ``[m, *shape]`` for ``None``, else
+    ``[m, A, C]`` (:class:`~fisher_callbacks.store.HeadMajor`). The tensor is not kept by the
+    capture: a sink that needs it later must copy it.
+    """
+
+    def head_major(self, name: str) -> HeadMajor | None: ...
+
+    def __call__(self, name: str, grad: torch.Tensor, start: int) -> None: ...
+
+
+class _Buffer:
+    """The default sink: whole-batch gradients kept for :meth:`PerSampleGradientCapture.pop`."""
+
+    def __init__(self, buffers: dict[str, torch.Tensor]) -> None:
+        self.buffers = buffers
+
+    def head_major(self, name: str) -> None:
+        return None
+
+    def __call__(self, name: str, grad: torch.Tensor, start: int) -> None:
+        # several backwards in one armed window add up, as ``.grad`` does
+        self.buffers[name] = self.buffers[name] + grad if name in self.buffers else grad
+
+
+def _weight_grads(
+    module: nn.Module, x3: torch.Tensor, g3: torch.Tensor, layout: HeadMajor | None, start: int, end: int
+) -> torch.Tensor:
+    """Per-sample weight gradients of samples ``start:end`` from activations ``x3`` ``[B, T, in]``
+    and output gradients ``g3`` ``[B, T, out]``: natural ``[m, *weight.shape]``, or ``[m, A, C]``
+    in ``layout``, made by gathering the factor that carries the head axis (never the product)."""
+    x, g = x3[start:end], g3[start:end]
+    conv = _is_conv1d(module)
+    if layout is None:
+        return torch.bmm(x.transpose(1, 2), g) if conv else torch.bmm(g.transpose(1, 2), x)
+    heads_on_out = (layout.axis == 1) if conv else (layout.axis == 0)
+    index = layout.index.to(x.device)
+    if heads_on_out:
+        return torch.bmm(g.index_select(-1, index).transpose(1, 2), x)  # [m, A, in]
+    return torch.bmm(x.index_select(-1, index).transpose(1, 2), g)  # [m, A, out]
 
 
 # ---------------------------------------------------------------------- torch.compile path
@@ -55,6 +103,9 @@ _IDS = itertools.count()
 @torch.library.custom_op("fisher_callbacks::tap", mutates_args=())
 def _tap(output: torch.Tensor, x: torch.Tensor, capture_id: int, slot: int) -> torch.Tensor:
     """Identity on ``output`` (a copy: custom ops may not alias inputs); ``x`` is saved."""
+    capture = _LIVE.get(capture_id)
+    if capture is not None:
+        capture._count_use(capture._slots[slot])
     return output.clone()
 
 
@@ -137,6 +188,11 @@ class PerSampleGradientCapture:
         self._samples: torch.Tensor | None = None
         self._scale: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._sink: GradientSink = _Buffer(self._buffers)
+        self.chunk: int | None = None
+        self._uses: dict[str, int] = {}  # forward uses of each module in the armed forward
+        self._flush_queued = False
+        self._shared: dict[str, torch.Tensor] = {}  # modules used twice: summed before the sink
         self.batch_size: int | None = None
         # 0-d bool tensor, AND of the finiteness of every captured factor (activation / output
         # gradient); read on the host once, by :attr:`nonfinite`, not in each hook (a host sync
@@ -173,7 +229,13 @@ class PerSampleGradientCapture:
         inf or NaN (AMP overflow). One host sync; False before any backward reached the hooks."""
         return self._finite is not None and not bool(self._finite)
 
-    def arm(self, samples: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> None:
+    def arm(
+        self,
+        samples: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        sink: GradientSink | None = None,
+        chunk: int | None = None,
+    ) -> None:
         """Capture the next backward(s).
 
         Args:
@@ -183,28 +245,47 @@ class PerSampleGradientCapture:
                 :func:`fisher_callbacks.losses.reduction_scale`: they turn a sample's share of the
                 training loss's gradient into the gradient of its own loss), applied to the small
                 output gradients inside the hooks rather than to the large results.
+            sink: where each projection's per-sample gradients go, inside its hook (see
+                :class:`GradientSink`); default: kept for :meth:`pop`.
+            chunk: with a ``sink``, samples per call (``None``: all at once). The hooks then hold
+                one projection x ``chunk`` samples at a time, never ``[B, all weights]``.
         """
-        self._buffers.clear()
-        self.batch_size = None
-        self._finite = None
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self._reset()
         self._samples = None if samples is None else samples.long()
         self._scale = None if scale is None else scale.float()
+        self._sink = sink if sink is not None else _Buffer(self._buffers)
+        self.chunk = chunk if sink is not None else None
         self._armed = True
 
     def disarm(self) -> None:
         self._armed = False
         self._samples = None
         self._scale = None
+        self._reset()
+
+    def _reset(self) -> None:
         self._buffers.clear()
+        self._sink = _Buffer(self._buffers)
+        self._uses.clear()
+        self._flush_queued = False
+        self._shared.clear()
         self.batch_size = None
+        self._finite = None
 
     @contextlib.contextmanager
-    def capturing(self, samples: torch.Tensor | None = None) -> Iterator[PerSampleGradientCapture]:
-        """Attach (if needed) and arm for the block; hooks attached here are removed on exit,
-        also when the block raises."""
+    def capturing(
+        self,
+        samples: torch.Tensor | None = None,
+        sink: GradientSink | None = None,
+        chunk: int | None = None,
+    ) -> Iterator[PerSampleGradientCapture]:
+        """Attach (if needed) and arm (see :meth:`arm`) for the block; hooks attached here are
+        removed on exit, also when the block raises."""
         was_attached = self.attached
         self.attach()
-        self.arm(samples)
+        self.arm(samples, sink=sink, chunk=chunk)
         try:
             yield self
         finally:
@@ -223,10 +304,15 @@ class PerSampleGradientCapture:
             self.batch_size = x.shape[0]
         if self._samples is not None:
             x = x.index_select(0, self._samples.to(x.device))
-        if torch.compiler.is_compiling():  # see "torch.compile path" above
+        if torch.compiler.is_compiling():  # see "torch.compile path" above (``_tap`` counts the use)
             return _tap(output, x, self._id, self._slots.index(mod_name))
+        self._count_use(mod_name)
         output.register_hook(partial(self._grad_hook, mod_name, module, x))
         return None
+
+    def _count_use(self, mod_name: str) -> None:
+        if self._armed:
+            self._uses[mod_name] = self._uses.get(mod_name, 0) + 1
 
     def _deliver(self, slot: int, x: torch.Tensor, grad: torch.Tensor) -> None:
         """Output gradient of projection ``slot`` from the compiled path (run time, eager)."""
@@ -239,6 +325,13 @@ class PerSampleGradientCapture:
         if self._samples is not None:
             go = go.index_select(0, self._samples.to(go.device))
         b = x.shape[0]
+        # A module used twice in one forward (weight sharing, R-drop) gets the sum of its uses:
+        # its per-sample gradients are summed here and reach the sink when the backward ends (a
+        # use whose output gets no gradient, e.g. DoRA's detached weight norm, never calls back).
+        shared = self._uses.get(mod_name, 1) > 1
+        if shared and not self._flush_queued:
+            self._flush_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush_shared)
         with torch.autocast(device_type=go.device.type, enabled=False):
             x3 = x.reshape(b, -1, x.shape[-1]).float()  # [B, T, in]
             g3 = go.reshape(b, -1, go.shape[-1]).float()  # [B, T, out]
@@ -249,21 +342,33 @@ class PerSampleGradientCapture:
             if self._scale is not None:
                 g3 = g3 * self._scale.to(g3.device).view(-1, 1, 1)
             target = self._targets[mod_name]
+            parts = []
             if target["weight"] is not None:
-                if _is_conv1d(module):
-                    gw = torch.bmm(x3.transpose(1, 2), g3)  # [B, in, out]
-                else:
-                    gw = torch.bmm(g3.transpose(1, 2), x3)  # [B, out, in]
-                self._accumulate(target["weight"], gw)
+                name = target["weight"]
+                layout = None if shared else self._sink.head_major(name)
+                parts.append((name, partial(_weight_grads, module, x3, g3, layout)))
             if target["bias"] is not None:
-                self._accumulate(target["bias"], g3.sum(1))  # [B, out]
+                parts.append((target["bias"], lambda s, e: g3[s:e].sum(1)))  # [m, out]
+            step = b if shared or self.chunk is None else self.chunk
+            for name, grads_of in parts:
+                if shared:
+                    g = grads_of(0, b)
+                    self._shared[name] = g if name not in self._shared else self._shared[name] + g
+                    continue
+                for start in range(0, b, step):
+                    self._sink(name, grads_of(start, min(start + step, b)), start)
 
-    def _accumulate(self, name: str, value: torch.Tensor) -> None:
-        # A module used twice in one forward (weight sharing) contributes the sum of both uses.
-        if name in self._buffers:
-            self._buffers[name] += value
-        else:
-            self._buffers[name] = value
+    def _flush_shared(self) -> None:
+        """End of a backward: hand the summed gradients of shared modules to the sink."""
+        self._flush_queued = False
+        for name in list(self._shared):
+            g = self._shared.pop(name)
+            layout = self._sink.head_major(name)
+            if layout is not None:
+                g = layout.from_natural(g)
+            step = g.shape[0] if self.chunk is None else self.chunk
+            for start in range(0, g.shape[0], step):
+                self._sink(name, g[start : start + step], start)
 
     # ------------------------------------------------------------------ results
     def pop(self) -> dict[str, torch.Tensor]:
@@ -357,6 +462,8 @@ def probe_pass(
     sum_params: dict[str, torch.Tensor] | None = None,
     forward_model: nn.Module | None = None,
     capture: PerSampleGradientCapture | None = None,
+    sink: GradientSink | None = None,
+    chunk: int | None = None,
 ) -> ProbeResult:
     """One forward and one ``torch.autograd.grad`` backward: per-sample gradients of the monitored
     weights (hooks), per-sample losses, and optionally the summed gradient of other parameters.
@@ -369,7 +476,8 @@ def probe_pass(
     reuses an attached capture of ``model`` and ``layout`` (under ``torch.compile`` it must be the
     one whose hooks the compiled graph holds; a new one is attached and removed otherwise). Without
     a ``layout``, frozen attention weights (e.g. the base weights of a LoRA model) are left out with
-    a warning.
+    a warning. With a ``sink`` (and ``chunk``, see :meth:`PerSampleGradientCapture.arm`) the
+    per-sample gradients go to the sink inside the hooks and ``grads`` is empty.
     """
     if fisher_type not in ("empirical", "true"):
         raise ValueError(f"fisher_type must be 'empirical' or 'true', got {fisher_type!r}")
@@ -394,7 +502,7 @@ def probe_pass(
             "layout.trainable_only(model) / AttentionLayout.from_model(model, trainable_only=True)"
         )
     extra = {n: p for n, p in (sum_params or {}).items() if p.requires_grad}
-    with capture.capturing(), torch.enable_grad():
+    with capture.capturing(sink=sink, chunk=chunk), torch.enable_grad():
         logits = forward_logits(forward_model, batch)
         losses, counts = per_sample_loss(logits, labels, loss_type)
         if fisher_type == "true":

@@ -12,7 +12,7 @@ What is stored per sample lives in a :class:`~fisher_callbacks.store.GradientSto
 
 - ``"exact"``: the signed ``g_i`` (C is derived; every interference variant needs the sign or
   ``|g|``) in ``storage_dtype`` under the key ``f"{task}_{id}"`` with the sample's TRUE id;
-- ``"sketch"``: per (layer, block, head) slice a ``sketch_dim``-number Kronecker sketch of the
+- ``"sketch"``: per (layer, block, head) slice a ``sketch_dim``-number CountSketch of the
   Fisher-whitened gradient (:class:`~fisher_callbacks.store.SketchStore`), so a 135M model keeps
   hundreds of samples per task where the exact store keeps 2;
 - ``"auto"`` (default): ``"sketch"`` when the exact store cannot keep ``min_samples_for_fisher``
@@ -43,7 +43,9 @@ from .store import (
     DEFAULT_SKETCH_DIM,
     ExactStore,
     GradientStore,
+    HeadMajor,
     SketchStore,
+    StagedRows,
     make_store,
     resolve_store_kind,
 )
@@ -62,6 +64,151 @@ class _TaskState:
     ema: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32, not bias-corrected
     ema_steps: int = 0
     next_id: int = 0  # running counter for samples without ids
+
+
+class Ingest:
+    """One batch's per-sample gradients on their way into a :class:`FisherCollector`.
+
+    A :class:`~fisher_callbacks.capture.GradientSink`: the capture hands it each projection's
+    per-sample gradients inside the backward hooks, one parameter (and chunk of samples) at a
+    time, and it keeps only what a step needs: per task and parameter the fp32 sum of ``g_i**2``
+    (one weight-sized tensor) and the rows the store will keep (:meth:`GradientStore.stage`;
+    a sketch is a few kB a sample). Nothing reaches the collector before :meth:`commit`, so a
+    step found non-finite after its backward is dropped whole. Made by
+    :meth:`FisherCollector.ingest`.
+
+    Args:
+        collector: the collector.
+        tasks: ``[n]`` the task of each captured sample; ``None`` leaves a sample out (no target).
+        ids: ``[n]`` TRUE sample ids, or ``None`` for the collector's running counter.
+        fisher: add the squares to the contribution Fisher (and count the samples).
+        ema: make one EMA step per task from the squares.
+        store: offer the samples to the store (needs a whitening for a sketch store).
+    """
+
+    def __init__(
+        self,
+        collector: FisherCollector,
+        tasks: Sequence[str | None],
+        ids: Sequence[SampleId] | None,
+        *,
+        fisher: bool = True,
+        ema: bool = False,
+        store: bool = True,
+    ) -> None:
+        self.collector = collector
+        self.fisher, self.ema = fisher, ema
+        n = len(tasks)
+        rows: dict[str, list[int]] = {}
+        for i, task in enumerate(tasks):
+            if task is not None:
+                rows.setdefault(task, []).append(i)
+        self.rows = {t: torch.tensor(r, dtype=torch.long) for t, r in rows.items()}
+        self.whole = {t: len(r) == n for t, r in rows.items()}  # the task has every sample
+        self._pos: dict[str, torch.Tensor] = {}  # captured sample -> position in the task's rows
+        for t, r in self.rows.items():
+            pos = torch.full((n,), -1, dtype=torch.long)
+            pos[r] = torch.arange(r.numel())
+            self._pos[t] = pos
+        for t in self.rows:
+            collector._task(t)
+        self.staged: dict[str, StagedRows] = {}
+        if store and not collector.needs_whitening:
+            device = collector._device
+            for t, r in rows.items():
+                task_ids = collector._resolve_ids(t, None if ids is None else [ids[i] for i in r], len(r))
+                self.staged[t] = collector.store.stage(t, task_ids, device)
+        self.sums: dict[str, dict[str, torch.Tensor]] = {t: {} for t in self.rows}
+        self._layout: dict[str, HeadMajor | None] = {}
+        self._received: set[str] = set()
+
+    @property
+    def received(self) -> bool:
+        """Whether any gradient reached the ingest (a backward ran through the hooks)."""
+        return bool(self._received)
+
+    @property
+    def count(self) -> int:
+        """Samples this ingest files (all tasks)."""
+        return sum(r.numel() for r in self.rows.values())
+
+    def head_major(self, name: str) -> HeadMajor | None:
+        if name not in self._layout:
+            self._layout[name] = self.collector.store.head_major(name) if self.staged else None
+        return self._layout[name]
+
+    def __call__(self, name: str, grad: torch.Tensor, start: int) -> None:
+        m = grad.shape[0]
+        self._received.add(name)
+        for task, rows in self.rows.items():
+            if self.whole[task]:
+                local, positions = None, torch.arange(start, start + m)
+            else:
+                sel = rows[(rows >= start) & (rows < start + m)]
+                if sel.numel() == 0:
+                    continue
+                local, positions = sel - start, self._pos[task][sel]
+            if self.fisher or self.ema:
+                sums = self.sums[task]
+                sums[name] = _sum_of_squares(grad, local, out=sums.get(name))
+            staged = self.staged.get(task)
+            if staged is not None:
+                g = grad if local is None else grad.index_select(0, local.to(grad.device))
+                self.collector.store.write(staged, name, g, positions)
+
+    def feed(self, grads: Mapping[str, torch.Tensor]) -> Ingest:
+        """Hand over natural whole-batch gradients ``{name: [n, *shape]}`` (no capture)."""
+        for name in self.collector.param_names:
+            layout = self.head_major(name)
+            g = grads[name]
+            self(name, g if layout is None else layout.from_natural(g), 0)
+        return self
+
+    def commit(self) -> dict[str, torch.Tensor]:
+        """File the batch: Fisher sums and counts, EMA steps, stored rows.
+
+        Returns:
+            ``{name: sum of g**2}`` over every sample of the batch (natural shapes; ``{}`` when no
+            gradient reached the ingest, which then files nothing).
+        """
+        collector = self.collector
+        if not self._received:
+            return {}
+        missing = [n for n in collector.param_names if n not in self._received]
+        if missing:
+            warnings.warn(
+                f"no gradient reached {len(missing)} monitored parameter(s) "
+                f"(e.g. {missing[0]}); they are zero for this batch",
+                stacklevel=2,
+            )
+        total: dict[str, torch.Tensor] = {}
+        for task, rows in self.rows.items():
+            state = collector._tasks[task]
+            n_task = rows.numel()
+            if self.fisher or self.ema:
+                for name in collector.param_names:
+                    c = self.sums[task].get(name)
+                    layout = self._layout.get(name)
+                    if c is None:
+                        c = torch.zeros(collector.param_shapes[name], device=collector._device)
+                    elif layout is not None:
+                        c = layout.to_natural(c)
+                    total[name] = total[name] + c if name in total else c
+                    if self.fisher:
+                        if name in state.fisher_sum:
+                            state.fisher_sum[name] += c
+                        else:
+                            state.fisher_sum[name] = c.clone()
+                    if self.ema:
+                        collector._ema_step(state, name, c, n_task)
+                if self.fisher:
+                    state.fisher_count += n_task
+                    collector._fisher_cache.pop(task, None)
+                if self.ema:
+                    state.ema_steps += 1
+            if task in self.staged:
+                collector.store.commit(self.staged[task])
+        return total
 
 
 class FisherCollector:
@@ -217,28 +364,48 @@ class FisherCollector:
         self._check_grads(grads)
         n = next(iter(grads.values())).shape[0]
         ids = self._resolve_ids(task, sample_ids, n)
-        state = self._task(task)
+        self._task(task)
         keep = self._finite_rows(grads, n, task, ids) if check_finite else None
         if keep is not None and keep.numel() == 0:
             return 0
-        n_kept = n if keep is None else keep.numel()
-        for name in self.param_names:
-            c = _sum_of_squares(grads[name], keep)
-            if name in state.fisher_sum:
-                state.fisher_sum[name] += c
-            else:
-                state.fisher_sum[name] = c.clone()
-            if update_ema:
-                self._ema_step(state, name, c / n_kept)
-        if update_ema:
-            state.ema_steps += 1
-        state.fisher_count += n_kept
-        self._fisher_cache.pop(task, None)
-        rows = list(range(n)) if keep is None else keep.tolist()
-        if isinstance(self.store, SketchStore) and self.store.whitening is None:
-            self.freeze_whitening()  # first samples: the Fisher so far (this batch included)
-        self.store.add(task, grads, rows, [ids[i] for i in rows])
-        return n_kept
+        kept = set(range(n)) if keep is None else set(keep.tolist())
+        tasks = [task if i in kept else None for i in range(n)]
+        if self.needs_whitening:
+            # First samples of a sketch store: the Fisher so far (this batch included) whitens.
+            self.ingest(tasks, ids, fisher=True, ema=update_ema, store=False).feed(grads).commit()
+            self.freeze_whitening()
+            self.ingest(tasks, ids, fisher=False, ema=False, store=True).feed(grads).commit()
+        else:
+            self.ingest(tasks, ids, fisher=True, ema=update_ema, store=True).feed(grads).commit()
+        return len(kept)
+
+    def ingest(
+        self,
+        tasks: Sequence[str | None],
+        ids: Sequence[SampleId] | None = None,
+        *,
+        fisher: bool = True,
+        ema: bool = False,
+        store: bool = True,
+    ) -> Ingest:
+        """A sink for one batch's per-sample gradients (see :class:`Ingest`): give it to
+        :meth:`PerSampleGradientCapture.arm` (``sink=``, with ``chunk=`` to bound memory), run
+        the backward, then :meth:`Ingest.commit` it, or drop it when the step was not finite.
+
+        Args:
+            tasks: ``[n]`` task of each captured sample (``None``: leave the sample out).
+            ids: ``[n]`` TRUE ids (``None``: a running counter per task).
+            fisher, ema, store: what the batch feeds (contribution Fisher, one EMA step per task,
+                the store). A sketch store without a whitening yet is not fed (see
+                :meth:`initial_whitening`).
+        """
+        if ids is not None and len(ids) != len(tasks):
+            raise ValueError(f"{len(ids)} sample ids for {len(tasks)} samples")
+        return Ingest(self, tasks, ids, fisher=fisher, ema=ema, store=store)
+
+    @property
+    def _device(self) -> torch.device:
+        return dict(self.model.named_parameters())[self.param_names[0]].device
 
     # ------------------------------------------------------------------ whitening (sketch store)
     def whitening_fisher(self, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -260,41 +427,36 @@ class FisherCollector:
         """True for a sketch store without a whitening Fisher yet."""
         return isinstance(self.store, SketchStore) and self.store.whitening is None
 
-    def initial_whitening(
-        self, grads: Mapping[str, torch.Tensor] | None, valid: torch.Tensor | None = None
-    ) -> None:
-        """Freeze the first whitening from one batch, identical on every DDP rank (collective).
+    def initial_whitening(self, sums: Mapping[str, torch.Tensor] | None, count: int) -> None:
+        """Freeze the first whitening, identical on every DDP rank (collective).
 
-        ``F_w = sum g**2 / n`` over the ``valid`` rows (``[B]`` bool) of ``grads`` of all ranks
-        (all-reduced; a rank without usable gradients passes ``None`` and adds nothing). Only for
-        a sketch store without whitening; no whitening is set when no rank has a sample.
+        ``F_w = sum g**2 / n`` from this rank's ``sums`` (``{name: sum of g**2}`` over ``count``
+        samples, e.g. what :meth:`Ingest.commit` returns) and every other rank's, all-reduced;
+        a rank without usable gradients passes ``None`` (and 0) and adds nothing. Only for a
+        sketch store without whitening; no whitening is set when no rank has a sample.
         """
         if not self.needs_whitening:
             return
-        params = dict(self.model.named_parameters())
-        device = params[self.param_names[0]].device
-        keep = None if valid is None else torch.nonzero(valid).flatten()
-        sums = {}
+        device = self._device
+        total = {}
         for name in self.param_names:
-            if grads is None or (keep is not None and keep.numel() == 0):
-                sums[name] = torch.zeros(self.param_shapes[name], device=device)
+            if sums is None or count == 0 or name not in sums:
+                total[name] = torch.zeros(self.param_shapes[name], device=device)
             else:
-                sums[name] = _sum_of_squares(grads[name], keep)
-        count = (
-            0 if grads is None else (next(iter(grads.values())).shape[0] if keep is None else keep.numel())
-        )
+                total[name] = sums[name].float()
+        count = int(count) if sums is not None else 0
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             cdev = _collective_device()
-            total = torch.tensor([float(count)], device=cdev)
-            dist.all_reduce(total)
-            count = int(total.item())
+            n = torch.tensor([float(count)], device=cdev)
+            dist.all_reduce(n)
+            count = int(n.item())
             for name in self.param_names:
-                t = sums[name].to(cdev)
+                t = total[name].to(cdev)
                 dist.all_reduce(t)
-                sums[name] = t.to(device)
+                total[name] = t.to(device)
         if count > 0:
-            self.store.set_whitening({n: v / count for n, v in sums.items()})
+            self.store.set_whitening({n: v / count for n, v in total.items()})
 
     def freeze_whitening(self, fisher: Mapping[str, torch.Tensor] | None = None) -> None:
         """Freeze the whitening of the next sketches: ``fisher`` (``{name: F_w}``) or
@@ -330,12 +492,13 @@ class FisherCollector:
         )
         return torch.nonzero(finite).flatten()
 
-    def _ema_step(self, state: _TaskState, name: str, mean_c: torch.Tensor) -> None:
+    def _ema_step(self, state: _TaskState, name: str, sum_c: torch.Tensor, n: int) -> None:
+        """``F <- beta F + (1 - beta) sum_c / n`` in place."""
         beta = self.ema_decay
         if name in state.ema:
-            state.ema[name].mul_(beta).add_(mean_c, alpha=1.0 - beta)
+            state.ema[name].mul_(beta).add_(sum_c, alpha=(1.0 - beta) / n)
         else:
-            state.ema[name] = mean_c * (1.0 - beta)
+            state.ema[name] = sum_c * ((1.0 - beta) / n)
 
     def _check_grads(self, grads: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.param_names if n not in grads]
@@ -394,19 +557,9 @@ class FisherCollector:
         keep = self._finite_rows(grads, n, task, None) if check_finite else None
         if keep is not None and keep.numel() == 0:
             return False
-        state = self._task(task)
-        n_kept = n if keep is None else keep.numel()
-        beta = self.ema_decay
-        for name in self.param_names:
-            g = grads[name] if keep is None else grads[name].index_select(0, keep.to(grads[name].device))
-            if name in state.ema and n_kept <= 8:
-                # few samples (the subsampled EMA of non-flagged steps): fused in-place updates
-                ema = state.ema[name].mul_(beta)
-                for gi in g.float():
-                    ema.addcmul_(gi, gi, value=(1.0 - beta) / n_kept)
-            else:
-                self._ema_step(state, name, _sum_of_squares(g, None) / n_kept)
-        state.ema_steps += 1
+        kept = set(range(n)) if keep is None else set(keep.tolist())
+        tasks = [task if i in kept else None for i in range(n)]
+        self.ingest(tasks, fisher=False, ema=True, store=False).feed(grads).commit()
         return True
 
     def fisher_ema(self, task: str) -> dict[str, torch.Tensor]:
@@ -656,16 +809,26 @@ class FisherCollector:
         )
 
 
-def _sum_of_squares(g: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """``sum_i g_i**2`` over the kept rows, accumulated in fp32 (``[*shape]``).
+def _sum_of_squares(
+    g: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum_i g_i**2`` over the kept rows, accumulated in fp32 (``[*shape]``), into ``out``
+    when given.
 
     An in-place ``addcmul_`` per sample: no ``[n, *shape]`` temporary, and several times faster
     on CPU than ``einsum`` or ``square().sum(0)`` for the sizes seen here.
     """
     if keep is not None:
         g = g.index_select(0, keep.to(g.device))
-    out = torch.zeros(g.shape[1:], dtype=torch.float32, device=g.device)
-    for gi in g:
+    start = 0
+    if out is None:
+        out = torch.empty(g.shape[1:], dtype=torch.float32, device=g.device)
+        if g.shape[0] == 0:
+            return out.zero_()
+        first = g[0].float()
+        torch.mul(first, first, out=out)  # no zero fill
+        start = 1
+    for gi in g[start:]:
         gi = gi.float()
         out.addcmul_(gi, gi)
     return out

@@ -73,7 +73,9 @@ __all__ = [
     "ExactStore",
     "GradientStore",
     "HeadIndex",
+    "HeadMajor",
     "SketchStore",
+    "StagedRows",
 ]
 
 SampleId = int | str
@@ -174,6 +176,53 @@ class _Reservoir:
     capacity: int = 0
     seen: int = 0  # reservoir candidates offered
     versions: Tensor | None = None  # [size] long, the store's version when each row was written
+
+
+@dataclass
+class StagedRows:
+    """One batch of one task on its way into the store (:meth:`GradientStore.stage`).
+
+    Attributes:
+        task: the task.
+        src: ``[n]`` long, batch rows that get a slot; ``dst``: ``[n]`` long, their slots.
+        lookup: ``[B]`` long, the staged position of each batch row (``-1``: no slot).
+        ids, seen: the reservoir's ids and offer count once the batch is committed.
+        rows: ``{key: [n, *row_shape]}`` the staged rows (empty when no row gets a slot).
+    """
+
+    task: str
+    src: Tensor
+    dst: Tensor
+    lookup: Tensor
+    ids: list[SampleId]
+    seen: int
+    rows: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class HeadMajor:
+    """A weight's per-sample gradients with its head axis first, in a chosen order: ``[m, A, C]``.
+
+    Row ``a`` of a sample is the weight's ``index[a]``-th slice along ``axis`` (``C`` entries: a
+    row of a Linear ``[out, in]`` weight for ``axis=0``, a column for ``axis=1``). ``index`` lists
+    every position of the axis once (each block's heads in the order a store reads them, then the
+    rest), so Fisher sums made in this layout map back with :meth:`to_natural`.
+    """
+
+    axis: int
+    index: Tensor  # [A] long
+    shape: tuple[int, int]
+
+    def from_natural(self, g: Tensor) -> Tensor:
+        """``[m, *shape]`` -> ``[m, A, C]`` (a gather)."""
+        x = g.index_select(1 + self.axis, self.index.to(g.device))
+        return x.movedim(1 + self.axis, 1).reshape(g.shape[0], self.index.numel(), -1)
+
+    def to_natural(self, t: Tensor) -> Tensor:
+        """``[A, C]`` (e.g. a sum over samples) -> ``[*shape]``."""
+        out = torch.empty((self.shape[self.axis], t.shape[-1]), dtype=t.dtype, device=t.device)
+        out.index_copy_(0, self.index.to(t.device), t)
+        return out.movedim(0, self.axis).contiguous()
 
 
 class GradientStore(ABC):
@@ -291,47 +340,114 @@ class GradientStore(ABC):
         return cap
 
     # ------------------------------------------------------------------ ingest
-    def plan(self, task: str, ids: Sequence[SampleId], device: torch.device) -> tuple[Tensor, Tensor]:
-        """Reservoir decisions for a batch of ``task``: which batch rows go to which slots.
+    def stage(self, task: str, ids: Sequence[SampleId], device: torch.device) -> StagedRows:
+        """Reservoir decisions for a batch of ``task``, and room for the rows that get a slot.
 
         A sample whose id is already stored replaces that row; otherwise Algorithm R (fill, then
         offer n (1-based) replaces a uniform slot with probability ``capacity / n``). Slots
-        taken twice in one batch keep the later sample. The ids are recorded here; the caller
-        then calls :meth:`write` for every parameter with the returned ``(src, dst)``.
+        taken twice in one batch keep the later sample. Nothing in the store changes until
+        :meth:`commit` (a step found non-finite after its backward is dropped); in between the
+        caller hands every parameter's per-sample gradients to :meth:`write`, in one piece or in
+        chunks of samples, so only the rows that get a slot are ever made (a sketch store's rows
+        are a few kB a sample, whatever the model).
 
         Returns:
-            ``(src, dst)`` long tensors: batch rows and the slots they are written to.
+            the staged batch: ``src`` (batch rows that get a slot), ``dst`` (their slots).
         """
         state = self._tasks[task]
-        if state.capacity == 0:
-            state.seen += len(ids)
-            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-        where = {sid: k for k, sid in enumerate(state.ids)}
+        new_ids = list(state.ids)
+        seen = state.seen
         src: list[int] = []
         dst: list[int] = []
-        for row, sid in enumerate(ids):
-            state.seen += 1
-            if sid in where:
-                slot = where[sid]  # duplicate id: the newer gradient replaces the row
-            elif len(state.ids) < state.capacity:
-                slot = len(state.ids)
-                state.ids.append(sid)
-                where[sid] = slot
-            else:
-                j = int(torch.randint(state.seen, (1,), generator=self.generator))
-                if j >= state.capacity:
-                    continue
-                slot = j
-                del where[state.ids[slot]]
-                state.ids[slot] = sid
-                where[sid] = slot
-            if slot in dst:  # a later sample of this batch takes the same slot
-                src[dst.index(slot)] = row
-            else:
-                src.append(row)
-                dst.append(slot)
+        if state.capacity == 0:
+            seen += len(ids)
+        else:
+            where = {sid: k for k, sid in enumerate(new_ids)}
+            for row, sid in enumerate(ids):
+                seen += 1
+                if sid in where:
+                    slot = where[sid]  # duplicate id: the newer gradient replaces the row
+                elif len(new_ids) < state.capacity:
+                    slot = len(new_ids)
+                    new_ids.append(sid)
+                    where[sid] = slot
+                else:
+                    j = int(torch.randint(seen, (1,), generator=self.generator))
+                    if j >= state.capacity:
+                        continue
+                    slot = j
+                    del where[new_ids[slot]]
+                    new_ids[slot] = sid
+                    where[sid] = slot
+                if slot in dst:  # a later sample of this batch takes the same slot
+                    src[dst.index(slot)] = row
+                else:
+                    src.append(row)
+                    dst.append(slot)
+        lookup = torch.full((len(ids),), -1, dtype=torch.long)
+        lookup[torch.tensor(src, dtype=torch.long)] = torch.arange(len(src))
+        rows = (
+            {
+                key: torch.zeros((len(src), *shape), dtype=self.storage_dtype, device=device)
+                for key, shape in self._row_shapes().items()
+            }
+            if src
+            else {}
+        )
+        return StagedRows(
+            task,
+            torch.tensor(src, dtype=torch.long),
+            torch.tensor(dst, dtype=torch.long),
+            lookup,
+            new_ids,
+            seen,
+            rows,
+        )
+
+    def write(self, staged: StagedRows, name: str, grad: Tensor, batch_rows: Tensor) -> None:
+        """Stage the rows of one parameter's per-sample gradients that got a slot.
+
+        Args:
+            staged: from :meth:`stage`.
+            name: a monitored parameter.
+            grad: ``[m, ...]`` per-sample gradients of ``name`` for the batch rows ``batch_rows``
+                (``[m]`` long, rows of the batch given to :meth:`stage`), laid out as
+                :meth:`head_major` says (natural ``[m, *shape]`` when it gives ``None``).
+        """
+        if not staged.rows:
+            return
+        pos = staged.lookup[batch_rows.cpu()]
+        take = torch.nonzero(pos >= 0).flatten()
+        if take.numel() == 0:
+            return
+        if take.numel() < grad.shape[0]:
+            grad = grad.index_select(0, take.to(grad.device))
+        self._write(staged, name, grad, pos[take])
+
+    @abstractmethod
+    def _write(self, staged: StagedRows, name: str, grad: Tensor, pos: Tensor) -> None:
+        """Write ``grad`` (``[m, ...]``, see :meth:`write`) to the staged rows ``pos`` (``[m]``)."""
+
+    def head_major(self, name: str) -> HeadMajor | None:
+        """The layout :meth:`write` wants ``name``'s gradients in (``None``: natural ``[m, *shape]``).
+
+        The capture computes a weight's per-sample gradients straight in this layout (it gathers
+        the small activations or output gradients, not the product), so a store that reads the
+        weight by heads gets contiguous head slices at no extra cost."""
+        return None
+
+    def commit(self, staged: StagedRows) -> None:
+        """Apply a staged batch: record its ids, write its rows to their slots."""
+        state = self._tasks[staged.task]
+        state.ids, state.seen = staged.ids, staged.seen
+        if not staged.rows:
+            return
+        device = next(iter(staged.rows.values())).device
         self._ensure_rows(state, len(state.ids), device)
-        return torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
+        for key, rows in staged.rows.items():
+            target = state.rows[key]
+            target.index_copy_(0, staged.dst.to(target.device), rows.to(target.device))
+        state.versions[staged.dst] = self.version
 
     def _ensure_rows(self, state: _Reservoir, needed: int, device: torch.device) -> None:
         """Grow the task's row storage geometrically up to its capacity (never past the cap)."""
@@ -354,21 +470,19 @@ class GradientStore(ABC):
     def add(
         self, task: str, grads: Mapping[str, Tensor], rows: Sequence[int], ids: Sequence[SampleId]
     ) -> None:
-        """Offer batch rows ``rows`` of ``grads`` (``{name: [B, *shape]}``) under ``ids``."""
+        """Offer batch rows ``rows`` of natural ``grads`` (``{name: [B, *shape]}``) under ``ids``."""
         if not rows:
             return
         device = next(iter(grads.values())).device
-        src, dst = self.plan(task, ids, device)
-        if dst.numel() == 0:
-            return
-        batch_rows = torch.tensor(list(rows), dtype=torch.long)[src]
+        staged = self.stage(task, ids, device)
+        index = torch.tensor(list(rows), dtype=torch.long)
+        local = torch.arange(len(rows))
+        every = len(rows) == next(iter(grads.values())).shape[0] and bool((index == local).all())
         for name in self.param_names:
-            self.write(task, name, grads[name], batch_rows, dst)
-        self._tasks[task].versions[dst] = self.version
-
-    @abstractmethod
-    def write(self, task: str, name: str, grad: Tensor, src: Tensor, dst: Tensor) -> None:
-        """Write rows ``src`` of one parameter's per-sample gradients ``[B, *shape]`` to slots ``dst``."""
+            g = grads[name] if every else grads[name].index_select(0, index.to(grads[name].device))
+            hm = self.head_major(name)
+            self.write(staged, name, g if hm is None else hm.from_natural(g), local)
+        self.commit(staged)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -489,10 +603,9 @@ class ExactStore(GradientStore):
     def row_shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(self.layout.param_shapes[n]) for n in self.param_names}
 
-    def write(self, task: str, name: str, grad: Tensor, src: Tensor, dst: Tensor) -> None:
-        target = self._tasks[task].rows[name]
-        picked = grad.index_select(0, src.to(grad.device)).to(self.storage_dtype)
-        target.index_copy_(0, dst.to(target.device), picked.to(target.device))
+    def _write(self, staged: StagedRows, name: str, grad: Tensor, pos: Tensor) -> None:
+        target = staged.rows[name]
+        target.index_copy_(0, pos.to(target.device), grad.to(target.device, self.storage_dtype))
 
     def stored(self, task: str) -> tuple[list[SampleId], dict[str, Tensor]]:
         """``(ids, {name: [n, *shape]})`` views of the stored gradients (``([], {})`` if none)."""
@@ -599,6 +712,8 @@ class SketchStore(GradientStore):
         self._proj: dict[str, Tensor] = {}  # (layer, block) key -> row orders [H, r]
         self.whitening: dict[str, Tensor] | None = None  # name -> sqrt(D_w) [*shape] fp32
         self._white_views: dict[tuple[str, bool], Tensor] = {}
+        self._head_major: dict[str, HeadMajor | None] = {}
+        self._segment: dict[str, int] = {}  # (layer, block) key -> its offset in head-major rows
 
     def row_shapes(self) -> dict[str, tuple[int, ...]]:
         return {g.key: (g.heads, g.dim) for g in self.groups}
@@ -656,25 +771,52 @@ class SketchStore(GradientStore):
         return w
 
     # ------------------------------------------------------------------ ingest
-    def write(self, task: str, name: str, grad: Tensor, src: Tensor, dst: Tensor) -> None:
+    def head_major(self, name: str) -> HeadMajor | None:
+        """Weights with head slices: each block's heads in their sketch row order (one
+        contiguous ``[H * r, c]`` segment per block), then the rest of the head axis."""
+        if name in self._head_major:
+            return self._head_major[name]
+        groups = [g for g, is_bias in self._by_param.get(name, ()) if not is_bias]
+        hm = None
+        if groups:
+            specs = [self.layout.spec(g.layer, g.block) for g in groups]
+            axes = {s.axis for s in specs}
+            if len(axes) != 1:
+                raise ValueError(f"{name}: its blocks lay heads along different axes {sorted(axes)}")
+            axis = axes.pop()
+            shape = tuple(self.layout.param_shapes[name])
+            parts, offset = [], 0
+            for group, spec in zip(groups, specs):
+                order = self._order(group)
+                parts.append(spec.index.gather(1, order.to(spec.index.device)).reshape(-1).long())
+                self._segment[group.key] = offset
+                offset += parts[-1].numel()
+            used = torch.zeros(shape[axis], dtype=torch.bool)
+            used[torch.cat(parts)] = True
+            parts.append(torch.nonzero(~used).flatten())
+            hm = HeadMajor(axis, torch.cat(parts), shape)
+        self._head_major[name] = hm
+        return hm
+
+    def _write(self, staged: StagedRows, name: str, grad: Tensor, pos: Tensor) -> None:
         if self.whitening is None:
             raise RuntimeError("SketchStore.write before set_whitening: no whitening Fisher yet")
-        state = self._tasks[task]
-        g = grad.index_select(0, src.to(grad.device))
-        m = g.shape[0]
+        m = grad.shape[0]
         for group, is_bias in self._by_param.get(name, ()):
-            target = state.rows[group.key]
-            slots = dst.to(target.device)
-            w = self._white(group, is_bias, g.device)
+            target = staged.rows[group.key]
+            slots = pos.to(target.device)
+            w = self._white(group, is_bias, grad.device)
             if is_bias:
-                hv = self.layout.head_view(g, group.layer, group.block, bias=True)  # [m, H, r]
+                hv = self.layout.head_view(grad, group.layer, group.block, bias=True)  # [m, H, r]
                 z = hv.float() * w  # whitened, unprojected
                 target[slots, :, group.k :] = z.to(target.device, self.storage_dtype)
                 continue
-            order = self._order(group)
-            x = self.layout.head_view(g, group.layer, group.block, order=order)  # [m, H, r*c], a copy
-            x = x.float().mul_(w)  # s * W * G[pi], flattened
-            pad = group.k * group.folds - x.shape[-1]
+            self.head_major(name)  # sets the segment offsets
+            start = self._segment[group.key]
+            n = group.rows * group.cols
+            x = grad.narrow(1, start, group.heads * group.rows)  # [m, H * r, c]: a view
+            x = x.reshape(m, group.heads, n).float() * w  # s * W * G[pi], flattened
+            pad = group.k * group.folds - n
             if pad:
                 x = torch.nn.functional.pad(x, (0, pad))
             z = x.view(m, group.heads, group.folds, group.k).sum(2)  # [m, H, k]: fold into buckets
