@@ -8,8 +8,8 @@ GPT-2 and Llama-GQA (4 layers, hidden 256, B=16, T=64):
 
 - non-flagged step with the forecast / plain step              budget <= 1.05x (median)
 - non-flagged step with the forecast / the same without it      (the forecast's own share)
-- the forecast alone (one ``torch.cat`` of the predicted weights, a subtraction and one
-  ``[n_tasks + 1, N] @ [N]`` product), timed directly, as a fraction of a plain step
+- the forecast alone (per predicted parameter a subtraction and one
+  ``[n_tasks + 1, n_p] @ [n_p]`` product), timed directly, as a fraction of a plain step
 - the forecast's memory: flat fp32 theta_b and ``[n_tasks + 1, N]`` rows, vs the model
 
 Usage: python benchmarks/bench_forecast.py [--rounds 4 --steps 30]

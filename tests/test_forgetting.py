@@ -35,6 +35,7 @@ from fisher_callbacks.functional import (
     forecast_drift,
     measured_forgetting,
     parameter_delta,
+    power_law_drift,
     probe_loss,
     secant_curvature,
     unflatten_like,
@@ -383,6 +384,32 @@ def test_secant_curvature_and_forecast_are_exact_on_a_quadratic() -> None:
         assert got == pytest.approx(truth, rel=1e-6)  # the dot products run in fp32
     assert forecast_drift(0.1, 0.2) == pytest.approx(0.3)  # pure first order
     assert math.isnan(forecast_drift(math.nan, 0.0))
+
+
+@pytest.mark.parametrize("power", [1.5, 2.0, 3.0])
+def test_power_law_projection_is_exact_on_a_power_of_the_move(power) -> None:
+    """L(theta_0 + tau Delta) - L(theta_0) = c tau^p along a line: the logarithmic derivative at
+    tau = 1 gives p back, and the projection equals the true drift anywhere ahead; for p = 2 (a
+    bowl entered at its minimum) it agrees with the quadratic forecast."""
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(5, generator=g, dtype=torch.float64)
+    c = 0.03
+    drift = lambda tau: c * tau**power  # noqa: E731
+    # dL/dtau at tau = 1 is g_A(theta_b) . Delta: a gradient along Delta with that projection
+    grad_b = delta * (c * power / float(delta @ delta))
+    along = float(first_order_forgetting({"w": grad_b}, {"w": delta}))
+    for progress, ahead in ((0.0, 0.0), (0.0, 4.0), (0.5, 2.0)):
+        got = power_law_drift(drift(1.0), along, progress, ahead=ahead)
+        assert got == pytest.approx(drift(1.0 + progress + ahead), rel=1e-6)
+    if power == 2.0:  # the same bowl through the quadratic model (g_A(theta_0) = 0)
+        kappa = 2 * c
+        assert forecast_drift(drift(1.0), 0.0, kappa, 0.0, along=along, ahead=4.0) == pytest.approx(
+            drift(5.0)
+        )
+    # the power is capped, and a drift that does not grow has no power law
+    assert power_law_drift(1e-6, 1.0, ahead=1.0, max_power=4.0) == pytest.approx(1e-6 * 2**4)
+    for measured, slope in ((0.0, 1.0), (-0.1, 0.2), (0.1, -0.2), (math.nan, 1.0), (0.1, math.inf)):
+        assert power_law_drift(measured, slope, ahead=1.0) == -math.inf
 
 
 def test_ewc_penalty_matches_formula() -> None:

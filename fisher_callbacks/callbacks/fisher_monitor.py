@@ -23,7 +23,14 @@ from ..capture import PerSampleGradientCapture, ProbeResult, probe_pass
 from ..fisher import FisherCollector, _collective_device
 from ..layouts import AttentionLayout, canonical_name
 from ..layouts.base import frozen_message
-from ..losses import LossType, infer_loss_type, reduction_scale, target_token_counts
+from ..losses import (
+    LossType,
+    forward_logits,
+    infer_loss_type,
+    per_sample_loss,
+    reduction_scale,
+    target_token_counts,
+)
 from ..store import DEFAULT_SKETCH_DIM
 from ._boundary import BoundaryCallback
 from ._ranks import WarningRelay, distributed, log_agreed
@@ -560,6 +567,66 @@ class FisherMonitor(BoundaryCallback):
             "losses": local_losses,
             "loss": float(local_losses.mean()),
             "grad": {name: g.detach() / n for name, g in grad_sum.items()},
+            "n": n,
+        }
+
+    def probe_gradient(self, pl_module: pl.LightningModule, task: str, step: int) -> dict[str, Any]:
+        """Mean probe loss and gradient of ``task`` on its fixed probe batches, with one plain
+        batched backward per batch: no per-sample capture, the collector is left as it is.
+
+        What the forgetting forecast needs between two boundaries (its early curvature probe),
+        at the cost of one training step on the probe set. Under DDP a collective like
+        :meth:`run_probe` (losses gathered, gradient sums all-reduced). The parameters are those
+        of :meth:`run_probe` (``probe_grad_names`` when a monitor restricted them).
+
+        Returns:
+            ``{"step", "loss", "losses" [n], "grad" ({name: mean gradient}), "n"}``.
+
+        Raises:
+            ValueError: no probe sample with a target on any rank.
+        """
+        self.resolve(pl_module)
+        params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        if self.probe_grad_names is not None:
+            params = {n: p for n, p in params.items() if n in self.probe_grad_names}
+        losses: list[torch.Tensor] = []
+        total: dict[str, torch.Tensor] = {}
+        forward = _forward_module(pl_module)
+        loss_type = self.loss_type or infer_loss_type(forward)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                for batch in self.probe_batches(task):
+                    batch = _to_device(batch, pl_module.device)
+                    per_sample, counts = per_sample_loss(
+                        forward_logits(forward, batch), batch["labels"], loss_type
+                    )
+                    per_sample = per_sample[counts > 0]  # a sample without targets has no loss
+                    if per_sample.numel() == 0:
+                        continue
+                    grads = torch.autograd.grad(per_sample.sum(), list(params.values()), allow_unused=True)
+                    for (name, p), g in zip(params.items(), grads):
+                        g = torch.zeros_like(p) if g is None else g.detach()
+                        total[name] = total[name] + g if name in total else g
+                    losses.append(per_sample.detach().float().cpu())
+        except Exception as err:
+            if not distributed():
+                raise
+            self._relay.warn(f"probe gradient of {task!r} failed on this rank, which adds no sample: {err!r}")
+            losses.clear()
+            total.clear()
+        finally:
+            pl_module.train(was_training)
+        local = torch.cat(losses) if losses else torch.zeros(0)
+        all_losses, grad_sum, n = _reduce_probe(local, total, params)
+        if n == 0:
+            raise ValueError(f"probe set {task!r} has no sample with a target")
+        return {
+            "step": step,
+            "losses": all_losses,
+            "loss": float(all_losses.mean()),
+            "grad": {name: g / n for name, g in grad_sum.items()},
             "n": n,
         }
 

@@ -23,6 +23,7 @@ from ..functional.forgetting import (
     first_order_forgetting,
     fisher_damage_asymmetry,
     forecast_drift,
+    power_law_drift,
     secant_curvature,
 )
 from ..loggers import (
@@ -84,6 +85,15 @@ class ForgettingRiskMonitor(BoundaryCallback):
     ``forecast_window`` forecasts: the forecast reaching ``warn_threshold``, or its significant
     rising trend or its projection reaching it within ``forecast_horizon_steps`` (default: two
     validation intervals ahead), fires the warning at that step, at most once per interval and task.
+    The projection is the quadratic of
+    :func:`~fisher_callbacks.functional.forgetting.forecast_drift` (curvature from the secant of
+    the last two probe gradients). In the first interval nothing is known of the curvature yet, so
+    one early probe (``early_probe_step``, default half the interval) measures the drift and the
+    probe gradient there: the forecast re-anchors on it, and while its move starts at the anchor
+    the projection is also the power law of
+    :func:`~fisher_callbacks.functional.forgetting.power_law_drift` (the drift's logarithmic
+    derivative there; fine-tuning away from a pretrained minimum accelerates past the quadratic),
+    whichever is larger.
 
     On a warning: one log line, an entry in ``alerts`` (``step``, ``task``, ``measured``,
     ``predicted``, ``forecast``, ``risk``, ``reason``, ``source``: ``"boundary"`` or
@@ -129,6 +139,13 @@ class ForgettingRiskMonitor(BoundaryCallback):
         forecast_horizon_steps: steps ahead the forecast's trend may reach the threshold to warn
             (default: two validation intervals, in optimizer steps).
         forecast_window: recent steps the forecast's trend is fitted on (>= 3).
+        early_probe_step: optimizer step (counted from fit start) of one extra probe-gradient
+            pass before the first boundary, which gives the forecast the measured drift there and
+            the curvature along the first steps: without it nothing is known of the curvature
+            until the first boundary, and a crossing early in the second interval is caught late.
+            ``"auto"``: half the first validation interval (none when it is one step); ``None``:
+            off. It costs one forward and backward over the probe set, once per fit (no
+            per-sample capture; the collector is untouched).
     """
 
     def __init__(
@@ -147,6 +164,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         forecast: bool = True,
         forecast_horizon_steps: float | None = None,
         forecast_window: int = 8,
+        early_probe_step: int | str | None = "auto",
     ) -> None:
         if warn_threshold <= 0:
             raise ValueError(f"warn_threshold must be > 0, got {warn_threshold}")
@@ -181,6 +199,11 @@ class ForgettingRiskMonitor(BoundaryCallback):
             raise ValueError(f"forecast_window must be >= 3, got {forecast_window}")
         if forecast_horizon_steps is not None and not forecast_horizon_steps >= 0:
             raise ValueError(f"forecast_horizon_steps must be >= 0, got {forecast_horizon_steps}")
+        if not (early_probe_step is None or early_probe_step == "auto" or _positive_int(early_probe_step)):
+            raise ValueError(
+                f"early_probe_step must be 'auto', None or an int >= 1, got {early_probe_step!r}"
+            )
+        self.early_probe_step = early_probe_step
         self.forecast = forecast
         self.forecast_horizon_steps = forecast_horizon_steps
         self.forecast_window = forecast_window
@@ -188,7 +211,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         # ``_prev_grad`` are views into them), the live parameters, the drift at b per task
         self._fc_base: torch.Tensor | None = None
         self._fc_grads: torch.Tensor | None = None
-        self._fc_params: list[torch.Tensor] = []
+        self._fc_slices: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # param, base, rows
         self._fc_tasks: list[str] = []
         self._fc_anchor: dict[str, float] = {}  # measured drift at the last boundary
         self._fc_curv: dict[str, float] = {}  # kappa along the last interval's displacement
@@ -198,7 +221,13 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._fc_fired: dict[str, bool] = {}  # forecast warning fired in this interval
         self._fc_step: int | None = None  # optimizer step of the last forecast
         self._fc_failed = False
+        self._fc_log: dict[str, float] = {}  # this step's forecasts, for the loggers
         self._fc_delta_sq = 0.0
+        self._fc_from: int | None = None  # step of theta_b: fit start, the early probe or a boundary
+        self._fc_span: float | None = None  # optimizer steps Delta covers
+        self._early_done = False  # the early probe ran, or a boundary came first
+        self._anchor_step: int | None = None  # optimizer step of theta_0
+        self._fc_from_anchor = False  # Delta starts at theta_0: the power-law projection applies
         self._interval: float | None = None  # validation interval, optimizer steps
         self._last_eval_step: int | None = None  # fit start or the last boundary
 
@@ -271,7 +300,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
             self.history[task] = _new_history()
             self._fc_anchor[task] = 0.0
         self._relay.flush()
-        self._last_eval_step = trainer.global_step
+        self._last_eval_step = self._fc_from = self._anchor_step = trainer.global_step
         self._build_forecast(pl_module)
 
     @override
@@ -288,31 +317,109 @@ class ForgettingRiskMonitor(BoundaryCallback):
         if not self.forecast or self._fc_base is None or self._fc_failed or step == self._fc_step:
             return  # off, no anchor yet, or no optimizer step since the last forecast
         self._fc_step = step
+        self._fc_log = {}
         try:
             values = self._forecast_values()
             stop = False
             for task, (value, projected) in zip(self._fc_tasks, values):
                 stop |= self._forecast_task(trainer, pl_module, task, value, projected, step)
+            if self._early_probe_due(step):
+                stop |= self._early_probe(trainer, pl_module, step)
         except Exception as err:
             self._fc_failed = True
             self._relay.warn(f"per-step forecast disabled at step {step}: {err!r}")
             return
+        if self._fc_log and trainer.is_global_zero and _log_this_step(trainer):
+            _log_now(trainer, self._fc_log)  # straight to the loggers: self.log costs ~8 ms a call
         if self.stop_threshold is not None:
             self._maybe_stop(trainer, stop, step, "forecast")
 
+    def _early_probe_due(self, step: int) -> bool:
+        if self._early_done or self._fc_from is None or self.early_probe_step is None:
+            return False
+        at = self.early_probe_step
+        if at == "auto":
+            if self._interval is None or self._interval < 2:
+                return False
+            at = max(1, int(self._interval // 2))
+        return step - self._fc_from == at
+
+    def _early_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
+        """Probe gradients at ``step`` before the first boundary: re-anchor the forecast on the
+        drift measured there, with the curvature along the steps since fit start (the secant of
+        the two probe gradients), and add the point to the first-order prediction's trapezoid.
+        Returns whether the re-anchored forecast asks for a stop."""
+        self._early_done = True
+        try:
+            probes = {t: self.fisher_monitor.probe_gradient(pl_module, t, step) for t in self._fc_tasks}
+        except Exception as err:
+            self._relay.warn(
+                f"no early probe at step {step} ({err!r}); the forecast waits for the first boundary"
+            )
+            return False
+        fired = dict(self._fc_fired)  # still the first interval: at most one forecast warning
+        now = self._snapshot(pl_module)
+        delta = {n: now[n] - self._prev[n] for n in now if n in self._prev}
+        for task, probe in probes.items():
+            prev, grad = self._prev_grad[task], probe["grad"]
+            names = [n for n in delta if n in prev and n in grad]
+            prev_n, delta_n, grad_n = ({n: d[n] for n in names} for d in (prev, delta, grad))
+            self._acc[task].update(prev_n, delta_n, grad_a_end=grad_n)
+            self._prev_grad[task] = grad
+            self._reanchor(
+                task, step, probe["loss"] - self._baseline[task], secant_curvature(prev_n, grad_n, delta_n)
+            )
+            self._fc_along[task] = float(first_order_forgetting(grad_n, delta_n))
+        self._fc_fired.update(fired)
+        self._move_base(pl_module, now, delta, step)
+        return self._check_reanchored(trainer, pl_module, step)
+
+    def _move_base(
+        self, pl_module, now: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], step: int
+    ) -> None:
+        """theta_b becomes ``now`` (at ``step``), ``Delta`` the ``delta`` that led there."""
+        if self._fc_from is not None and step > self._fc_from:
+            self._fc_span = float(step - self._fc_from)
+        self._fc_from_anchor = self._anchor_step is not None and self._fc_from == self._anchor_step
+        self._fc_from = step
+        self._prev = now
+        self._fc_delta = delta
+        self._build_forecast(pl_module)
+
+    def _check_reanchored(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
+        """Project from the re-anchored forecast at once (the earliest step a warning can come);
+        returns whether it asks for a stop."""
+        if not self.forecast or self._fc_base is None or self._fc_failed:
+            return False
+        stop = False
+        try:
+            for task, (value, projected) in zip(self._fc_tasks, self._forecast_values()):
+                stop |= self._forecast_task(trainer, pl_module, task, value, projected, step, record=False)
+        except Exception as err:
+            self._fc_failed = True
+            self._relay.warn(f"per-step forecast disabled at step {step}: {err!r}")
+        return stop
+
     def _forecast_values(self) -> list[tuple[float, float]]:
         """``(forecast now, projected forecast_horizon_steps ahead)`` per forecast task
-        (:func:`forecast_drift`; no projection before the second boundary)."""
-        now = torch.cat([p.detach().reshape(-1).float() for p in self._fc_params])  # [N] fp32
-        now -= self._fc_base  # d = theta_t - theta_b, exact where fp32 subtraction is
-        dots = (self._fc_grads @ now).tolist()  # [n_tasks + 1]: g_A . d per task, Delta . d
+        (:func:`forecast_drift`; no projection before the early probe or the first boundary)."""
+        # [n_tasks + 1]: g_A . d per task and Delta . d, d = theta_t - theta_b, per parameter
+        # (strided column blocks of the rows; no flat copy of theta_t: the step is memory-bound)
+        total = self._fc_grads.new_zeros(self._fc_grads.shape[0])
+        for param, base, rows in self._fc_slices:
+            total += rows @ (param.detach().reshape(-1).float() - base)  # exact fp32 subtraction
+        dots = total.tolist()
         progress = dots[-1] / self._fc_delta_sq if self._fc_delta_sq > 0 else 0.0
-        ahead = self._forecast_horizon() / self._interval if self._fc_delta_sq > 0 else 0.0
+        span = self._fc_span or self._interval
+        ahead = self._forecast_horizon() / span if self._fc_delta_sq > 0 and span else 0.0
         out = []
         for task, first in zip(self._fc_tasks, dots[:-1]):
             args = (self._fc_anchor[task], first, self._fc_curv.get(task, 0.0), progress)
             along = self._fc_along.get(task, 0.0)
-            out.append((forecast_drift(*args), forecast_drift(*args, along=along, ahead=ahead)))
+            projected = forecast_drift(*args, along=along, ahead=ahead)
+            if self._fc_from_anchor and ahead > 0:  # the drift grew from 0 along Delta: its power
+                projected = max(projected, power_law_drift(args[0], along, progress, ahead=ahead))
+            out.append((forecast_drift(*args), projected))
         return out
 
     def _forecast_task(
@@ -331,7 +438,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
             series.append((step, value))
             del series[: -2 * self.forecast_window]  # the fit's window plus as much for its noise
             if finite:
-                pl_module.log(f"{prefix}/forecast", value, on_step=True, on_epoch=False)
+                self._fc_log[f"{prefix}/forecast"] = value
         decision = early_warning(
             [s for s, _ in series],
             [v for _, v in series],
@@ -380,21 +487,23 @@ class ForgettingRiskMonitor(BoundaryCallback):
         delta = self._fc_delta if self._fc_delta is not None else {}
         try:
             base, self._prev = _flat_views({n: self._prev[n] for n in names})
-            rows = []
-            for task in tasks:
-                flat, self._prev_grad[task] = _flat_views({n: self._prev_grad[task][n] for n in names})
-                rows.append(flat)
-            zero = {n: torch.zeros_like(self._prev[n]) for n in names}
-            flat, self._fc_delta = _flat_views({n: delta.get(n, zero[n]) for n in names})
-            rows.append(flat)
+            matrix = base.new_empty(len(tasks) + 1, base.numel())
+            for row, task in zip(matrix, tasks):
+                self._prev_grad[task] = _flat_views({n: self._prev_grad[task][n] for n in names}, row)[1]
+            moved = {n: delta[n] if n in delta else torch.zeros_like(self._prev[n]) for n in names}
+            self._fc_delta = _flat_views(moved, matrix[-1])[1]
         except Exception as err:  # e.g. parameters on several devices: boundaries still work
             self._relay.warn(f"no per-step forecast ({err!r})")
             return
-        self._fc_params = [params[n] for n in names]
+        self._fc_slices, offset = [], 0
+        for n in names:
+            k = params[n].numel()
+            self._fc_slices.append((params[n], base[offset : offset + k], matrix[:, offset : offset + k]))
+            offset += k
         self._fc_tasks = tasks
         self._fc_base = base
-        self._fc_grads = torch.stack(rows)  # [n_tasks + 1, N]
-        self._fc_delta_sq = float(flat.square().sum())
+        self._fc_grads = matrix
+        self._fc_delta_sq = float(matrix[-1].square().sum())
 
     # ------------------------------------------------------------------ boundary
     def _boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -420,16 +529,9 @@ class ForgettingRiskMonitor(BoundaryCallback):
         if self._last_eval_step is not None and step > self._last_eval_step:
             self._interval = float(step - self._last_eval_step)
         self._last_eval_step = step
-        self._prev = now
-        self._fc_delta = delta
-        self._build_forecast(pl_module)
-        if self.forecast and self._fc_base is not None and not self._fc_failed:
-            try:  # project from the boundary itself: the earliest step a warning can come
-                for task, (value, projected) in zip(self._fc_tasks, self._forecast_values()):
-                    self._forecast_task(trainer, pl_module, task, value, projected, step, record=False)
-            except Exception as err:
-                self._fc_failed = True
-                self._relay.warn(f"per-step forecast disabled at step {step}: {err!r}")
+        self._early_done = True
+        self._move_base(pl_module, now, delta, step)
+        self._check_reanchored(trainer, pl_module, step)
         if self.stop_threshold is not None:
             self._maybe_stop(trainer, stop, step, "measured")
         if trainer.is_global_zero:
@@ -528,7 +630,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._fc_curv[task] = curvature if math.isfinite(curvature) else 0.0
         self._fc_fired[task] = False
         series = self._fc_series.setdefault(task, [])
-        start = self._last_eval_step
+        start = self._fc_from
         if series and series[-1][0] == step and start is not None and step > start:
             offset = measured - series[-1][1]
             if math.isfinite(offset):
@@ -694,6 +796,11 @@ class ForgettingRiskMonitor(BoundaryCallback):
                 "step": self._fc_step,
                 "interval": self._interval,
                 "last_eval_step": self._last_eval_step,
+                "from": self._fc_from,
+                "span": self._fc_span,
+                "early_done": self._early_done,
+                "anchor_step": self._anchor_step,
+                "from_anchor": self._fc_from_anchor,
             },
             "stopped_at": self.stopped_at,
             **self._boundary_state(),
@@ -719,11 +826,20 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._fc_step = fc.get("step")
         self._interval = fc.get("interval")
         self._last_eval_step = fc.get("last_eval_step")
+        self._fc_from = fc.get("from", self._last_eval_step)
+        self._fc_span = fc.get("span", self._interval)
+        self._early_done = fc.get("early_done", True)  # an older checkpoint: no early probe
+        self._anchor_step = fc.get("anchor_step")
+        self._fc_from_anchor = fc.get("from_anchor", False)
         self.stopped_at = state_dict.get("stopped_at")
         self._load_boundary_state(state_dict)
         for task, acc in list(self._acc.items()):
             if task in self._acc_state:
                 acc.load_state_dict(self._acc_state.pop(task))
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _new_history() -> dict[str, list]:
@@ -732,12 +848,22 @@ def _new_history() -> dict[str, list]:
     return {"step": [], "measured": [], "predicted": [], "forecast_step": [], "forecast": []}
 
 
-def _flat_views(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One flat fp32 copy of ``tensors`` (``[N]``, N = total entries) and views of it per name."""
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors.values()])  # [N]
+def _flat_views(
+    tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One flat fp32 copy of ``tensors`` (``[N]``, N = total entries; written into ``out`` when
+    given) and views of it per name. All on one device, else ``ValueError``."""
+    if not tensors:
+        raise ValueError("no predicted parameter has a probe gradient")
+    first = next(iter(tensors.values()))
+    if any(t.device != first.device for t in tensors.values()):
+        raise ValueError("the predicted parameters are on several devices")
+    total = sum(t.numel() for t in tensors.values())
+    flat = torch.empty(total, dtype=torch.float32, device=first.device) if out is None else out
     views, offset = {}, 0
     for name, t in tensors.items():
         views[name] = flat[offset : offset + t.numel()].view(t.shape)
+        views[name].copy_(t.detach())
         offset += t.numel()
     return flat, views
 
@@ -751,6 +877,15 @@ def _log_now(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
             logger.log_metrics(metrics, step=step)
         except Exception as err:
             rank_zero_warn(f"ForgettingRiskMonitor: {type(logger).__name__} could not log {err!r}")
+
+
+def _log_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this training batch's on-step metrics (``log_every_n_steps``)."""
+    every = trainer.log_every_n_steps
+    if not every:
+        return False
+    stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+    return (stepped + 1) % every == 0
 
 
 def _to(tensors: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor] | None:

@@ -32,6 +32,7 @@ from fisher_callbacks.functional.forgetting import (
 from fisher_callbacks.functional.forgetting import forecast_drift as forecast_drift
 from fisher_callbacks.functional.forgetting import measured_forgetting as measured_forgetting
 from fisher_callbacks.functional.forgetting import parameter_delta as parameter_delta
+from fisher_callbacks.functional.forgetting import power_law_drift as power_law_drift
 from fisher_callbacks.functional.forgetting import probe_loss as probe_loss
 from fisher_callbacks.functional.forgetting import secant_curvature as secant_curvature
 from fisher_callbacks.functional.interference import block_head_scores as block_head_scores

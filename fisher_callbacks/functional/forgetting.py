@@ -249,6 +249,44 @@ def forecast_drift(
     return measured + first_order + ahead * along + 0.5 * curvature * reach * reach
 
 
+def power_law_drift(
+    measured: float,
+    along: float,
+    progress: float = 0.0,
+    *,
+    ahead: float = 0.0,
+    max_power: float = 4.0,
+) -> float:
+    """Projection of a drift that grew from zero at the anchor like a power of the displacement.
+
+    For the move ``Delta`` from the anchor theta_0 (drift 0) to ``b`` (drift ``measured``), with
+    ``tau`` the displacement from the anchor in units of ``Delta`` (``tau = 1`` at ``b``)::
+
+        d(tau) = measured * tau ** p,   p = g_A(theta_b) . Delta / measured
+
+    ``p`` is the logarithmic derivative of the drift at ``b``: 2 for a quadratic bowl entered at
+    its minimum, more when the drift accelerates faster than its curvature says (fine-tuning
+    away from a pretrained minimum, where :func:`forecast_drift`'s quadratic falls short).
+    Projected to ``tau = 1 + progress + ahead``. Only meaningful while ``Delta`` starts at the
+    anchor (the first interval, from the early probe).
+
+    Args:
+        measured: Drift at ``b`` (nats).
+        along: ``g_A(theta_b) . Delta``.
+        progress: ``alpha`` of :func:`forecast_drift`, the move since ``b`` along ``Delta``.
+        ahead: Further ``Delta`` units to project ahead.
+        max_power: Cap on ``p`` (a tiny drift with a larger slope must not explode).
+
+    Returns:
+        The projected drift, or ``-inf`` (no projection) unless ``measured > 0`` and
+        ``along > 0`` (a drift that does not grow says nothing of a power).
+    """
+    if not (measured > 0 and along > 0 and math.isfinite(measured) and math.isfinite(along)):
+        return -math.inf
+    power = min(along / measured, max_power)
+    return measured * max(1.0 + progress + ahead, 0.0) ** power
+
+
 def _running_dtype(device: torch.device) -> torch.dtype:
     # Running totals over many steps in fp64 where the device has it (MPS does not).
     return torch.float32 if device.type == "mps" else torch.float64
