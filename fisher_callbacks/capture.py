@@ -194,10 +194,14 @@ class PerSampleGradientCapture:
         self._flush_queued = False
         self._shared: dict[str, torch.Tensor] = {}  # modules used twice: summed before the sink
         self.batch_size: int | None = None
-        # 0-d bool tensor, AND of the finiteness of every captured factor (activation / output
-        # gradient); read on the host once, by :attr:`nonfinite`, not in each hook (a host sync
-        # per projection, and a graph break per projection under ``torch.compile``).
+        # 0-d running sum of every captured factor (activation / output gradient): finite only if
+        # they all are; read on the host once, by :attr:`nonfinite`, not in each hook (a host
+        # sync per projection, and a graph break per projection under ``torch.compile``).
         self._finite: torch.Tensor | None = None
+        # the last input a forward hook selected rows of (weakly: it never outlives the forward)
+        self._last_src: weakref.ref[torch.Tensor] | None = None
+        self._last_version = -1
+        self._last_x: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> PerSampleGradientCapture:
@@ -227,7 +231,7 @@ class PerSampleGradientCapture:
     def nonfinite(self) -> bool:
         """Whether a captured factor (activation or output gradient) of the current capture was
         inf or NaN (AMP overflow). One host sync; False before any backward reached the hooks."""
-        return self._finite is not None and not bool(self._finite)
+        return self._finite is not None and not bool(torch.isfinite(self._finite))
 
     def arm(
         self,
@@ -273,6 +277,11 @@ class PerSampleGradientCapture:
         self._shared.clear()
         self.batch_size = None
         self._finite = None
+        self._forget_input()
+
+    def _forget_input(self) -> None:
+        self._last_src = self._last_x = None
+        self._last_version = -1
 
     @contextlib.contextmanager
     def capturing(
@@ -290,6 +299,7 @@ class PerSampleGradientCapture:
             yield self
         finally:
             self._armed = False
+            self._forget_input()
             if not was_attached:
                 for handle in self._handles:
                     handle.remove()
@@ -299,16 +309,32 @@ class PerSampleGradientCapture:
     def _forward_hook(self, mod_name: str, module: nn.Module, inputs, output) -> torch.Tensor | None:
         if not self._armed or not torch.is_tensor(output) or not output.requires_grad:
             return
-        x = inputs[0].detach()
+        src = inputs[0]
         if self.batch_size is None:
-            self.batch_size = x.shape[0]
-        if self._samples is not None:
-            x = x.index_select(0, self._samples.to(x.device))
+            self.batch_size = src.shape[0]
         if torch.compiler.is_compiling():  # see "torch.compile path" above (``_tap`` counts the use)
+            x = src.detach()
+            x = x if self._samples is None else x.index_select(0, self._samples.to(x.device))
             return _tap(output, x, self._id, self._slots.index(mod_name))
+        # Projections reading one input (Q, K and V of most models) share its selected rows and
+        # its finiteness check: one gather and one sum per input, not per projection.
+        last = self._last_src() if self._last_src is not None else None
+        if last is src and src._version == self._last_version:
+            x = self._last_x
+        else:
+            x = src.detach()
+            x = x if self._samples is None else x.index_select(0, self._samples.to(x.device))
+            self._last_src, self._last_version, self._last_x = weakref.ref(src), src._version, x
+            self._add_finite(x.sum(dtype=torch.float32))
         self._count_use(mod_name)
-        output.register_hook(partial(self._grad_hook, mod_name, module, x))
+        output.register_hook(partial(self._grad_hook, mod_name, module, x, False))
         return None
+
+    def _add_finite(self, total: torch.Tensor) -> None:
+        """Fold a factor's fp32 sum into the step's check: a sum is finite only if every term is
+        (an inf or a NaN anywhere makes it inf or NaN). Kept on the device (no sync here);
+        :attr:`nonfinite` reads it once."""
+        self._finite = total if self._finite is None else self._finite + total
 
     def _count_use(self, mod_name: str) -> None:
         if self._armed:
@@ -318,9 +344,13 @@ class PerSampleGradientCapture:
         """Output gradient of projection ``slot`` from the compiled path (run time, eager)."""
         if self._armed:
             mod_name = self._slots[slot]
-            self._grad_hook(mod_name, self._modules[mod_name], x, grad)
+            self._grad_hook(mod_name, self._modules[mod_name], x, True, grad)
 
-    def _grad_hook(self, mod_name: str, module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    def _grad_hook(
+        self, mod_name: str, module: nn.Module, x: torch.Tensor, check_x: bool, grad: torch.Tensor
+    ) -> None:
+        """Per-sample gradients of one projection from its activation ``x`` (the captured rows)
+        and its output gradient; ``check_x``: ``x`` is not yet in the finiteness check."""
         go = grad.detach()
         if self._samples is not None:
             go = go.index_select(0, self._samples.to(go.device))
@@ -332,13 +362,15 @@ class PerSampleGradientCapture:
         if shared and not self._flush_queued:
             self._flush_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._flush_shared)
-        with torch.autocast(device_type=go.device.type, enabled=False):
+        device = go.device.type
+        # fp32 products even when the backward runs under autocast (no context otherwise: the
+        # hook runs once per projection and step)
+        plain = not torch.is_autocast_enabled(device)
+        with contextlib.nullcontext() if plain else torch.autocast(device_type=device, enabled=False):
             x3 = x.reshape(b, -1, x.shape[-1]).float()  # [B, T, in]
             g3 = go.reshape(b, -1, go.shape[-1]).float()  # [B, T, out]
-            # Cheap on the small factors: finite factors give finite per-sample gradients. Kept
-            # on the device (no sync here); ``nonfinite`` reads it once.
-            finite = torch.isfinite(g3.sum()) & torch.isfinite(x3.sum())  # 0-d bool
-            self._finite = finite if self._finite is None else self._finite & finite
+            # Cheap on the small factors: finite factors give finite per-sample gradients.
+            self._add_finite(g3.sum() + x3.sum() if check_x else g3.sum())
             if self._scale is not None:
                 g3 = g3 * self._scale.to(g3.device).view(-1, 1, 1)
             target = self._targets[mod_name]

@@ -142,18 +142,19 @@ class Ingest:
         self._received.add(name)
         for task, rows in self.rows.items():
             if self.whole[task]:
-                local, positions = None, torch.arange(start, start + m)
+                local = sel = None
             else:
                 sel = rows[(rows >= start) & (rows < start + m)]
                 if sel.numel() == 0:
                     continue
-                local, positions = sel - start, self._pos[task][sel]
+                local = sel - start
             if self.fisher or self.ema:
                 sums = self.sums[task]
                 sums[name] = _sum_of_squares(grad, local, out=sums.get(name))
             staged = self.staged.get(task)
             if staged is not None:
                 g = grad if local is None else grad.index_select(0, local.to(grad.device))
+                positions = torch.arange(start, start + m) if sel is None else self._pos[task][sel]
                 self.collector.store.write(staged, name, g, positions)
 
     def feed(self, grads: Mapping[str, torch.Tensor]) -> Ingest:
@@ -405,7 +406,7 @@ class FisherCollector:
 
     @property
     def _device(self) -> torch.device:
-        return dict(self.model.named_parameters())[self.param_names[0]].device
+        return self.model.get_parameter(self.param_names[0]).device
 
     # ------------------------------------------------------------------ whitening (sketch store)
     def whitening_fisher(self, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:

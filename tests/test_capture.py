@@ -112,8 +112,9 @@ def test_hf_builtin_loss_is_token_mean():
     assert max_rel_error(got, ref) <= TOL
 
 
-def test_subset_capture_and_disarmed_hooks_cost_nothing():
-    model = tiny_causal_lm("gpt2")
+@pytest.mark.parametrize("name", ["gpt2", "llama"])  # llama: Q, K and V share one selected input
+def test_subset_capture_and_disarmed_hooks_cost_nothing(name):
+    model = tiny_causal_lm(name)
     layout = fc.AttentionLayout.from_model(model)
     batch = lm_batch(batch=4, seq=10)
     capture = fc.PerSampleGradientCapture(model, layout).attach()
@@ -129,6 +130,41 @@ def test_subset_capture_and_disarmed_hooks_cost_nothing():
         capture.arm()
         model(**batch)
         assert capture.pop() == {}
+    capture.remove()
+
+
+def test_nonfinite_factor_is_flagged_once_per_step():
+    """An inf in an activation that Q, K and V share (checked once for the three) or in an
+    output gradient flags the step; a clean step after it is clean again."""
+    model = tiny_causal_lm("llama")
+    layout = fc.AttentionLayout.from_model(model)
+    batch = lm_batch(batch=4, seq=10)
+    capture = fc.PerSampleGradientCapture(model, layout).attach()
+    idx = torch.tensor([0, 2])
+    scale = reduction_scale(batch["labels"], "causal_lm")[idx]
+
+    def poison(module, args, output):
+        output = output.clone()
+        output[2, 3, 0] = float("inf")  # a captured sample's row of the shared Q/K/V input
+        return output
+
+    handle = model.model.layers[1].input_layernorm.register_forward_hook(poison)
+    capture.arm(idx, scale=scale)
+    model(**batch).loss.backward()
+    assert capture.nonfinite
+    handle.remove()
+    capture.arm(idx, scale=scale)
+    model(**batch).loss.backward()
+    assert not capture.nonfinite
+
+    def nan_gradient(module, args, output):
+        output.register_hook(lambda g: g * float("nan"))  # the gradient reaching o_proj's hook
+
+    grad_hook = model.model.layers[0].self_attn.o_proj.register_forward_hook(nan_gradient)
+    capture.arm(idx, scale=scale)
+    model(**batch).loss.backward()
+    assert capture.nonfinite
+    grad_hook.remove()
     capture.remove()
 
 
