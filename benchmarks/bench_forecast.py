@@ -1,23 +1,27 @@
-"""Cost of the per-step forgetting forecast inside a real Trainer.
+"""Cost of the per-step forgetting forecast and of the EMA capture inside a real Trainer.
 
 Three configurations alternate in one process, round after round (machine noise hits all alike):
 a plain Trainer, the suite (FisherMonitor + ForgettingRiskMonitor) with ``forecast=False``, and
-the suite with the forecast on. A timing callback (last in the list, so it includes the
-forecast's ``on_train_batch_end``) measures every non-flagged training step. Prints, for tiny
-GPT-2 and Llama-GQA (4 layers, hidden 256, B=16, T=64):
+the suite with the forecast on. A timing callback around the others (it starts before the first
+``on_train_batch_start`` and stops after the last ``on_train_batch_end``) measures every
+non-flagged training step. A fourth fit per round makes an EMA update every other step only, so
+each EMA step is compared with its two neighbours in the same fit, where slow machine drift
+cancels. Prints, for tiny GPT-2 and Llama-GQA (4 layers, hidden 256, B=16, T=64):
 
 - non-flagged step with the forecast / plain step              budget <= 1.05x (median)
 - non-flagged step with the forecast / the same without it      (the forecast's own share)
+- EMA step / neighbouring steps without one (paired)           (the EMA capture's own share)
 - the forecast alone (per predicted parameter a subtraction and one
   ``[n_tasks + 1, n_p] @ [n_p]`` product), timed directly, as a fraction of a plain step
 - the forecast's memory: flat fp32 theta_b and ``[n_tasks + 1, N]`` rows, vs the model
 
-Usage: python benchmarks/bench_forecast.py [--rounds 4 --steps 30]
+Usage: python benchmarks/bench_forecast.py [--rounds 6 --steps 30]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -35,7 +39,17 @@ from common import verdict
 import fisher_callbacks as fc
 
 
-def _fit(kind: str, seed: int, steps: int, every: int, batch: int, seq: int, forecast: bool | None):
+def _fit(
+    kind: str,
+    seed: int,
+    steps: int,
+    every: int,
+    batch: int,
+    seq: int,
+    forecast: bool | None,
+    ema_every: int = 1,
+) -> tuple[StepTimer, fc.ForgettingRiskMonitor | None, pl.LightningModule]:
+    gc.collect()  # the previous fit's callbacks and optimizer state form cycles: free them first
     torch.manual_seed(seed)
     model = LM(kind)
     cbs: list[pl.Callback] = []
@@ -44,6 +58,7 @@ def _fit(kind: str, seed: int, steps: int, every: int, batch: int, seq: int, for
         fm = fc.FisherMonitor(
             reference_tasks={"ref": _loader(1, batch, seq)},
             capture_every_n_steps=every,
+            ema_every_n_steps=ema_every,
             max_samples_per_task=32,
             gradient_memory_mb=256,
         )
@@ -57,27 +72,43 @@ def _fit(kind: str, seed: int, steps: int, every: int, batch: int, seq: int, for
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[*cbs, timer],
+        callbacks=timer.around(cbs),
         val_check_interval=steps,
         check_val_every_n_epoch=None,
         limit_val_batches=1,
         num_sanity_val_steps=0,
     )
     trainer.fit(model, _loader(steps, batch, seq), _loader(1, batch, seq))
-    return timer.plain, rm, model
+    timer.monitor = None  # the timings only: nothing of this fit needs to outlive it
+    return timer, rm, model
+
+
+def _paired(timer: StepTimer) -> list[float]:
+    """Each EMA step over the mean of its two neighbours (steps without an EMA update, same fit)."""
+    by_step = {step: (ema, dt) for step, ema, dt in timer.steps}
+    out = []
+    for step, (ema, dt) in by_step.items():
+        before, after = by_step.get(step - 1), by_step.get(step + 1)
+        if ema and before and after and not before[0] and not after[0]:
+            out.append(dt / (0.5 * (before[1] + after[1])))
+    return out
 
 
 def run(kind: str, rounds: int, steps: int, every: int, batch: int, seq: int) -> None:
     warnings.filterwarnings("ignore")
-    times: dict[str, list[float]] = {"plain": [], "no_forecast": [], "forecast": []}
+    configs = {"plain": None, "no_forecast": False, "forecast": True}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    paired: list[float] = []
     direct: list[float] = []
-    rm = model = None
+    # One fit alive at a time (a 135M fit holds GBs); the forecast is then timed alone on a fresh
+    # fit's monitor.
     for r in range(rounds):
-        for name, forecast in (("plain", None), ("no_forecast", False), ("forecast", True)):
-            plain, mon, net = _fit(kind, r, steps, every, batch, seq, forecast)
-            times[name] += plain
-            if forecast:
-                rm, model = mon, net
+        for name, forecast in configs.items():
+            times[name] += _fit(kind, r, steps, every, batch, seq, forecast)[0].plain
+        # the suite with the forecast, an EMA update every other step and no flagged step: each EMA
+        # step against its neighbours in the same fit (the drift of the machine cancels)
+        paired += _paired(_fit(kind, r, steps, 0, batch, seq, True, ema_every=2)[0])
+    _, rm, model = _fit(kind, 0, 4, every, batch, seq, True)
     for _ in range(50):  # the forecast alone, on the last fitted monitor
         t0 = time.perf_counter()
         rm._forecast_values()
@@ -86,6 +117,8 @@ def run(kind: str, rounds: int, steps: int, every: int, batch: int, seq: int) ->
     with_fc = statistics.median(times["forecast"]) / base
     without = statistics.median(times["no_forecast"]) / base
     alone = statistics.median(direct) / base
+    ema = statistics.median(paired)
+    q1, _, q3 = statistics.quantiles(paired, n=4)
     n = rm._fc_base.numel()
     fc_mb = (rm._fc_base.numel() + rm._fc_grads.numel()) * 4 / 2**20
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
@@ -95,10 +128,14 @@ def run(kind: str, rounds: int, steps: int, every: int, batch: int, seq: int) ->
     )
     print(
         f"  non-flagged step, forecast on / plain step     {with_fc:5.3f}x  budget <= 1.05x  "
-        f"{verdict(with_fc, 1.05)}"
+        f"{verdict(with_fc, 1.05)}  (n={len(times['forecast'])})"
     )
     print(f"  non-flagged step, forecast off / plain step    {without:5.3f}x")
     print(f"  forecast on / forecast off                     {with_fc / without:5.3f}x")
+    print(
+        f"  EMA step / its neighbours without EMA (paired) {ema:5.3f}x  (quartiles {q1:.3f}-{q3:.3f}, "
+        f"n={len(paired)})"
+    )
     print(
         f"  forecast alone (timed directly) / plain step   {alone:5.3f}x  "
         f"({statistics.median(direct) * 1e3:.2f} ms)"
@@ -112,7 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)

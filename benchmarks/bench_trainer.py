@@ -24,15 +24,19 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
+from bench_scale import build
 from common import bench_model, lm_data, verdict
 
 import fisher_callbacks as fc
 
 
 class LM(pl.LightningModule):
+    """``kind``: ``"gpt2"`` or ``"llama"`` (4 layers, hidden 256), or ``"135m"`` (the SmolLM-135M
+    shape of ``bench_scale.py``)."""
+
     def __init__(self, kind: str) -> None:
         super().__init__()
-        self.net = bench_model(kind)
+        self.net = build(kind) if kind == "135m" else bench_model(kind)
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         return self.net(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
@@ -48,21 +52,40 @@ class LM(pl.LightningModule):
 
 
 class StepTimer(pl.Callback):
-    """Wall time of each training step; flags which steps the FisherMonitor captured fully."""
+    """Wall time of each training step, from before the first callback's ``on_train_batch_start``
+    to after the last one's ``on_train_batch_end`` (use :meth:`around`); flags which steps the
+    FisherMonitor captured fully and which made an EMA update."""
 
     def __init__(self, monitor: fc.FisherMonitor | None = None) -> None:
         self.monitor = monitor
         self.flagged: list[float] = []
         self.plain: list[float] = []
+        self.steps: list[tuple[int, bool, float]] = []  # (step, EMA update, seconds), non-flagged
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def around(self, callbacks: list[pl.Callback]) -> list[pl.Callback]:
+        """``callbacks`` between this timer's start (first) and its end (last)."""
+        return [_StepStart(self), *callbacks, self]
+
+    def start(self, trainer) -> None:
         self._flag = self.monitor is not None and self.monitor.is_flagged(trainer.global_step)
+        self._ema = self.monitor.ema_updates if self.monitor is not None else 0
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         dt = time.perf_counter() - self._t0
         if trainer.global_step > 2:  # skip warm-up steps
             (self.flagged if self._flag else self.plain).append(dt)
+            if not self._flag:
+                ema = self.monitor is not None and self.monitor.ema_updates > self._ema
+                self.steps.append((trainer.global_step, ema, dt))
+
+
+class _StepStart(pl.Callback):
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.timer.start(trainer)
 
 
 class BoundaryTimer(pl.Callback):
@@ -108,10 +131,10 @@ def run(kind: str, rounds: int, steps: int, every: int, batch: int, seq: int) ->
                 )
                 timer = StepTimer(fm)
                 bt = BoundaryTimer([qm])
-                timer_cbs = [fm, timer, bt]
+                timer_cbs = timer.around([fm, bt])
             else:
                 timer = StepTimer()
-                timer_cbs = [timer]
+                timer_cbs = timer.around([])
             trainer = pl.Trainer(
                 max_steps=steps,
                 accelerator="cpu",
