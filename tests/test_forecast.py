@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
 from fisher_callbacks.losses import per_sample_losses
-from lightning_examples.lead_time import run_lead_time
+from lightning_examples.lead_time import LeadTime, run_lead_time
 from lightning_examples.synthetic import SyntheticTask, SyntheticTasks, TinyGPT, collate
 
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, pretrain_steps=40, pretrain_lr=1e-2)
@@ -184,6 +184,19 @@ def test_forecast_warns_an_interval_before_the_crossing_and_never_on_controls():
         run_lead_time(1e-3, train_task="general", max_steps=8),
     ):
         assert control.crossing_step is None and control.warn_step is None, control
+
+
+def test_lead_time_verdicts_judge_a_warning_on_its_horizon():
+    """The table's verdicts: a warning counts up to ``max_steps``, the true drift a horizon
+    further, so a warning near the end is judged on the crossing it announced."""
+    row = dict(label="r", lr=1e-3, val_every=4, warn_source="forecast", boundary_warn_step=None)
+    row.update(final_drift=0.6, max_drift=0.6, max_steps=40)
+    assert LeadTime(**row, warn_step=39, crossing_step=44).goal_met  # crossed inside the horizon
+    assert LeadTime(**row, warn_step=39, crossing_step=None).false_alarm  # never crossed
+    assert not LeadTime(**row, warn_step=39, crossing_step=41).goal_met  # 2 steps: late
+    assert LeadTime(**row, warn_step=None, crossing_step=46).goal_met  # its warning was due at 42
+    assert not LeadTime(**row, warn_step=None, crossing_step=43).goal_met  # due at 39: missed
+    assert LeadTime(**row, warn_step=3, crossing_step=3).goal_met  # inside the first interval
 
 
 class _Diverge(pl.Callback):
