@@ -313,22 +313,24 @@ class PerSampleGradientCapture:
         if self.batch_size is None:
             self.batch_size = src.shape[0]
         if torch.compiler.is_compiling():  # see "torch.compile path" above (``_tap`` counts the use)
-            x = src.detach()
-            x = x if self._samples is None else x.index_select(0, self._samples.to(x.device))
-            return _tap(output, x, self._id, self._slots.index(mod_name))
+            return _tap(output, self._captured_rows(src), self._id, self._slots.index(mod_name))
         # Projections reading one input (Q, K and V of most models) share its selected rows and
         # its finiteness check: one gather and one sum per input, not per projection.
         last = self._last_src() if self._last_src is not None else None
         if last is src and src._version == self._last_version:
             x = self._last_x
         else:
-            x = src.detach()
-            x = x if self._samples is None else x.index_select(0, self._samples.to(x.device))
+            x = self._captured_rows(src)
             self._last_src, self._last_version, self._last_x = weakref.ref(src), src._version, x
             self._add_finite(x.sum(dtype=torch.float32))
         self._count_use(mod_name)
         output.register_hook(partial(self._grad_hook, mod_name, module, x, False))
         return None
+
+    def _captured_rows(self, src: torch.Tensor) -> torch.Tensor:
+        """The captured samples' rows of a projection's input (detached)."""
+        x = src.detach()
+        return x if self._samples is None else x.index_select(0, self._samples.to(x.device))
 
     def _add_finite(self, total: torch.Tensor) -> None:
         """Fold a factor's fp32 sum into the step's check: a sum is finite only if every term is
