@@ -12,7 +12,7 @@ fine-tunes on "general" itself (it converges, nothing is forgotten).
 
 Prints one row per run: the first warning (step, and whether the per-step forecast or the
 boundary rule fired it), the true crossing, the lead in steps and in validation intervals, and the
-number of false alarms (warnings on runs whose drift does not cross, up to one forecast horizon
+number of false alarms (warnings on runs whose drift does not cross, up to two forecast horizons
 after the last counted step).
 """
 
@@ -86,7 +86,7 @@ class LeadTime:
     crossing_step: int | None  # true crossing (drift measured after every step)
     final_drift: float
     max_drift: float
-    max_steps: int = 0  # warnings count up to here; the true drift is measured a horizon further
+    max_steps: int = 0  # warnings count up to here; the true drift two horizons further
 
     @property
     def lead_steps(self) -> int | None:
@@ -160,9 +160,9 @@ def time_warning(
     """Fit ``model`` on ``datamodule`` (its ``probe_dataloader("general")`` is the reference task)
     with the suite and the true-drift recorder; the warning against the true crossing.
 
-    Warnings count up to ``max_steps``; the fit (and the true drift) goes on for one forecast
-    horizon (two validation intervals) more, so a warning near the end is judged on whether the
-    drift crossed within the horizon it spoke of, not cut off by the end of the run."""
+    Warnings count up to ``max_steps``; the fit (and the true drift) goes on for two forecast
+    horizons (four validation intervals) more, so a warning near the end is judged on whether the
+    drift crossed, not cut off by the end of the run."""
     fm = FisherMonitor(
         train_task=train_task,
         reference_tasks=["general"],
@@ -176,7 +176,7 @@ def time_warning(
     truth = TrueDrift(fm, "general")
     horizon = (monitor_kwargs or {}).get("forecast_horizon_steps") or 2 * val_every
     trainer = pl.Trainer(
-        max_steps=max_steps + math.ceil(horizon),
+        max_steps=max_steps + 2 * math.ceil(horizon),
         val_check_interval=val_every,
         check_val_every_n_epoch=None,
         limit_val_batches=1,

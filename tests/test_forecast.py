@@ -302,3 +302,8 @@ def test_resume_from_a_checkpoint_before_its_validation_gives_the_uninterrupted_
         (x["step"], x["source"]) for x in whole[2].alerts
     ]
     assert resumed[1]._validations == whole[1]._validations == 3
+    # how the forecast's projections came out (it scales the next ones) carries over too
+    calib_a, calib_b = whole[2]._fc_calib["general"], resumed[2]._fc_calib["general"]
+    assert calib_a.ratios and len(calib_b.ratios) == len(calib_a.ratios)
+    assert calib_b.ratios == pytest.approx(calib_a.ratios, rel=1e-3, abs=1e-6)
+    assert [p[0] for p in calib_b.pending] == [p[0] for p in calib_a.pending]

@@ -21,6 +21,7 @@ from fisher_callbacks.functional import (
     EarlyWarningConfig,
     FirstOrderForgettingAccumulator,
     KeyMismatchError,
+    ProjectionCalibration,
     WarningDecision,
     as_tensor_dict,
     check_keys,
@@ -410,6 +411,54 @@ def test_power_law_projection_is_exact_on_a_power_of_the_move(power) -> None:
     assert power_law_drift(1e-6, 1.0, ahead=1.0, max_power=4.0) == pytest.approx(1e-6 * 2**4)
     for measured, slope in ((0.0, 1.0), (-0.1, 0.2), (0.1, -0.2), (math.nan, 1.0), (0.1, math.inf)):
         assert power_law_drift(measured, slope, ahead=1.0) == -math.inf
+
+
+@pytest.mark.parametrize("came", [0.5, 2.0, 10.0])
+def test_projection_calibration_scales_a_projection_by_how_the_earlier_ones_came_out(came) -> None:
+    """A projection that promises the rise ``r`` over ``h`` steps of a series that rises
+    ``came * r``: once the first has matured, the calibrated projection is the truth (``came``
+    within the clip)."""
+    h, slope = 4, 0.01
+    truth = lambda t: came * slope * t  # noqa: E731
+    calib = ProjectionCalibration(window=3, max_factor=4.0, min_rise=1e-3)
+    damp_only = ProjectionCalibration(window=3, min_rise=1e-3)  # the default: c <= 1
+    for t in range(12):
+        value = truth(t)
+        calib.observe(t, value)
+        damp_only.observe(t, value)
+        projected = value + slope * h  # the model's projection: a rise of slope * h
+        if t < h:
+            assert calib.factor == 1.0 and calib.apply(value, projected) == projected  # none matured
+        else:
+            assert calib.factor == pytest.approx(min(came, 4.0))
+            expected = truth(t + h) if came <= 4.0 else value + 4.0 * slope * h
+            assert calib.apply(value, projected) == pytest.approx(expected)
+            assert damp_only.factor == pytest.approx(min(came, 1.0))
+        calib.issue(t + h, value, projected)
+        damp_only.issue(t + h, value, projected)
+    assert len(calib.ratios) == 3 and len(calib.pending) == h
+    again = ProjectionCalibration(window=3, max_factor=4.0, min_rise=1e-3)
+    again.load_state_dict(calib.state_dict())
+    assert again.pending == calib.pending and again.ratios == calib.ratios
+
+
+def test_projection_calibration_ignores_what_says_nothing() -> None:
+    calib = ProjectionCalibration(window=4, min_rise=0.01)
+    calib.issue(2, 0.1, 0.105)  # a promised rise below min_rise: no ratio
+    calib.issue(3, 0.1, 0.3)
+    calib.issue(3, 0.1, 0.2)  # the same due step: replaces the one before
+    calib.observe(2, 0.5)
+    assert calib.ratios == [] and calib.factor == 1.0
+    calib.observe(3, math.nan)  # a non-finite value matures nothing (the projection is dropped)
+    assert calib.ratios == [] and calib.pending == []
+    calib.issue(4, 0.1, 0.2)
+    calib.observe(5, 0.0)  # it fell: the ratio is negative, the factor clipped to 1 / max_factor
+    assert calib.ratios == [pytest.approx(-1.0)] and calib.factor == 0.25
+    assert calib.apply(0.3, 0.1) == 0.1  # a projection that does not rise is left as it is
+    assert calib.apply(0.3, 0.7) == pytest.approx(0.4)
+    for bad in ({"max_factor": 0.5}, {"min_factor": 0.0}, {"min_factor": 2.0}):
+        with pytest.raises(ValueError, match="min_factor"):
+            ProjectionCalibration(**bad)
 
 
 def test_ewc_penalty_matches_formula() -> None:

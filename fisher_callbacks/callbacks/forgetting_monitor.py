@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from ..functional.forgetting import (
     FirstOrderForgettingAccumulator,
+    ProjectionCalibration,
     early_warning,
     ewc_penalty,
     first_order_forgetting,
@@ -39,6 +40,11 @@ from ._ranks import WarningRelay, log_agreed
 from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
 log = logging.getLogger("fisher_callbacks")
+
+# the forecast's projections are scaled by the median of how the last few came out (see
+# ProjectionCalibration); a promised rise below 1% of the threshold says nothing of a ratio
+_CALIBRATION_WINDOW = 4
+_CALIBRATION_MIN_RISE = 0.01
 
 
 class ForgettingRiskMonitor(BoundaryCallback):
@@ -219,6 +225,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._fc_delta: dict[str, torch.Tensor] | None = None  # that displacement (views)
         self._fc_series: dict[str, list[tuple[int, float]]] = {}  # recent (step, forecast)
         self._fc_fired: dict[str, bool] = {}  # forecast warning fired in this interval
+        self._fc_calib: dict[str, ProjectionCalibration] = {}  # how the projections came out
         self._fc_step: int | None = None  # optimizer step of the last forecast
         self._fc_failed = False
         self._fc_log: dict[str, float] = {}  # this step's forecasts, for the loggers
@@ -299,6 +306,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
             self._prev_grad[task] = probe["grad"]
             self.history[task] = _new_history()
             self._fc_anchor[task] = 0.0
+            self._fc_calib.pop(task, None)
         self._relay.flush()
         self._last_eval_step = self._fc_from = self._anchor_step = trainer.global_step
         self._build_forecast(pl_module)
@@ -450,13 +458,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
             noise_sigmas=self.noise_sigmas,
         )
         scale = 1.0 / abs(self._baseline[task]) if self.relative else 1.0
-        warn, reason = decision.warn, decision.reason
-        if not warn and projected * scale >= self.warn_threshold:
-            warn = True
-            reason = (
-                f"forecast {value * scale:.4g} projected to {projected * scale:.4g} within "
-                f"{self._forecast_horizon():g} steps (threshold {self.warn_threshold:.4g})"
-            )
+        warn, reason = self._judge_projection(task, step, value * scale, projected * scale, decision, record)
         if warn and not self._fc_fired.get(task, False):
             self._fc_fired[task] = True
             reason = reason if finite else f"forecast {value}: the probe loss is not finite"
@@ -468,6 +470,42 @@ class ForgettingRiskMonitor(BoundaryCallback):
                 metrics[f"{prefix}/forecast" if finite else f"{prefix}/nonfinite"] = value if finite else 1.0
                 _log_now(trainer, metrics)
         return self.stop_threshold is not None and (not finite or value * scale >= self.stop_threshold)
+
+    def _judge_projection(
+        self, task: str, step: int, value: float, projected: float, decision, record: bool
+    ) -> tuple[bool, str]:
+        """Whether the forecast warns now, and why (``value``, ``projected``: in the threshold's
+        units, scaled when ``relative``): it reached the threshold (or is not finite),
+        or its projection ``forecast_horizon_steps`` ahead does, the larger of the model's
+        (``projected``) and the forecast's significant trend, its rise scaled by how the rises of
+        the earlier projections came out (:class:`ProjectionCalibration`)."""
+        horizon = self._forecast_horizon()
+        now, ahead, how = value, projected, "projected"
+        if decision.steps_to_threshold and now + decision.slope * horizon > ahead:  # a rising trend
+            ahead, how = now + decision.slope * horizon, f"rising {decision.slope:.3g}/step, projected"
+        calib = self._calibration(task)
+        if record:
+            calib.observe(step, now)
+        calibrated = calib.apply(now, ahead)
+        calib.issue(step + horizon, now, ahead)  # after a boundary: the re-anchored one replaces it
+        if decision.warn and decision.steps_to_threshold == 0.0:
+            return True, decision.reason  # reached, or not finite
+        thr = self.warn_threshold
+        if not calibrated >= thr:
+            return False, decision.reason
+        c = calib.factor
+        note = "" if c == 1.0 else f", rise scaled x{c:.2g} by how the last projections came out"
+        return True, (
+            f"forecast {now:.4g} {how} to {calibrated:.4g} within {horizon:g} steps{note} "
+            f"(threshold {thr:.4g})"
+        )
+
+    def _calibration(self, task: str) -> ProjectionCalibration:
+        if task not in self._fc_calib:
+            self._fc_calib[task] = ProjectionCalibration(
+                window=_CALIBRATION_WINDOW, min_rise=_CALIBRATION_MIN_RISE * self.warn_threshold
+            )
+        return self._fc_calib[task]
 
     def _forecast_horizon(self) -> float:
         if self.forecast_horizon_steps is not None:
@@ -793,6 +831,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
                 "delta": self._fc_delta if self.checkpoint_params else None,  # P_pred numbers
                 "series": self._fc_series,
                 "fired": self._fc_fired,
+                "calibration": {t: c.state_dict() for t, c in self._fc_calib.items()},
                 "step": self._fc_step,
                 "interval": self._interval,
                 "last_eval_step": self._last_eval_step,
@@ -823,6 +862,9 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._fc_delta = fc.get("delta")
         self._fc_series = {t: list(v) for t, v in fc.get("series", {}).items()}
         self._fc_fired = dict(fc.get("fired", {}))
+        self._fc_calib = {}
+        for task, state in fc.get("calibration", {}).items():
+            self._calibration(task).load_state_dict(state)
         self._fc_step = fc.get("step")
         self._interval = fc.get("interval")
         self._last_eval_step = fc.get("last_eval_step")

@@ -17,6 +17,9 @@ from fisher_callbacks.functional.forgetting import EarlyWarningConfig as EarlyWa
 from fisher_callbacks.functional.forgetting import (
     FirstOrderForgettingAccumulator as FirstOrderForgettingAccumulator,
 )
+from fisher_callbacks.functional.forgetting import (
+    ProjectionCalibration as ProjectionCalibration,
+)
 from fisher_callbacks.functional.forgetting import WarningDecision as WarningDecision
 from fisher_callbacks.functional.forgetting import early_warning as early_warning
 from fisher_callbacks.functional.forgetting import ewc_penalty as ewc_penalty

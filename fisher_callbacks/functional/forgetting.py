@@ -287,6 +287,84 @@ def power_law_drift(
     return measured * max(1.0 + progress + ahead, 0.0) ** power
 
 
+class ProjectionCalibration:
+    """Scale of a projection's rise, learnt from how its own earlier projections came out.
+
+    A projection issued at step ``s`` says the series will go from ``v_s`` to ``p_s`` by step
+    ``s + h``. When the series reaches that step (value ``v``), the projection *matures* with the
+    ratio ``r = (v - v_s) / (p_s - v_s)`` of the rise that came to the rise it promised: below 1
+    for a drift that slows down (the projection overshoots), above 1 for one that accelerates.
+    Rises promised below ``min_rise`` say nothing of a ratio and are dropped. The factor
+    ``c`` is the median of the last ``window`` ratios, clipped to ``[min_factor, max_factor]``,
+    and 1 until one has matured; :meth:`apply` scales a new projection's rise by it::
+
+        calibrated = v + c (p - v)       (p <= v is left as it is: no rise to scale)
+
+    By default ``c <= 1``: it only damps projections that have been overshooting. A drift that
+    grows from zero accelerates first and slows down later, and the ratios lag by the horizon,
+    so a boost learnt while it accelerated would still be applied when it slows (measured on
+    the real MiniLM: with ``max_factor=4`` a run that peaks at 94% of the threshold was warned
+    16 steps before its peak). Tracked per series, in the series' units; non-finite values
+    never mature.
+
+    Args:
+        window: Ratios in the median.
+        min_factor, max_factor: Bounds on ``c`` (``0 < min_factor <= 1 <= max_factor``).
+        min_rise: Smallest promised rise that matures into a ratio.
+    """
+
+    def __init__(
+        self, window: int = 4, min_factor: float = 0.25, max_factor: float = 1.0, min_rise: float = 0.0
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if not 0.0 < min_factor <= 1.0 <= max_factor:
+            raise ValueError(f"need 0 < min_factor <= 1 <= max_factor, got {min_factor}, {max_factor}")
+        self.window, self.min_rise = int(window), float(min_rise)
+        self.min_factor, self.max_factor = float(min_factor), float(max_factor)
+        self.pending: list[tuple[float, float, float]] = []  # (due step, value, projected)
+        self.ratios: list[float] = []
+
+    def observe(self, step: float, value: float) -> None:
+        """The series reached ``value`` at ``step``: every projection due by then matures."""
+        due = [p for p in self.pending if p[0] <= step]
+        self.pending = [p for p in self.pending if p[0] > step]
+        if not math.isfinite(value):
+            return
+        for _, start, projected in due:
+            promised = projected - start
+            if math.isfinite(promised) and promised > self.min_rise:
+                self.ratios.append((value - start) / promised)
+        del self.ratios[: -self.window]
+
+    def issue(self, due: float, value: float, projected: float) -> None:
+        """A projection from ``value`` now to ``projected`` at step ``due``; one per due step
+        (a later issue for the same step replaces the earlier one)."""
+        self.pending = [p for p in self.pending if p[0] != due]
+        if math.isfinite(value) and math.isfinite(projected):
+            self.pending.append((float(due), float(value), float(projected)))
+
+    @property
+    def factor(self) -> float:
+        """``c``: the median matured ratio, clipped; 1 before any has matured."""
+        if not self.ratios:
+            return 1.0
+        return min(max(statistics.median(self.ratios), self.min_factor), self.max_factor)
+
+    def apply(self, value: float, projected: float) -> float:
+        """``value + factor * (projected - value)`` for a rising projection, else ``projected``."""
+        if not (projected > value and math.isfinite(value)):
+            return projected
+        return value + self.factor * (projected - value)
+
+    def state_dict(self) -> dict[str, list]:
+        return {"pending": [list(p) for p in self.pending], "ratios": list(self.ratios)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.pending = [tuple(float(x) for x in p) for p in state.get("pending", [])]
+        self.ratios = [float(r) for r in state.get("ratios", [])][-self.window :]
+
+
 def _running_dtype(device: torch.device) -> torch.dtype:
     # Running totals over many steps in fp64 where the device has it (MPS does not).
     return torch.float32 if device.type == "mps" else torch.float64
