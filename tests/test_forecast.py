@@ -252,7 +252,8 @@ def test_shuffled_probe_loader_gives_no_drift_with_frozen_weights(tmp_path):
     _trainer(tmp_path, cbs, max_steps=8).fit(TinyGPT(lr=0.0, **SMALL), datamodule=_data())
     hist = cbs[1].history["general"]
     assert hist["measured"] == [0.0, 0.0]
-    assert hist["forecast"] == [0.0] * 8
+    # rows . theta_t - rows . theta_b with theta_t == theta_b: the same fp32 product twice
+    assert len(hist["forecast"]) == 8 and all(abs(v) <= 1e-6 for v in hist["forecast"]), hist["forecast"]
     assert sum(b["labels"].shape[0] for b in cbs[0].probe_batches("general")) == 16
 
 

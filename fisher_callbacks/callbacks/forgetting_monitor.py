@@ -217,7 +217,9 @@ class ForgettingRiskMonitor(BoundaryCallback):
         # ``_prev_grad`` are views into them), the live parameters, the drift at b per task
         self._fc_base: torch.Tensor | None = None
         self._fc_grads: torch.Tensor | None = None
-        self._fc_slices: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # param, base, rows
+        self._fc_slices: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, its columns of the rows)
+        self._fc_at_base: torch.Tensor | None = None  # [n_params, n_tasks + 1] rows . theta_b, fp64 (host)
+        self._fc_dots: torch.Tensor | None = None  # [n_params, n_tasks + 1] fp32 scratch
         self._fc_tasks: list[str] = []
         self._fc_anchor: dict[str, float] = {}  # measured drift at the last boundary
         self._fc_curv: dict[str, float] = {}  # kappa along the last interval's displacement
@@ -411,12 +413,15 @@ class ForgettingRiskMonitor(BoundaryCallback):
     def _forecast_values(self) -> list[tuple[float, float]]:
         """``(forecast now, projected forecast_horizon_steps ahead)`` per forecast task
         (:func:`forecast_drift`; no projection before the early probe or the first boundary)."""
-        # [n_tasks + 1]: g_A . d per task and Delta . d, d = theta_t - theta_b, per parameter
-        # (strided column blocks of the rows; no flat copy of theta_t: the step is memory-bound)
-        total = self._fc_grads.new_zeros(self._fc_grads.shape[0])
-        for param, base, rows in self._fc_slices:
-            total += rows @ (param.detach().reshape(-1).float() - base)  # exact fp32 subtraction
-        dots = total.tolist()
+        # [n_tasks + 1]: g_A . d per task and Delta . d, d = theta_t - theta_b, as rows . theta_t -
+        # rows . theta_b per parameter (strided column blocks of the rows, into one scratch; no
+        # copy of theta_t or of d: the pass is memory-bound, and reads theta_b not at all). Both
+        # terms are fp32 products of one kernel (frozen weights: the same product twice, 0 to within
+        # its rounding), their difference and sum fp64 on the host (tiny; MPS has no fp64).
+        dots = self._fc_dots
+        for i, (param, rows) in enumerate(self._fc_slices):
+            torch.mv(rows, param.detach().reshape(-1).float(), out=dots[i])
+        dots = (dots.cpu().double() - self._fc_at_base).sum(0).tolist()
         progress = dots[-1] / self._fc_delta_sq if self._fc_delta_sq > 0 else 0.0
         span = self._fc_span or self._interval
         ahead = self._forecast_horizon() / span if self._fc_delta_sq > 0 and span else 0.0
@@ -534,10 +539,14 @@ class ForgettingRiskMonitor(BoundaryCallback):
             self._relay.warn(f"no per-step forecast ({err!r})")
             return
         self._fc_slices, offset = [], 0
-        for n in names:
+        self._fc_dots = matrix.new_empty(len(names), matrix.shape[0])
+        for i, n in enumerate(names):
             k = params[n].numel()
-            self._fc_slices.append((params[n], base[offset : offset + k], matrix[:, offset : offset + k]))
+            rows = matrix[:, offset : offset + k]
+            self._fc_slices.append((params[n], rows))
+            torch.mv(rows, base[offset : offset + k], out=self._fc_dots[i])
             offset += k
+        self._fc_at_base = self._fc_dots.cpu().double()
         self._fc_tasks = tasks
         self._fc_base = base
         self._fc_grads = matrix
