@@ -21,13 +21,14 @@ from lightning_examples.synthetic import SyntheticTasks, TinyGPT, collate
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, pretrain_steps=40, pretrain_lr=1e-2)
 
 
-def _suite(warn=0.3, stop=None, every=4, **risk_kwargs):
+def _suite(warn=0.3, stop=None, every=4, ema_every=None, **risk_kwargs):
     fm = FisherMonitor(
         train_task="math",
         reference_tasks=["general"],
         capture_every_n_steps=every,
         max_samples_per_task=16,
         probe_max_samples=16,
+        **({} if ema_every is None else {"ema_every_n_steps": ema_every}),
     )
     qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=20, top_k=5)
     rm = ForgettingRiskMonitor(
@@ -74,7 +75,7 @@ def test_fit_logs_everywhere_and_measures_forgetting(tmp_path):
     trainer, model, dm = _fit(tmp_path, 3e-3, [fm, qm, rm], loggers=loggers)
     # capture happened on flagged steps, EMA on the others, nothing left armed or hooked
     assert fm.captured_steps == 3 and fm.collector.num_samples("math") == 24
-    assert fm.collector.ema_steps("math") == 12
+    assert fm.collector.ema_steps("math") == 3  # EMA every 4 steps (0, 4, 8: the flagged ones)
     assert all(not m._forward_hooks for m in model.modules())
     # measured forgetting == independent recomputation (fresh identical pretrain = theta_0)
     reference = TinyGPT(lr=0.0, **SMALL)
@@ -143,7 +144,7 @@ def test_resume_continues_ema_store_and_original_anchor(tmp_path):
     fm2, qm2, rm2 = _suite()
     _fit(tmp_path, 3e-3, [fm2, rm2], max_steps=12, ckpt_path=str(path))
     assert all(torch.equal(anchor[n], rm2._anchor[n]) for n in anchor)
-    assert fm2.collector.ema_steps("math") == ema_steps + 4
+    assert fm2.collector.ema_steps("math") == ema_steps + 1  # step 8 (EMA every 4 steps)
     assert len(ids) == 16  # the stored reservoir came back and kept filling within its cap
     assert fm2.collector.num_stored("math") == 16
     assert fm2.collector.num_samples("math") == fm.collector.num_samples("math") + 8
@@ -226,7 +227,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
 def test_two_boundaries_at_one_step_and_accumulation(tmp_path):
     """With accumulate_grad_batches=2 and validation every batch, global_step repeats: the
     forgetting monitor evaluates each step once and keeps working."""
-    fm, qm, rm = _suite()
+    fm, qm, rm = _suite(ema_every=1)
     dm = SyntheticTasks(n_train=64, n_val=8, n_probe=8, batch_size=8)
     trainer = pl.Trainer(
         max_steps=3,

@@ -222,7 +222,7 @@ def test_checkpoint_switches_and_the_readme_overhead_formula(tmp_path):
     _trainer(tmp_path, [fm, rm], max_steps=12).fit(TinyGPT(**TINY), datamodule=dm, ckpt_path=str(paths[True]))
     assert fm.collector.num_samples("math") == 6 * 8  # 4 flagged steps before, 2 after the resume
     assert fm.collector.num_stored("math") == 16  # refilled from the samples after the resume
-    assert fm.collector.ema_steps("math") == 12
+    assert fm.collector.ema_steps("math") == 6  # the flagged steps (EMA every 4: also flagged)
     hist = rm.history["general"]
     # the boundary of the checkpoint step (8, saved before its validation) is evaluated at resume
     assert hist["step"] == [4, 8, 12] and all(math.isfinite(v) for v in hist["predicted"])

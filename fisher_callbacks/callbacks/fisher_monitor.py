@@ -46,10 +46,15 @@ class FisherMonitor(BoundaryCallback):
     loss (``loss_reduction``, ``accumulate_grad_batches``, the AMP loss scale) to each sample's
     own mean-loss gradient, tagged with each sample's task (``batch[task_key]`` or ``train_task``)
     and true id (``batch[sample_id_key]``), and stored (reservoir within ``gradient_memory_mb``).
-    On the other steps only ``ema_samples_per_step`` random samples of the batch are captured to
-    update the EMA Fisher (an unbiased estimate of the batch mean of ``g_i**2`` at a fraction of
-    the cost). The EMA takes one step per optimizer step (from the first micro-batch under
-    gradient accumulation), so ``ema_decay`` means the same whatever ``accumulate_grad_batches``.
+    On every ``ema_every_n_steps``-th of the other steps only ``ema_samples_per_step`` random
+    samples of the batch are captured to update the EMA Fisher (an unbiased estimate of the batch
+    mean of ``g_i**2`` at a fraction of the cost; flagged steps update it from the whole batch).
+    The EMA takes one step per update (from the first micro-batch under gradient accumulation), so
+    ``ema_decay`` means the same whatever ``accumulate_grad_batches``: with the defaults (0.99,
+    every 4 steps) it remembers ~100 updates, ~400 optimizer steps. The default cadence keeps the
+    steps in between within 5% of a plain step (``benchmarks/bench_forecast.py``: an update costs
+    ~6% of its step on the tiny benchmark models, mostly fixed per-hook work, so 4 samples every 4
+    steps cost a quarter of 4 samples every step, and less than 1 sample every step).
     Steps whose captured gradients are not finite (AMP overflow) are skipped and counted in
     ``skipped_steps``. A flagged step whose batch has no target token (every label ``-100``)
     adds no sample but counts in ``captured_steps`` (and ``ema_updates``), never in
@@ -109,7 +114,7 @@ class FisherMonitor(BoundaryCallback):
         loss_reduction: how the training loss reduces per-sample losses (``"token_mean"``, the
             Hugging Face default, ``"sample_mean"``, ``"sum"`` or ``"token_sum"``).
         ema_samples_per_step: samples captured for the EMA on non-flagged steps (0: no EMA).
-        ema_every_n_steps: EMA update period on non-flagged steps.
+        ema_every_n_steps: EMA update period in optimizer steps (default 4; 1: every step).
         probe_max_samples: cap on samples per probe set and boundary.
         loss_type: per-sample loss (inferred from the model head when ``None``).
         seed: seeds subsampling, reservoirs, true-Fisher labels and sketch projections.
@@ -159,7 +164,7 @@ class FisherMonitor(BoundaryCallback):
         sample_id_key: str = "sample_id",
         loss_reduction: str = "token_mean",
         ema_samples_per_step: int = 4,
-        ema_every_n_steps: int = 1,
+        ema_every_n_steps: int = 4,
         probe_max_samples: int | None = None,
         loss_type: LossType | None = None,
         seed: int = 0,
