@@ -11,8 +11,10 @@ Outside an initialised process group (one process) everything is local and nothi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -145,7 +147,18 @@ class WarningRelay:
 
 
 def _emit(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=4)
+    warnings.warn(message, UserWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of :func:`_emit`'s first caller outside this module and ``contextlib``: the
+    monitor's line that warned or opened :meth:`WarningRelay.catch`, not the context manager's
+    exit (``warnings.warn`` counts ``_emit`` as level 1)."""
+    skip = {__file__, contextlib.__file__}
+    frame, level = sys._getframe(2), 2  # the caller of _emit
+    while frame is not None and frame.f_code.co_filename in skip:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def log_agreed(trainer, pl_module, values: dict[str, float], relay: WarningRelay, **log_kwargs) -> list[str]:
