@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -598,10 +598,8 @@ class FisherMonitor(BoundaryCallback):
         total: dict[str, torch.Tensor] = {}
         forward = _forward_module(pl_module)
         loss_type = self.loss_type or infer_loss_type(forward)
-        was_training = pl_module.training
-        pl_module.eval()
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with _probe_mode(pl_module):
                 for batch in self.probe_batches(task):
                     batch = _to_device(batch, pl_module.device)
                     per_sample, counts = per_sample_loss(
@@ -621,8 +619,6 @@ class FisherMonitor(BoundaryCallback):
             self._relay.warn(f"probe gradient of {task!r} failed on this rank, which adds no sample: {err!r}")
             losses.clear()
             total.clear()
-        finally:
-            pl_module.train(was_training)
         local = torch.cat(losses) if losses else torch.zeros(0)
         all_losses, grad_sum, n = _reduce_probe(local, total, params)
         if n == 0:
@@ -646,58 +642,53 @@ class FisherMonitor(BoundaryCallback):
     ) -> None:
         """This rank's probe pass: per-sample gradients into the collector under ``task``,
         per-sample losses appended to ``losses`` and the summed gradients into ``total``."""
-        was_training = pl_module.training
         n = 0
-        pl_module.eval()
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                for batch in loader:
-                    if self.probe_max_samples is not None and n >= self.probe_max_samples:
-                        break
-                    batch = _to_device(batch, pl_module.device)
-                    if self.probe_max_samples is not None:
-                        batch = _head(batch, batch["labels"].shape[0], self.probe_max_samples - n)
-                    ids = batch.get(self.sample_id_key)
-                    size = batch["labels"].shape[0]
-                    ids = None if ids is None else _as_list(ids, size, None)
-                    # Streamed into the collector inside the hooks (chunked), unless a sketch
-                    # store has no whitening yet (no captured step before this boundary).
-                    ingest = None
-                    if not self.collector.needs_whitening:
-                        has_target = (target_token_counts(batch["labels"], self.loss_type) > 0).tolist()
-                        ingest = self.collector.ingest([task if ok else None for ok in has_target], ids)
-                    res: ProbeResult = probe_pass(
-                        pl_module,
-                        batch,
-                        self.layout,
-                        loss_type=self.loss_type,
-                        fisher_type=self.fisher_type,
-                        generator=self.collector._generator,
-                        sum_params=params,
-                        forward_model=_forward_module(pl_module),
-                        capture=self.capture if self.capture.attached else None,
-                        sink=ingest,
-                        chunk=None if ingest is None else self._chunk(size),
-                    )
-                    has_target = res.counts > 0  # a sample without targets has no gradient
-                    if not bool(has_target.all()):
-                        rows = torch.nonzero(has_target).flatten()
-                        res.grads = {k: g.index_select(0, rows.to(g.device)) for k, g in res.grads.items()}
-                        res.losses = res.losses[has_target]
-                        if ids is not None:
-                            ids = [ids[r] for r in rows.tolist()]
-                    if res.losses.numel() == 0:
-                        continue
-                    if ingest is not None:
-                        ingest.commit()
-                    else:
-                        self.collector.add_gradients(res.grads, task, ids)
-                    losses.append(res.losses.float().cpu())
-                    for name, g in res.summed.items():
-                        total[name] = total[name] + g if name in total else g.clone()
-                    n += res.losses.shape[0]
-        finally:
-            pl_module.train(was_training)
+        with _probe_mode(pl_module):
+            for batch in loader:
+                if self.probe_max_samples is not None and n >= self.probe_max_samples:
+                    break
+                batch = _to_device(batch, pl_module.device)
+                if self.probe_max_samples is not None:
+                    batch = _head(batch, batch["labels"].shape[0], self.probe_max_samples - n)
+                ids = batch.get(self.sample_id_key)
+                size = batch["labels"].shape[0]
+                ids = None if ids is None else _as_list(ids, size, None)
+                # Streamed into the collector inside the hooks (chunked), unless a sketch
+                # store has no whitening yet (no captured step before this boundary).
+                ingest = None
+                if not self.collector.needs_whitening:
+                    has_target = (target_token_counts(batch["labels"], self.loss_type) > 0).tolist()
+                    ingest = self.collector.ingest([task if ok else None for ok in has_target], ids)
+                res: ProbeResult = probe_pass(
+                    pl_module,
+                    batch,
+                    self.layout,
+                    loss_type=self.loss_type,
+                    fisher_type=self.fisher_type,
+                    generator=self.collector._generator,
+                    sum_params=params,
+                    forward_model=_forward_module(pl_module),
+                    capture=self.capture if self.capture.attached else None,
+                    sink=ingest,
+                    chunk=None if ingest is None else self._chunk(size),
+                )
+                has_target = res.counts > 0  # a sample without targets has no gradient
+                if not bool(has_target.all()):
+                    rows = torch.nonzero(has_target).flatten()
+                    res.grads = {k: g.index_select(0, rows.to(g.device)) for k, g in res.grads.items()}
+                    res.losses = res.losses[has_target]
+                    if ids is not None:
+                        ids = [ids[r] for r in rows.tolist()]
+                if res.losses.numel() == 0:
+                    continue
+                if ingest is not None:
+                    ingest.commit()
+                else:
+                    self.collector.add_gradients(res.grads, task, ids)
+                losses.append(res.losses.float().cpu())
+                for name, g in res.summed.items():
+                    total[name] = total[name] + g if name in total else g.clone()
+                n += res.losses.shape[0]
 
     # ------------------------------------------------------------------ state
     @override
@@ -823,6 +814,19 @@ def _head(batch: Mapping[str, Any], n: int, room: int) -> dict[str, Any]:
         k: v[:room] if torch.is_tensor(v) or (isinstance(v, (list, tuple)) and len(v) == n) else v
         for k, v in batch.items()
     }
+
+
+@contextlib.contextmanager
+def _probe_mode(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Eval mode with autograd on (also inside Lightning's validation inference mode); the train
+    flag is restored on the way out, also when the block raises."""
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        pl_module.train(was_training)
 
 
 def _forward_module(pl_module: pl.LightningModule) -> torch.nn.Module:
