@@ -99,7 +99,12 @@ class ForgettingRiskMonitor(BoundaryCallback):
     the projection is also the power law of
     :func:`~fisher_callbacks.functional.forgetting.power_law_drift` (the drift's logarithmic
     derivative there; fine-tuning away from a pretrained minimum accelerates past the quadratic),
-    whichever is larger.
+    whichever is larger. Before it is compared with the threshold, the rise of a projection (the
+    model's or the trend's, the larger) is damped by how the earlier ones came out: the median
+    ratio of the rise that came to the rise promised, over the last four matured projections,
+    clipped to ``[0.25, 1]`` (:class:`~fisher_callbacks.functional.forgetting.ProjectionCalibration`;
+    kept in checkpoints), so a drift that slows down near the threshold is not announced from
+    projections that have been overshooting.
 
     On a warning: one log line, an entry in ``alerts`` (``step``, ``task``, ``measured``,
     ``predicted``, ``forecast``, ``risk``, ``reason``, ``source``: ``"boundary"`` or
