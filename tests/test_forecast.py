@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
+from fisher_callbacks.functional import early_warning
 from fisher_callbacks.losses import per_sample_losses
 from lightning_examples.lead_time import LeadTime, run_lead_time
 from lightning_examples.synthetic import SyntheticTask, SyntheticTasks, TinyGPT, collate
@@ -184,6 +185,30 @@ def test_forecast_warns_an_interval_before_the_crossing_and_never_on_controls():
         run_lead_time(1e-3, train_task="general", max_steps=8),
     ):
         assert control.crossing_step is None and control.warn_step is None, control
+
+
+@pytest.mark.parametrize(("promised", "first_warning"), [(2.0, 18), (0.5, 22)])
+def test_the_forecast_damps_projections_that_have_been_overshooting(promised, first_warning):
+    """A forecast rising 0.02 a step (threshold 0.51: crossed at step 26) whose projections
+    promise ``promised`` times the rise that comes, 8 steps ahead. Overshooting twice: from the
+    first matured projection (step 9) the rise is halved, so the warning comes when the truth is
+    8 steps away (0.02 s + 0.16 >= 0.51 at s = 18), not 8 steps earlier. Undershooting: never
+    boosted (0.02 s + 0.08 >= 0.51 at s = 22, as undamped)."""
+    fm = FisherMonitor(train_task="math", reference_tasks=["general"])
+    rm = ForgettingRiskMonitor(fm, reference_tasks=["general"], warn_threshold=0.51, forecast_horizon_steps=8)
+    warned = []
+    for step in range(1, 27):
+        value = 0.02 * step
+        decision = early_warning([step], [value], 0.51)  # one point: no trend
+        warn, reason = rm._judge_projection("general", step, value, value + promised * 0.16, decision, True)
+        if warn:
+            warned.append((step, reason))
+    assert warned[0][0] == first_warning, warned
+    factor = rm._fc_calib["general"].factor
+    if promised > 1:
+        assert factor == pytest.approx(0.5) and "rise scaled x0.5" in warned[0][1], warned[0]
+    else:
+        assert factor == 1.0 and "scaled" not in warned[0][1], warned[0]
 
 
 def test_lead_time_verdicts_judge_a_warning_on_its_horizon():
