@@ -157,6 +157,19 @@ def test_forecast_follows_its_formula_and_reanchors_on_the_measured_drift(tmp_pa
     projected = max(quadratic, power)
     said = float(first["reason"].split("projected to ")[1].split()[0])
     assert said == pytest.approx(projected, rel=2e-3)
+    # past the first interval the power law still counts from the anchor, in steps: from b = 8,
+    # two Deltas (4 steps each) away, d(t) = drift_8 (t / 8)^p with p = 2 g_8 . Delta / drift_8,
+    # projected 8 steps ahead (the weights are still theta_8 after the fit: no move since b)
+    drift[8] = rec.losses[8] - rec.losses[0]
+    along = _dot(grads[8], move(4, 8))
+    quadratic = drift[8] + 2 * along + 0.5 * kappa(4, 8) * 4
+    power = drift[8] * 2 ** min(2 * along / drift[8], 4.0) if drift[8] > 0 and along > 0 else -math.inf
+    ((now, ahead),) = rm._forecast_values()
+    assert now == pytest.approx(drift[8], rel=1e-4, abs=1e-6)
+    assert ahead == pytest.approx(max(quadratic, power), rel=2e-3), (quadratic, power)
+    rm._fc_curv["general"] = 0.0  # no curvature: the quadratic is linear, the power law wins
+    ((_, ahead),) = rm._forecast_values()
+    assert power > drift[8] + 2 * along and ahead == pytest.approx(power, rel=2e-3), (power, drift[8], along)
     with open(Path(logger.log_dir) / "metrics.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("forgetting/general/forecast")]
     per_step = [r for r in rows if not r.get("forgetting/general/warning")]

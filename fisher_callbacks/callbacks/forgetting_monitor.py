@@ -95,10 +95,10 @@ class ForgettingRiskMonitor(BoundaryCallback):
     :func:`~fisher_callbacks.functional.forgetting.forecast_drift` (curvature from the secant of
     the last two probe gradients). In the first interval nothing is known of the curvature yet, so
     one early probe (``early_probe_step``, default half the interval) measures the drift and the
-    probe gradient there: the forecast re-anchors on it, and while its move starts at the anchor
-    the projection is also the power law of
-    :func:`~fisher_callbacks.functional.forgetting.power_law_drift` (the drift's logarithmic
-    derivative there; fine-tuning away from a pretrained minimum accelerates past the quadratic),
+    probe gradient there, and the forecast re-anchors on it. From then on the projection is also
+    the power law of :func:`~fisher_callbacks.functional.forgetting.power_law_drift`: the drift
+    grown from 0 at the anchor like a power of the steps, the power its logarithmic derivative at
+    the last boundary (fine-tuning away from a pretrained minimum accelerates past the quadratic),
     whichever is larger. Before it is compared with the threshold, the rise of a projection (the
     model's or the trend's, the larger) is damped by how the earlier ones came out: the median
     ratio of the rise that came to the rise promised, over the last four matured projections,
@@ -430,13 +430,19 @@ class ForgettingRiskMonitor(BoundaryCallback):
         progress = dots[-1] / self._fc_delta_sq if self._fc_delta_sq > 0 else 0.0
         span = self._fc_span or self._interval
         ahead = self._forecast_horizon() / span if self._fc_delta_sq > 0 and span else 0.0
+        # theta_b lies `lengths` Deltas from the anchor (1 in the first interval): the drift grew
+        # from 0 there like a power of the steps, whose exponent is its log-derivative at b
+        lengths = 0.0
+        if span and self._fc_from is not None and self._anchor_step is not None:
+            lengths = (self._fc_from - self._anchor_step) / span
         out = []
         for task, first in zip(self._fc_tasks, dots[:-1]):
             args = (self._fc_anchor[task], first, self._fc_curv.get(task, 0.0), progress)
             along = self._fc_along.get(task, 0.0)
             projected = forecast_drift(*args, along=along, ahead=ahead)
-            if self._fc_from_anchor and ahead > 0:  # the drift grew from 0 along Delta: its power
-                projected = max(projected, power_law_drift(args[0], along, progress, ahead=ahead))
+            if lengths >= 1.0 and ahead > 0:
+                power = power_law_drift(args[0], along * lengths, progress / lengths, ahead=ahead / lengths)
+                projected = max(projected, power)
             out.append((forecast_drift(*args), projected))
         return out
 

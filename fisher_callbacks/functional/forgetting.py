@@ -267,8 +267,10 @@ def power_law_drift(
     ``p`` is the logarithmic derivative of the drift at ``b``: 2 for a quadratic bowl entered at
     its minimum, more when the drift accelerates faster than its curvature says (fine-tuning
     away from a pretrained minimum, where :func:`forecast_drift`'s quadratic falls short).
-    Projected to ``tau = 1 + progress + ahead``. Only meaningful while ``Delta`` starts at the
-    anchor (the first interval, from the early probe).
+    Projected to ``tau = 1 + progress + ahead``. When ``b`` lies ``r`` lengths of ``Delta`` from
+    the anchor (``r`` = steps from the anchor to ``b`` over the steps ``Delta`` covers; 1 while
+    ``Delta`` starts at the anchor), pass ``along * r``, ``progress / r`` and ``ahead / r``: the
+    same power of the steps since the anchor, ``d(t) = measured (t / t_b) ** p``.
 
     Args:
         measured: Drift at ``b`` (nats).
