@@ -19,6 +19,7 @@ from typing_extensions import override
 from ..functional.forgetting import (
     FirstOrderForgettingAccumulator,
     ProjectionCalibration,
+    WarningDecision,
     early_warning,
     ewc_penalty,
     first_order_forgetting,
@@ -241,7 +242,6 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._fc_span: float | None = None  # optimizer steps Delta covers
         self._early_done = False  # the early probe ran, or a boundary came first
         self._anchor_step: int | None = None  # optimizer step of theta_0
-        self._fc_from_anchor = False  # Delta starts at theta_0: the power-law projection applies
         self._interval: float | None = None  # validation interval, optimizer steps
         self._last_eval_step: int | None = None  # fit start or the last boundary
 
@@ -395,7 +395,6 @@ class ForgettingRiskMonitor(BoundaryCallback):
         """theta_b becomes ``now`` (at ``step``), ``Delta`` the ``delta`` that led there."""
         if self._fc_from is not None and step > self._fc_from:
             self._fc_span = float(step - self._fc_from)
-        self._fc_from_anchor = self._anchor_step is not None and self._fc_from == self._anchor_step
         self._fc_from = step
         self._prev = now
         self._fc_delta = delta
@@ -488,7 +487,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         return self.stop_threshold is not None and (not finite or value * scale >= self.stop_threshold)
 
     def _judge_projection(
-        self, task: str, step: int, value: float, projected: float, decision, record: bool
+        self, task: str, step: int, value: float, projected: float, decision: WarningDecision, record: bool
     ) -> tuple[bool, str]:
         """Whether the forecast warns now, and why (``value``, ``projected``: in the threshold's
         units, scaled when ``relative``): it reached the threshold (or is not finite),
@@ -859,7 +858,6 @@ class ForgettingRiskMonitor(BoundaryCallback):
                 "span": self._fc_span,
                 "early_done": self._early_done,
                 "anchor_step": self._anchor_step,
-                "from_anchor": self._fc_from_anchor,
             },
             "stopped_at": self.stopped_at,
             **self._boundary_state(),
@@ -892,7 +890,6 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._fc_span = fc.get("span", self._interval)
         self._early_done = fc.get("early_done", True)  # an older checkpoint: no early probe
         self._anchor_step = fc.get("anchor_step")
-        self._fc_from_anchor = fc.get("from_anchor", False)
         self.stopped_at = state_dict.get("stopped_at")
         self._load_boundary_state(state_dict)
         for task, acc in list(self._acc.items()):
