@@ -12,8 +12,8 @@ cancels. Prints, for tiny GPT-2 and Llama-GQA (4 layers, hidden 256, B=16, T=64)
   mean: what a run pays, with the EMA update every ``ema_every_n_steps``)
 - non-flagged step with the forecast / the same without it      (the forecast's own share)
 - EMA step / neighbouring steps without one (paired)           (the EMA capture's own share)
-- the forecast alone (per predicted parameter a subtraction and one
-  ``[n_tasks + 1, n_p] @ [n_p]`` product), timed directly, as a fraction of a plain step
+- the forecast alone (per predicted parameter one ``[n_tasks + 1, n_p] @ [n_p]`` product of the
+  live weights, less the same product of theta_b), timed directly, as a fraction of a plain step
 - the forecast's memory: flat fp32 theta_b and ``[n_tasks + 1, N]`` rows, vs the model
 
 Usage: python benchmarks/bench_forecast.py [--rounds 6 --steps 30]
