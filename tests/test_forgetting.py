@@ -34,6 +34,7 @@ from fisher_callbacks.functional import (
     fisher_weighted_damage,
     flatten_fp32,
     forecast_drift,
+    margin_drift,
     measured_forgetting,
     parameter_delta,
     power_law_drift,
@@ -411,6 +412,36 @@ def test_power_law_projection_is_exact_on_a_power_of_the_move(power) -> None:
     assert power_law_drift(1e-6, 1.0, ahead=1.0, max_power=4.0) == pytest.approx(1e-6 * 2**4)
     for measured, slope in ((0.0, 1.0), (-0.1, 0.2), (0.1, -0.2), (math.nan, 1.0), (0.1, math.inf)):
         assert power_law_drift(measured, slope, ahead=1.0) == -math.inf
+
+
+@pytest.mark.parametrize("m0", [6.0, 1.0, -2.0])
+def test_margin_projection_is_exact_for_a_logistic_loss_whose_margin_moves_linearly(m0) -> None:
+    """A logistic loss ``log(1 + e^-y w.x)`` of a linear model moved along ``Delta``: its margin
+    moves linearly, and the projection from ``b`` (autograd gradient there) equals the true loss
+    anywhere ahead, confident (exponential growth), near 0 and wrong (linear growth) alike."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, generator=g, dtype=torch.float64)
+    delta = -x * (1.5 / float(x @ x))  # each Delta lowers the margin by 1.5
+    w0 = x * (m0 / float(x @ x))  # margin m0 at the anchor
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.softplus(-(w @ x))
+
+    w_b = (w0 + 2 * delta).requires_grad_()  # b: two Deltas from the anchor
+    (grad_b,) = torch.autograd.grad(loss(w_b), w_b)
+    along = float(first_order_forgetting({"w": grad_b}, {"w": delta}))
+    base, at_b = float(loss(w0)), float(loss(w_b.detach()))
+    for progress, ahead in ((0.0, 0.0), (0.0, 4.0), (0.5, 2.0), (1.0, 8.0)):
+        truth = float(loss(w_b.detach() + (progress + ahead) * delta)) - base
+        got = margin_drift(at_b, base, along, progress, ahead=ahead)
+        assert got == pytest.approx(truth, rel=1e-6)  # the dot product runs in fp32
+    # confident: it grows several-fold a step where the power law from the anchor cannot
+    if m0 == 6.0:
+        assert margin_drift(at_b, base, along, ahead=2.0) > power_law_drift(at_b - base, 2 * along, ahead=1.0)
+    bad = ((0.0, 1.0), (-0.1, 0.2), (0.1, -0.2), (0.1, 0.0), (math.nan, 1.0), (0.1, math.inf))
+    for bad_loss, slope in bad:
+        assert margin_drift(bad_loss, 0.0, slope, ahead=1.0) == -math.inf
+    assert margin_drift(40.0, 0.0, 2.0, ahead=3.0) == pytest.approx(46.0)  # large loss: linear
 
 
 @pytest.mark.parametrize("came", [0.5, 2.0, 10.0])

@@ -33,6 +33,7 @@ from fisher_callbacks.functional.forgetting import (
     fisher_weighted_damage as fisher_weighted_damage,
 )
 from fisher_callbacks.functional.forgetting import forecast_drift as forecast_drift
+from fisher_callbacks.functional.forgetting import margin_drift as margin_drift
 from fisher_callbacks.functional.forgetting import measured_forgetting as measured_forgetting
 from fisher_callbacks.functional.forgetting import parameter_delta as parameter_delta
 from fisher_callbacks.functional.forgetting import power_law_drift as power_law_drift
