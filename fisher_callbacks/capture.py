@@ -32,6 +32,7 @@ from .losses import (
     LossType,
     forward_logits,
     infer_loss_type,
+    is_squared_error,
     per_sample_loss,
     sample_true_labels,
 )
@@ -477,12 +478,14 @@ class ProbeResult:
             true Fisher).
         counts: ``[B]`` target tokens per sample.
         summed: ``{name: grad of sum_i l_i}`` for the ``sum_params`` asked for (empty otherwise).
+        log_loss: the losses are cross-entropies (``False``: squared errors of a regression head).
     """
 
     grads: dict[str, torch.Tensor]
     losses: torch.Tensor
     counts: torch.Tensor
     summed: dict[str, torch.Tensor] = field(default_factory=dict)
+    log_loss: bool = True
 
 
 def probe_pass(
@@ -550,4 +553,5 @@ def probe_pass(
             n: (g if g is not None else torch.zeros_like(p))
             for (n, p), g in zip(extra.items(), out[len(weights) :])
         }
-        return ProbeResult(capture.pop(), losses.detach(), counts, summed)
+        log_loss = not is_squared_error(logits, labels, loss_type)
+        return ProbeResult(capture.pop(), losses.detach(), counts, summed, log_loss)

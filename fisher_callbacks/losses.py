@@ -49,6 +49,12 @@ def target_token_counts(labels: torch.Tensor, loss_type: LossType) -> torch.Tens
     return (targets != IGNORE_INDEX).flatten(1).sum(1)
 
 
+def is_squared_error(logits: torch.Tensor, labels: torch.Tensor, loss_type: LossType) -> bool:
+    """Whether :func:`per_sample_loss` takes the squared error (a one-logit regression head with
+    float targets) rather than a cross-entropy (a log-loss)."""
+    return loss_type == "sequence_classification" and logits.shape[-1] == 1 and labels.is_floating_point()
+
+
 def per_sample_loss(
     logits: torch.Tensor, labels: torch.Tensor, loss_type: LossType
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +71,7 @@ def per_sample_loss(
     """
     _check_loss_type(loss_type)
     if loss_type == "sequence_classification":
-        if logits.shape[-1] == 1 and labels.is_floating_point():
+        if is_squared_error(logits, labels, loss_type):
             losses = (logits.squeeze(-1).float() - labels.float()) ** 2
         else:
             losses = F.cross_entropy(logits.float(), labels.long(), reduction="none")

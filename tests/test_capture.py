@@ -55,6 +55,22 @@ def test_masked_lm_and_sequence_classification():
         assert max_rel_error(got, microbatch_gradients(clf, cbatch, names)) <= TOL
 
 
+def test_probe_pass_says_whether_its_losses_are_log_losses():
+    """A cross-entropy (the forecast's margin model applies) or a one-logit regression head's
+    squared error (it does not): ``ProbeResult.log_loss``, and the losses are those formulas."""
+    batch = {k: v for k, v in lm_batch(batch=3, seq=9).items() if k != "labels"}
+    clf = tiny_classifier("bert", num_labels=3)
+    res = fc.probe_pass(clf, {**batch, "labels": torch.tensor([0, 2, 1])})
+    assert res.log_loss and bool((res.losses > 0).all())
+    reg = tiny_classifier("bert", num_labels=1)
+    targets = torch.tensor([0.5, -1.0, 2.0])
+    res = fc.probe_pass(reg, {**batch, "labels": targets})
+    with torch.no_grad():
+        out = reg(**batch).logits.squeeze(-1)
+    assert not res.log_loss
+    torch.testing.assert_close(res.losses, (out - targets) ** 2, rtol=1e-5, atol=1e-6)
+
+
 def test_grad_untouched_mode_kept_and_hooks_removed():
     model = tiny_causal_lm("llama").train()
     fc.per_sample_gradients(model, lm_batch())

@@ -27,6 +27,7 @@ from ..losses import (
     LossType,
     forward_logits,
     infer_loss_type,
+    is_squared_error,
     per_sample_loss,
     reduction_scale,
     target_token_counts,
@@ -210,6 +211,7 @@ class FisherMonitor(BoundaryCallback):
             raise ValueError(f"capture_chunk must be >= 1 or None, got {capture_chunk}")
         self.capture_chunk = capture_chunk
 
+        self.log_loss = True  # the probe losses are cross-entropies (False: a regression head's MSE)
         self.layout: AttentionLayout | None = None
         self.collector: FisherCollector | None = None
         self.capture: PerSampleGradientCapture | None = None
@@ -602,9 +604,9 @@ class FisherMonitor(BoundaryCallback):
             with _probe_mode(pl_module):
                 for batch in self.probe_batches(task):
                     batch = _to_device(batch, pl_module.device)
-                    per_sample, counts = per_sample_loss(
-                        forward_logits(forward, batch), batch["labels"], loss_type
-                    )
+                    logits = forward_logits(forward, batch)
+                    per_sample, counts = per_sample_loss(logits, batch["labels"], loss_type)
+                    self.log_loss = not is_squared_error(logits, batch["labels"], loss_type)
                     per_sample = per_sample[counts > 0]  # a sample without targets has no loss
                     if per_sample.numel() == 0:
                         continue
@@ -672,6 +674,7 @@ class FisherMonitor(BoundaryCallback):
                     sink=ingest,
                     chunk=None if ingest is None else self._chunk(size),
                 )
+                self.log_loss = res.log_loss
                 has_target = res.counts > 0  # a sample without targets has no gradient
                 if not bool(has_target.all()):
                     rows = torch.nonzero(has_target).flatten()
