@@ -35,6 +35,7 @@ from fisher_callbacks.functional import (
     flatten_fp32,
     forecast_drift,
     margin_drift,
+    margin_rate,
     measured_forgetting,
     parameter_delta,
     power_law_drift,
@@ -442,6 +443,32 @@ def test_margin_projection_is_exact_for_a_logistic_loss_whose_margin_moves_linea
     for bad_loss, slope in bad:
         assert margin_drift(bad_loss, 0.0, slope, ahead=1.0) == -math.inf
     assert margin_drift(40.0, 0.0, 2.0, ahead=3.0) == pytest.approx(46.0)  # large loss: linear
+    assert margin_rate(at_b, along) == pytest.approx(1.5, rel=1e-6)  # the margin's fall per Delta
+
+
+@pytest.mark.parametrize("m0", [6.0, 1.0])
+def test_margin_projection_with_bend_is_exact_for_a_margin_that_falls_quadratically(m0) -> None:
+    """The weights move on ``w_b + tau d1 + tau^2 d2 / 2``, so the margin falls by
+    ``1.5 tau + 0.4 tau^2 / 2``: with ``along`` the gradient along the tangent ``d1`` and
+    ``bend = 0.4`` the projection is the true loss; a slowing margin (``bend < 0``) is not
+    extrapolated (the steady-rate projection)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, generator=g, dtype=torch.float64)
+    unit = x / float(x @ x)
+    w_b = (m0 * unit).requires_grad_()
+    d1, d2 = -1.5 * unit, -0.4 * unit
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.softplus(-(w @ x))
+
+    (grad_b,) = torch.autograd.grad(loss(w_b), w_b)
+    along = float(grad_b @ d1)
+    at_b = float(loss(w_b.detach()))
+    for tau in (1.0, 3.0, 8.0):
+        truth = float(loss(w_b.detach() + tau * d1 + 0.5 * tau * tau * d2))
+        assert margin_drift(at_b, 0.0, along, ahead=tau, bend=0.4) == pytest.approx(truth, rel=1e-9)
+        steady = margin_drift(at_b, 0.0, along, ahead=tau)
+        assert margin_drift(at_b, 0.0, along, ahead=tau, bend=-0.4) == steady < truth
 
 
 @pytest.mark.parametrize("came", [0.5, 2.0, 10.0])

@@ -34,6 +34,7 @@ from fisher_callbacks.functional.forgetting import (
 )
 from fisher_callbacks.functional.forgetting import forecast_drift as forecast_drift
 from fisher_callbacks.functional.forgetting import margin_drift as margin_drift
+from fisher_callbacks.functional.forgetting import margin_rate as margin_rate
 from fisher_callbacks.functional.forgetting import measured_forgetting as measured_forgetting
 from fisher_callbacks.functional.forgetting import parameter_delta as parameter_delta
 from fisher_callbacks.functional.forgetting import power_law_drift as power_law_drift
