@@ -108,9 +108,9 @@ def _dot(a: dict, b: dict) -> float:
 
 
 def test_forecast_follows_its_formula_and_reanchors_on_the_measured_drift(tmp_path):
-    cbs = _monitors()
+    cbs = _monitors(early_probe_step=2)  # one early probe ("auto" probes steps 1 and 2)
     fm, rm = cbs
-    rec = _Recorder(fm, extra_steps=(2,))  # the early probe: half the first interval
+    rec = _Recorder(fm, extra_steps=(2,))
     logger = CSVLogger(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -146,15 +146,20 @@ def test_forecast_follows_its_formula_and_reanchors_on_the_measured_drift(tmp_pa
         0.5 * _dot({n: grads[a][n] + grads[b][n] for n in theta[0]}, move(a, b)) for a, b in ((0, 2), (2, 4))
     )
     assert hist["predicted"][0] == pytest.approx(trapezoid, rel=1e-3, abs=1e-6)
+
+    def margin(b, along, tau):  # the log-loss of a margin moving tau * along / (1 - e^-L) ahead
+        z = math.log(math.expm1(rec.losses[b])) + tau * along / (1 - math.exp(-rec.losses[b]))
+        return math.log1p(math.exp(z)) - rec.losses[0]
+
     # right after the early probe the forecast is projected 8 steps ahead (two intervals), four
     # times the 2-step move from the anchor: the quadratic drift_2 + 4 g_2 . Delta + 0.5 kappa 4^2,
-    # or the power law drift_2 (1 + 4)^p with p = g_2 . Delta / drift_2, whichever is larger
+    # the power law drift_2 (1 + 4)^p with p = g_2 . Delta / drift_2, or the margin's, the largest
     first = rm.alerts[0]
     assert (first["step"], first["source"]) == (2, "forecast")
     along = _dot(grads[2], move(0, 2))
     quadratic = drift[2] + 4 * along + 0.5 * kappa(0, 2) * 16
     power = drift[2] * 5 ** min(along / drift[2], 4.0)
-    projected = max(quadratic, power)
+    projected = max(quadratic, power, margin(2, along, 4))
     said = float(first["reason"].split("projected to ")[1].split()[0])
     assert said == pytest.approx(projected, rel=2e-3)
     # past the first interval the power law still counts from the anchor, in steps: from b = 8,
@@ -166,8 +171,9 @@ def test_forecast_follows_its_formula_and_reanchors_on_the_measured_drift(tmp_pa
     power = drift[8] * 2 ** min(2 * along / drift[8], 4.0) if drift[8] > 0 and along > 0 else -math.inf
     ((now, ahead),) = rm._forecast_values()
     assert now == pytest.approx(drift[8], rel=1e-4, abs=1e-6)
-    assert ahead == pytest.approx(max(quadratic, power), rel=2e-3), (quadratic, power)
+    assert ahead == pytest.approx(max(quadratic, power, margin(8, along, 2)), rel=2e-3), (quadratic, power)
     rm._fc_curv["general"] = 0.0  # no curvature: the quadratic is linear, the power law wins
+    fm.log_loss = False  # as for a regression head's squared error: no margin
     ((_, ahead),) = rm._forecast_values()
     assert power > drift[8] + 2 * along and ahead == pytest.approx(power, rel=2e-3), (power, drift[8], along)
     with open(Path(logger.log_dir) / "metrics.csv") as fh:
@@ -191,6 +197,11 @@ def test_forecast_warns_an_interval_before_the_crossing_and_never_on_controls():
     faster = run_lead_time(3e-3, max_steps=7)
     assert faster.crossing_step is not None and faster.crossing_step > faster.val_every
     assert (faster.warn_step, faster.warn_source) == (2, "forecast") and faster.goal_met, faster
+    # crossing 1 step after the first boundary: the probe at step 1 leads by an interval (its
+    # margin projection: the drift grows 5x a step from 0.003 there)
+    fastest = run_lead_time(3e-3, max_steps=6, seed=1)
+    assert fastest.crossing_step == fastest.val_every + 1
+    assert (fastest.warn_step, fastest.warn_source) == (1, "forecast") and fastest.goal_met, fastest
     late = run_lead_time(3e-3, max_steps=7, monitor_kwargs={"early_probe_step": None})
     assert late.warn_step > 2 and not late.goal_met, late  # without it: half an interval of lead
     for control in (
@@ -198,6 +209,45 @@ def test_forecast_warns_an_interval_before_the_crossing_and_never_on_controls():
         run_lead_time(1e-3, train_task="general", max_steps=8),
     ):
         assert control.crossing_step is None and control.warn_step is None, control
+
+
+class _Reach(pl.Callback):
+    """How far ahead the forecast projects after each optimizer step (placed after the monitor)."""
+
+    def __init__(self, rm: ForgettingRiskMonitor) -> None:
+        self.rm, self.reach = rm, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.reach.append(self.rm._reach())
+
+
+@pytest.mark.parametrize(
+    ("setting", "probed", "reach"),
+    [
+        ("auto", [1, 2, 4], [8] + [16] * 11),
+        (3, [3], [0, 0] + [16] * 10),
+        (None, [], [0] * 8 + [16] * 4),  # step 8's batch ends before its validation
+    ],
+)
+def test_early_probes_come_at_steps_1_2_4_of_the_first_interval(tmp_path, setting, probed, reach):
+    """The probes of ``early_probe_step``, and the reach of the projections: the horizon (two
+    intervals, 16 steps) but at most 8x the steps the model was fitted on (1 step at step 1)."""
+    fm, rm = _monitors(early_probe_step=setting)
+    steps = []
+    real = fm.probe_gradient
+
+    def spy(pl_module, task, step):
+        steps.append(step)
+        return real(pl_module, task, step)
+
+    fm.probe_gradient = spy
+    rec = _Reach(rm)
+    trainer = _trainer(tmp_path, [fm, rm, rec], max_steps=12, val_every=8)
+    trainer.fit(TinyGPT(lr=1e-3, **SMALL), datamodule=_data())
+    assert steps == probed  # none after the first boundary (8)
+    assert rm.history["general"]["step"] == [8]
+    assert rm._fc_from == 8 and rm._early_done
+    assert rec.reach == reach
 
 
 @pytest.mark.parametrize(("promised", "first_warning"), [(2.0, 18), (0.5, 22)])

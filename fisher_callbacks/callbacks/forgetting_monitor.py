@@ -25,6 +25,8 @@ from ..functional.forgetting import (
     first_order_forgetting,
     fisher_damage_asymmetry,
     forecast_drift,
+    margin_drift,
+    margin_rate,
     power_law_drift,
     secant_curvature,
 )
@@ -46,6 +48,11 @@ log = logging.getLogger("fisher_callbacks")
 # ProjectionCalibration); a promised rise below 1% of the threshold says nothing of a ratio
 _CALIBRATION_WINDOW = 4
 _CALIBRATION_MIN_RISE = 0.01
+# A projection reaches at most this many times the steps its model was fitted on (anchor to
+# theta_b) ahead: three doublings of the fit's age. From the early probe at step 1 of a 500-step
+# interval a model is not run out to two intervals (1000 steps); from a boundary it never binds
+# with the default horizon (two intervals, at least one interval fitted).
+_MAX_REACH = 8.0
 
 
 class ForgettingRiskMonitor(BoundaryCallback):
@@ -95,16 +102,24 @@ class ForgettingRiskMonitor(BoundaryCallback):
     The projection is the quadratic of
     :func:`~fisher_callbacks.functional.forgetting.forecast_drift` (curvature from the secant of
     the last two probe gradients). In the first interval nothing is known of the curvature yet, so
-    one early probe (``early_probe_step``, default half the interval) measures the drift and the
-    probe gradient there, and the forecast re-anchors on it. From then on the projection is also
-    the power law of :func:`~fisher_callbacks.functional.forgetting.power_law_drift`: the drift
-    grown from 0 at the anchor like a power of the steps, the power its logarithmic derivative at
-    the last boundary (fine-tuning away from a pretrained minimum accelerates past the quadratic),
-    whichever is larger. Before it is compared with the threshold, the rise of a projection (the
-    model's or the trend's, the larger) is damped by how the earlier ones came out: the median
-    ratio of the rise that came to the rise promised, over the last four matured projections,
-    clipped to ``[0.25, 1]`` (:class:`~fisher_callbacks.functional.forgetting.ProjectionCalibration`;
-    kept in checkpoints), so a drift that slows down near the threshold is not announced from
+    early probes (``early_probe_step``, default steps 1, 2, 4, ... of the first interval) measure
+    the drift and the probe gradient there, and the forecast re-anchors on each. From the first of
+    them on, the projection is the largest of three models: that quadratic; the power law of
+    :func:`~fisher_callbacks.functional.forgetting.power_law_drift` (the drift grown from 0 at the
+    anchor like a power of the steps, the power its logarithmic derivative at the last probe:
+    fine-tuning away from a pretrained minimum accelerates past the quadratic); and, for a
+    cross-entropy probe loss, the margin of
+    :func:`~fisher_callbacks.functional.forgetting.margin_drift` (the loss read as the log-loss
+    of a margin that falls at its current rate, quickening as it did between the last two early
+    probes: a confident reference task's drift grows
+    several-fold a step at first, which only this model foresees from step 1; in the first
+    interval only: past it the models fitted on measured boundaries take over). No projection
+    reaches further than ``8x`` the steps its model was fitted on. Before it is compared with the
+    threshold, the rise of a projection (the model's or the trend's, the larger) is damped by how
+    the earlier ones came out: the median ratio of the rise that came to the rise promised, over
+    the last four matured projections, clipped to ``[0.25, 1]``
+    (:class:`~fisher_callbacks.functional.forgetting.ProjectionCalibration`; kept in
+    checkpoints), so a drift that slows down near the threshold is not announced from
     projections that have been overshooting.
 
     On a warning: one log line, an entry in ``alerts`` (``step``, ``task``, ``measured``,
@@ -142,22 +157,24 @@ class ForgettingRiskMonitor(BoundaryCallback):
             start), so ``predicted`` misses the steps between the last boundary before the
             checkpoint and the checkpoint; the anchor, measured forgetting, EWC and the history
             are unaffected.
-
-    Under DDP the probe results are those of every rank's probe samples (see FisherMonitor), the
-    logged keys are agreed across ranks (a key missing on a rank is logged by none) and the
-    warnings of every rank reach the user once, from rank zero; one "stopping at step" line per run.
         forecast: keep the per-step forecast (costs one copy-free dot product per task and
             optimizer step, plus one flat fp32 buffer of the predicted parameters).
         forecast_horizon_steps: steps ahead the forecast's trend may reach the threshold to warn
             (default: two validation intervals, in optimizer steps).
         forecast_window: recent steps the forecast's trend is fitted on (>= 3).
-        early_probe_step: optimizer step (counted from fit start) of one extra probe-gradient
-            pass before the first boundary, which gives the forecast the measured drift there and
-            the curvature along the first steps: without it nothing is known of the curvature
-            until the first boundary, and a crossing early in the second interval is caught late.
-            ``"auto"``: half the first validation interval (none when it is one step); ``None``:
-            off. It costs one forward and backward over the probe set, once per fit (no
+        early_probe_step: optimizer step(s) (counted from fit start) of extra probe-gradient
+            passes before the first boundary, which give the forecast the measured drift there
+            and its rate along the first steps: without them nothing is known of either until the
+            first boundary, and a crossing early in the second interval is caught late.
+            ``"auto"``: steps 1, 2, 4, ... below the first validation interval (the early drift
+            of a confident task changes fastest on a log scale of the steps; none when the
+            interval is one step); an int: that step only; ``None``: off. Each costs one forward
+            and backward over the probe set, ``log2`` of the interval of them per fit (no
             per-sample capture; the collector is untouched).
+
+    Under DDP the probe results are those of every rank's probe samples (see FisherMonitor), the
+    logged keys are agreed across ranks (a key missing on a rank is logged by none) and the
+    warnings of every rank reach the user once, from rank zero; one "stopping at step" line per run.
     """
 
     def __init__(
@@ -230,6 +247,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._fc_anchor: dict[str, float] = {}  # measured drift at the last boundary
         self._fc_curv: dict[str, float] = {}  # kappa along the last interval's displacement
         self._fc_along: dict[str, float] = {}  # g_A(theta_b) . that displacement
+        self._fc_rates: dict[str, list[tuple[int, float]]] = {}  # last two early probes' margin rates
         self._fc_delta: dict[str, torch.Tensor] | None = None  # that displacement (views)
         self._fc_series: dict[str, list[tuple[int, float]]] = {}  # recent (step, forecast)
         self._fc_fired: dict[str, bool] = {}  # forecast warning fired in this interval
@@ -240,7 +258,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._fc_delta_sq = 0.0
         self._fc_from: int | None = None  # step of theta_b: fit start, the early probe or a boundary
         self._fc_span: float | None = None  # optimizer steps Delta covers
-        self._early_done = False  # the early probe ran, or a boundary came first
+        self._early_done = False  # no early probe is due any more (a boundary came, or the one asked)
         self._anchor_step: int | None = None  # optimizer step of theta_0
         self._interval: float | None = None  # validation interval, optimizer steps
         self._last_eval_step: int | None = None  # fit start or the last boundary
@@ -313,6 +331,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
             self._prev_grad[task] = probe["grad"]
             self.history[task] = _new_history()
             self._fc_anchor[task] = 0.0
+            self._fc_rates.pop(task, None)
             self._fc_calib.pop(task, None)
         self._relay.flush()
         self._last_eval_step = self._fc_from = self._anchor_step = trainer.global_step
@@ -350,21 +369,22 @@ class ForgettingRiskMonitor(BoundaryCallback):
             self._maybe_stop(trainer, stop, step, "forecast")
 
     def _early_probe_due(self, step: int) -> bool:
-        if self._early_done or self._fc_from is None or self.early_probe_step is None:
+        if self._early_done or self._anchor_step is None or self.early_probe_step is None:
             return False
-        at = self.early_probe_step
-        if at == "auto":
-            if self._interval is None or self._interval < 2:
-                return False
-            at = max(1, int(self._interval // 2))
-        return step - self._fc_from == at
+        since = step - self._anchor_step
+        if self.early_probe_step != "auto":
+            return since == self.early_probe_step
+        if self._interval is None or not 1 <= since < self._interval:
+            return False
+        return since & (since - 1) == 0  # steps 1, 2, 4, ... of the first interval: the drift
+        # of a confident task grows several-fold a step at first, on a log scale of the steps
 
     def _early_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
         """Probe gradients at ``step`` before the first boundary: re-anchor the forecast on the
-        drift measured there, with the curvature along the steps since fit start (the secant of
-        the two probe gradients), and add the point to the first-order prediction's trapezoid.
+        drift measured there, with the curvature along the steps since the last probe (the secant
+        of the two probe gradients), and add the point to the first-order prediction's trapezoid.
         Returns whether the re-anchored forecast asks for a stop."""
-        self._early_done = True
+        self._early_done = self.early_probe_step != "auto"  # "auto" ends at the first boundary
         try:
             probes = {t: self.fisher_monitor.probe_gradient(pl_module, t, step) for t in self._fc_tasks}
         except Exception as err:
@@ -384,7 +404,10 @@ class ForgettingRiskMonitor(BoundaryCallback):
             self._reanchor(
                 task, step, probe["loss"] - self._baseline[task], secant_curvature(prev_n, grad_n, delta_n)
             )
-            self._fc_along[task] = float(first_order_forgetting(grad_n, delta_n))
+            along = self._fc_along[task] = float(first_order_forgetting(grad_n, delta_n))
+            # the margin's fall per step, here and at the early probe before (its acceleration)
+            rate = margin_rate(probe["loss"], along) / max(step - (self._fc_from or 0), 1)
+            self._fc_rates[task] = [*self._fc_rates.get(task, [])[-1:], (step, rate)]
         self._fc_fired.update(fired)
         self._move_base(pl_module, now, delta, step)
         return self._check_reanchored(trainer, pl_module, step)
@@ -428,12 +451,16 @@ class ForgettingRiskMonitor(BoundaryCallback):
         dots = (dots.cpu().double() - self._fc_at_base).sum(0).tolist()
         progress = dots[-1] / self._fc_delta_sq if self._fc_delta_sq > 0 else 0.0
         span = self._fc_span or self._interval
-        ahead = self._forecast_horizon() / span if self._fc_delta_sq > 0 and span else 0.0
+        ahead = self._reach() / span if self._fc_delta_sq > 0 and span else 0.0
         # theta_b lies `lengths` Deltas from the anchor (1 in the first interval): the drift grew
         # from 0 there like a power of the steps, whose exponent is its log-derivative at b
         lengths = 0.0
         if span and self._fc_from is not None and self._anchor_step is not None:
             lengths = (self._fc_from - self._anchor_step) / span
+        # the margin model is the prior of a confident task's first steps; once boundaries have
+        # measured the drift, the models fitted on it take over (past the first interval it ran
+        # ahead of a MiniLM drift that slowed: warned at 28 from 0.518, the drift peaked at 0.45)
+        first_interval = self._last_eval_step == self._anchor_step
         out = []
         for task, first in zip(self._fc_tasks, dots[:-1]):
             args = (self._fc_anchor[task], first, self._fc_curv.get(task, 0.0), progress)
@@ -442,6 +469,10 @@ class ForgettingRiskMonitor(BoundaryCallback):
             if lengths >= 1.0 and ahead > 0:
                 power = power_law_drift(args[0], along * lengths, progress / lengths, ahead=ahead / lengths)
                 projected = max(projected, power)
+            if first_interval and self.fisher_monitor.log_loss and ahead > 0:  # a cross-entropy
+                base, bend = self._baseline[task], self._bend(task)
+                margin = margin_drift(base + args[0], base, along, progress, ahead=ahead, bend=bend)
+                projected = max(projected, margin)
             out.append((forecast_drift(*args), projected))
         return out
 
@@ -468,7 +499,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
             self.warn_threshold,
             relative=self.relative,
             baseline=self._baseline[task],
-            horizon_steps=self._forecast_horizon(),
+            horizon_steps=self._reach(),
             window=self.forecast_window,
             noise_sigmas=self.noise_sigmas,
         )
@@ -491,10 +522,10 @@ class ForgettingRiskMonitor(BoundaryCallback):
     ) -> tuple[bool, str]:
         """Whether the forecast warns now, and why (``value``, ``projected``: in the threshold's
         units, scaled when ``relative``): it reached the threshold (or is not finite),
-        or its projection ``forecast_horizon_steps`` ahead does, the larger of the model's
-        (``projected``) and the forecast's significant trend, its rise scaled by how the rises of
-        the earlier projections came out (:class:`ProjectionCalibration`)."""
-        horizon = self._forecast_horizon()
+        or its projection ``forecast_horizon_steps`` ahead (:meth:`_reach`) does, the larger of
+        the model's (``projected``) and the forecast's significant trend, its rise scaled by how
+        the rises of the earlier projections came out (:class:`ProjectionCalibration`)."""
+        horizon = self._reach()
         now, ahead, how = value, projected, "projected"
         if decision.steps_to_threshold and now + decision.slope * horizon > ahead:  # a rising trend
             ahead, how = now + decision.slope * horizon, f"rising {decision.slope:.3g}/step, projected"
@@ -526,6 +557,24 @@ class ForgettingRiskMonitor(BoundaryCallback):
         if self.forecast_horizon_steps is not None:
             return float(self.forecast_horizon_steps)
         return 2.0 * self._interval if self._interval is not None else 1.0
+
+    def _bend(self, task: str) -> float:
+        """The margin's acceleration at theta_b per ``Delta`` unit squared (``bend`` of
+        :func:`margin_drift`): the secant of the margin rates at the last two early probes, the
+        later at theta_b (0 before two of them)."""
+        rates = self._fc_rates.get(task, [])
+        if len(rates) < 2 or rates[-1][0] != self._fc_from or not self._fc_span:
+            return 0.0
+        (s0, r0), (s1, r1) = rates
+        return (r1 - r0) / (s1 - s0) * self._fc_span**2
+
+    def _reach(self) -> float:
+        """Steps ahead the projections reach: ``forecast_horizon_steps``, at most ``_MAX_REACH``
+        times the steps from the anchor to theta_b (0 before the first probe)."""
+        horizon = self._forecast_horizon()
+        if self._fc_from is None or self._anchor_step is None:
+            return horizon
+        return min(horizon, _MAX_REACH * max(self._fc_from - self._anchor_step, 0))
 
     def _build_forecast(self, pl_module: pl.LightningModule) -> None:
         """One flat fp32 copy of theta_b ``[N]`` and the matrix ``[n_tasks + 1, N]`` of each task's
@@ -847,6 +896,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
                 "anchor": self._fc_anchor,
                 "curvature": self._fc_curv,
                 "along": self._fc_along,
+                "rates": self._fc_rates,
                 "delta": self._fc_delta if self.checkpoint_params else None,  # P_pred numbers
                 "series": self._fc_series,
                 "fired": self._fc_fired,
@@ -877,6 +927,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._fc_anchor = dict(fc.get("anchor", {}))
         self._fc_curv = dict(fc.get("curvature", {}))
         self._fc_along = dict(fc.get("along", {}))
+        self._fc_rates = {t: [tuple(r) for r in v] for t, v in fc.get("rates", {}).items()}
         self._fc_delta = fc.get("delta")
         self._fc_series = {t: list(v) for t, v in fc.get("series", {}).items()}
         self._fc_fired = dict(fc.get("fired", {}))
