@@ -12,6 +12,8 @@ cancels. Prints, for tiny GPT-2 and Llama-GQA (4 layers, hidden 256, B=16, T=64)
   mean: what a run pays, with the EMA update every ``ema_every_n_steps``)
 - non-flagged step with the forecast / the same without it      (the forecast's own share)
 - EMA step / neighbouring steps without one (paired)           (the EMA capture's own share)
+- an early-probe step (one forward and backward over the probe set; steps 1, 2, 4, ... of the
+  first interval, once per fit) / plain step: not in the non-flagged steps above
 - the forecast alone (per predicted parameter one ``[n_tasks + 1, n_p] @ [n_p]`` product of the
   live weights, less the same product of theta_b), timed directly, as a fraction of a plain step
 - the forecast's memory: flat fp32 theta_b and ``[n_tasks + 1, N]`` rows, vs the model
@@ -67,6 +69,14 @@ def _fit(
         rm = fc.ForgettingRiskMonitor(fm, reference_tasks=["ref"], forecast=forecast)
         cbs = [fm, rm]
     timer = StepTimer(fm)
+    if fm is not None:  # the early probes' steps (1, 2, 4, ... of the first interval): timed apart
+        probe_gradient = fm.probe_gradient
+
+        def probed(pl_module, task, step):
+            timer.probed.add(step)
+            return probe_gradient(pl_module, task, step)
+
+        fm.probe_gradient = probed
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -95,8 +105,9 @@ def _ema_every() -> int:
 
 
 def _paired(timer: StepTimer) -> list[float]:
-    """Each EMA step over the mean of its two neighbours (steps without an EMA update, same fit)."""
-    by_step = {step: (ema, dt) for step, ema, dt in timer.steps}
+    """Each EMA step over the mean of its two neighbours (steps without an EMA update, same fit;
+    early-probe steps left out)."""
+    by_step = {step: (ema, dt) for step, ema, dt in timer.steps if step not in timer.probed}
     out = []
     for step, (ema, dt) in by_step.items():
         before, after = by_step.get(step - 1), by_step.get(step + 1)
@@ -113,9 +124,12 @@ def run(kind: str, rounds: int, steps: int, every: int, batch: int, seq: int) ->
     direct: list[float] = []
     # One fit alive at a time (a 135M fit holds GBs); the forecast is then timed alone on a fresh
     # fit's monitor.
+    probes: list[float] = []  # early-probe steps of the suite with the forecast
     for r in range(rounds):
         for name, forecast in configs.items():
-            times[name] += _fit(kind, r, steps, every, batch, seq, forecast)[0].plain
+            timer = _fit(kind, r, steps, every, batch, seq, forecast)[0]
+            times[name] += [dt for step, _, dt in timer.steps if step not in timer.probed]
+            probes += [dt for step, _, dt in timer.steps if step in timer.probed]
         # the suite with the forecast, an EMA update every other step and no flagged step: each EMA
         # step against its neighbours in the same fit (the drift of the machine cancels)
         paired += _paired(_fit(kind, r, steps, 0, batch, seq, True, ema_every=2)[0])
@@ -160,6 +174,11 @@ def run(kind: str, rounds: int, steps: int, every: int, batch: int, seq: int) ->
         f"  forecast alone (timed directly) / plain step   {alone:5.3f}x  "
         f"({statistics.median(direct) * 1e3:.2f} ms)"
     )
+    if probes:
+        print(
+            f"  early-probe step / plain step                  {statistics.median(probes) / base:5.3f}x  "
+            f"(steps 1, 2, 4, ... of the first interval; n={len(probes)}, the timed ones)"
+        )
     print(
         f"  forecast memory: {fc_mb:.1f} MB (theta_b + g_A + Delta over {n} weights); model {model_mb:.1f} MB"
     )

@@ -61,6 +61,7 @@ class StepTimer(pl.Callback):
         self.flagged: list[float] = []
         self.plain: list[float] = []
         self.steps: list[tuple[int, bool, float]] = []  # (step, EMA update, seconds), non-flagged
+        self.probed: set[int] = set()  # steps a benchmark times apart (early probes)
 
     def around(self, callbacks: list[pl.Callback]) -> list[pl.Callback]:
         """``callbacks`` between this timer's start (first) and its end (last)."""
