@@ -444,6 +444,7 @@ def test_margin_projection_is_exact_for_a_logistic_loss_whose_margin_moves_linea
         assert margin_drift(bad_loss, 0.0, slope, ahead=1.0) == -math.inf
     assert margin_drift(40.0, 0.0, 2.0, ahead=3.0) == pytest.approx(46.0)  # large loss: linear
     assert margin_rate(at_b, along) == pytest.approx(1.5, rel=1e-6)  # the margin's fall per Delta
+    assert math.isnan(margin_rate(0.0, 1.0)) and math.isnan(margin_rate(-0.1, 1.0))  # no log-loss
 
 
 @pytest.mark.parametrize("m0", [6.0, 1.0])

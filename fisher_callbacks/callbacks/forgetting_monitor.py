@@ -111,15 +111,14 @@ class ForgettingRiskMonitor(BoundaryCallback):
     cross-entropy probe loss, the margin of
     :func:`~fisher_callbacks.functional.forgetting.margin_drift` (the loss read as the log-loss
     of a margin that falls at its current rate, quickening as it did between the last two early
-    probes: a confident reference task's drift grows
-    several-fold a step at first, which only this model foresees from step 1; in the first
-    interval only: past it the models fitted on measured boundaries take over). No projection
-    reaches further than ``8x`` the steps its model was fitted on. Before it is compared with the
-    threshold, the rise of a projection (the model's or the trend's, the larger) is damped by how
-    the earlier ones came out: the median ratio of the rise that came to the rise promised, over
-    the last four matured projections, clipped to ``[0.25, 1]``
-    (:class:`~fisher_callbacks.functional.forgetting.ProjectionCalibration`; kept in
-    checkpoints), so a drift that slows down near the threshold is not announced from
+    probes: a confident reference task's drift grows several-fold a step at first, which only
+    this model foresees from step 1; in the first interval only: past it the models fitted on
+    measured boundaries take over). No projection reaches further than ``8x`` the steps its model
+    was fitted on. Before it is compared with the threshold, the rise of a projection (the
+    model's or the trend's, the larger) is damped by how the earlier ones came out: the median
+    ratio of the rise that came to the rise promised, over the last four matured projections,
+    clipped to ``[0.25, 1]`` (:class:`~fisher_callbacks.functional.forgetting.ProjectionCalibration`;
+    kept in checkpoints), so a drift that slows down near the threshold is not announced from
     projections that have been overshooting.
 
     On a warning: one log line, an entry in ``alerts`` (``step``, ``task``, ``measured``,

@@ -295,8 +295,9 @@ def power_law_drift(
 
 def margin_rate(loss: float, along: float) -> float:
     """How fast the margin of :func:`margin_drift` falls: ``d z / d tau = along / (1 - e^-L)``
-    per ``Delta`` (``along = g_A(theta_b) . Delta``; the chain rule through ``L = softplus(z)``)."""
-    return along / -math.expm1(-loss)
+    per ``Delta`` (``along = g_A(theta_b) . Delta``; the chain rule through ``L = softplus(z)``).
+    ``nan`` unless ``loss > 0``: no log-loss is 0 or below."""
+    return along / -math.expm1(-loss) if loss > 0 else math.nan
 
 
 def margin_drift(
