@@ -482,6 +482,8 @@ def plot_forgetting_timeline(
     stop_step: int | None = None,
     secondary: Mapping[str, tuple[Sequence[Any], Sequence[Any]]] | None = None,
     secondary_label: str = "nats",
+    band: tuple[Sequence[Any], Sequence[Any], Sequence[Any]] | None = None,
+    band_label: str = "band: projected drift",
     dpi: float = DEFAULT_DPI,
 ) -> Figure:
     """Drift of one reference task over training steps, against its threshold, warnings marked.
@@ -507,6 +509,10 @@ def plot_forgetting_timeline(
         stop_step: step at which the run was stopped (None: not stopped).
         secondary: ``{name: (steps, values)}`` of the lower panel (None or empty: no panel).
         secondary_label: y axis label of the lower panel, with units.
+        band: ``(steps, low, high)``: the early warning's band (the drift projected ahead at the
+            slow and the fast measured rate, drawn at the step of each decision) as a shaded
+            area; non-finite entries leave a gap (None: no band).
+        band_label: legend text of the band.
         dpi: figure resolution (dots per inch).
 
     Returns:
@@ -545,6 +551,10 @@ def plot_forgetting_timeline(
             )
 
     draw(ax, main, 0)
+    if band is not None and len(band[0]):
+        x, low = _series(band_label, band[0], band[1])
+        _, high = _series(band_label, band[0], band[2])
+        ax.fill_between(x, low, high, color="#9ecae1", alpha=0.45, linewidth=0, label=band_label, zorder=1)
     if threshold is not None:
         ax.axhline(
             threshold,

@@ -174,7 +174,7 @@ def time_warning(
         fm, reference_tasks=["general"], warn_threshold=warn_threshold, **(monitor_kwargs or {})
     )
     truth = TrueDrift(fm, "general")
-    horizon = (monitor_kwargs or {}).get("forecast_horizon_steps") or 2 * val_every
+    horizon = (monitor_kwargs or {}).get("horizon_steps") or 2 * val_every
     trainer = pl.Trainer(
         max_steps=max_steps + 2 * math.ceil(horizon),
         val_check_interval=val_every,

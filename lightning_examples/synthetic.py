@@ -100,8 +100,38 @@ class SyntheticTasks(pl.LightningDataModule):
         return DataLoader(data, h.batch_size, collate_fn=collate)
 
 
+class PhasedTasks(SyntheticTasks):
+    """Train on a schedule of tasks, unshuffled batches in order: ``phases = [(task, batches),
+    ...]`` (e.g. ``[("math", 6), ("general", 40)]``: forgetting that recovers), or a task
+    ``"mixed"``: every batch three quarters "general", one quarter "math" (a task that partly
+    shares the reference)."""
+
+    def __init__(self, phases: list[tuple[str, int]], **kwargs: Any) -> None:
+        super().__init__(train_task=phases[0][0] if phases[0][0] != "mixed" else "math", **kwargs)
+        h = self.hparams
+        parts = []
+        for k, (task, batches) in enumerate(phases):
+            n = batches * h.batch_size
+            if task == "mixed":
+                half = [
+                    SyntheticTask(t, n, h.seq_len, h.modulus, h.seed + 10 * k + i)
+                    for i, t in enumerate(("general", "math"))
+                ]
+                parts.append([half[1][j // 4] if j % 4 == 3 else half[0][j] for j in range(n)])
+            else:
+                data = SyntheticTask(task, n, h.seq_len, h.modulus, h.seed + 10 * k)
+                parts.append([data[j] for j in range(n)])
+        self.phased = [item for part in parts for item in part]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.phased, self.hparams.batch_size, shuffle=False, collate_fn=collate)
+
+
 class TinyGPT(pl.LightningModule):
     """A small causal LM built from a config (GPT-2 by default), pretrained on "general" in ``setup``.
+
+    ``optimizer``: ``"adamw"`` or ``"sgd"`` (momentum 0.9); ``lora_rank > 0`` fine-tunes LoRA
+    adapters of that rank (peft) on the attention projections instead of every weight.
 
     ``model_type``/``hf_config`` build any Hugging Face causal LM instead, e.g. ``model_type="llama"``
     with ``hf_config={"num_hidden_layers": 4, "hidden_size": 128, "num_attention_heads": 8,
@@ -123,6 +153,8 @@ class TinyGPT(pl.LightningModule):
         seed: int = 0,
         model_type: str = "gpt2",
         hf_config: dict | None = None,
+        optimizer: str = "adamw",
+        lora_rank: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -172,6 +204,18 @@ class TinyGPT(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self._pretrained:
             self.pretrain_general()
+        if stage == "fit" and self.hparams.lora_rank and not hasattr(self.model, "peft_config"):
+            import peft  # the optional extra
+
+            target = ["c_attn"] if self.hparams.model_type == "gpt2" else ["q_proj", "v_proj"]
+            config = peft.LoraConfig(
+                r=self.hparams.lora_rank,
+                lora_alpha=2 * self.hparams.lora_rank,
+                lora_dropout=0.0,
+                target_modules=target,
+                fan_in_fan_out=self.hparams.model_type == "gpt2",
+            )
+            self.model = peft.get_peft_model(self.model, config)
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
@@ -186,4 +230,7 @@ class TinyGPT(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.hparams.lr, momentum=0.9)
+        return torch.optim.AdamW(params, lr=self.hparams.lr)

@@ -13,12 +13,8 @@ from fisher_callbacks.functional.fisher_ops import flatten_fp32 as flatten_fp32
 from fisher_callbacks.functional.fisher_ops import sum_fp32 as sum_fp32
 from fisher_callbacks.functional.fisher_ops import unflatten_like as unflatten_like
 from fisher_callbacks.functional.forgetting import DAMAGE_LOG_FLOOR as DAMAGE_LOG_FLOOR
-from fisher_callbacks.functional.forgetting import EarlyWarningConfig as EarlyWarningConfig
 from fisher_callbacks.functional.forgetting import (
     FirstOrderForgettingAccumulator as FirstOrderForgettingAccumulator,
-)
-from fisher_callbacks.functional.forgetting import (
-    ProjectionCalibration as ProjectionCalibration,
 )
 from fisher_callbacks.functional.forgetting import WarningDecision as WarningDecision
 from fisher_callbacks.functional.forgetting import early_warning as early_warning
@@ -32,14 +28,10 @@ from fisher_callbacks.functional.forgetting import (
 from fisher_callbacks.functional.forgetting import (
     fisher_weighted_damage as fisher_weighted_damage,
 )
-from fisher_callbacks.functional.forgetting import forecast_drift as forecast_drift
-from fisher_callbacks.functional.forgetting import margin_drift as margin_drift
-from fisher_callbacks.functional.forgetting import margin_rate as margin_rate
 from fisher_callbacks.functional.forgetting import measured_forgetting as measured_forgetting
 from fisher_callbacks.functional.forgetting import parameter_delta as parameter_delta
-from fisher_callbacks.functional.forgetting import power_law_drift as power_law_drift
 from fisher_callbacks.functional.forgetting import probe_loss as probe_loss
-from fisher_callbacks.functional.forgetting import secant_curvature as secant_curvature
+from fisher_callbacks.functional.forgetting import warning_active as warning_active
 from fisher_callbacks.functional.interference import block_head_scores as block_head_scores
 from fisher_callbacks.functional.interference import conflict_cosine as conflict_cosine
 from fisher_callbacks.functional.interference import (

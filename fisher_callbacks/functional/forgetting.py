@@ -13,7 +13,8 @@ callbacks and :mod:`fisher_callbacks.toolkit` call; nothing is implemented twice
 * EWC quadratic ``0.5 sum_k F_A,k (theta_k - theta_0,k)^2`` (:func:`ewc_penalty`);
 * Fisher-weighted damage ``0.5 sum_k F_A,k g_B,k^2`` and its asymmetry
   (:func:`fisher_weighted_damage`, :func:`fisher_damage_asymmetry`);
-* the early-warning rule on the series of measured drifts (:func:`early_warning`).
+* the early-warning rule, a projection with a band from the measured rates (:func:`early_warning`)
+  and its latched state (:func:`warning_active`).
 
 Losses are in nats (natural-log cross-entropy), so drifts and penalties are in nats too. All
 reductions run in fp32 on the input device whatever the storage dtype (bf16/fp16 inputs are cast
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,23 +46,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DAMAGE_LOG_FLOOR",
-    "EarlyWarningConfig",
+    "MAX_REACH",
+    "MIN_EVIDENCE_STEPS",
+    "RATE_POINTS",
     "FirstOrderForgettingAccumulator",
-    "ProjectionCalibration",
     "WarningDecision",
     "early_warning",
     "ewc_penalty",
     "first_order_forgetting",
     "fisher_damage_asymmetry",
     "fisher_weighted_damage",
-    "forecast_drift",
-    "margin_drift",
-    "margin_rate",
     "measured_forgetting",
     "parameter_delta",
-    "power_law_drift",
     "probe_loss",
-    "secant_curvature",
+    "warning_active",
 ]
 
 DAMAGE_LOG_FLOOR = 1e-30
@@ -193,239 +190,6 @@ def _step_products(grad_a: TensorDict, delta: TensorDict, grad_a_end: TensorDict
             g = 0.5 * (g + as_fp32(grad_a_end[k]).to(g.device))
         products[k] = g * as_fp32(delta[k]).to(g.device)
     return products
-
-
-def secant_curvature(grad_start: TensorDict, grad_end: TensorDict, delta: TensorDict) -> float:
-    """Curvature of ``L_A`` along one displacement, from the gradients at both ends (nats).
-
-    ``kappa = (g_A(theta_1) - g_A(theta_0)) . delta`` with ``delta = theta_1 - theta_0``: exactly
-    ``delta^T H_A delta`` for a quadratic ``L_A`` (the secant of the directional derivative), so
-    ``L_A(theta_0 + a delta) ~ L_A(theta_0) + a g_A(theta_0) . delta + 0.5 a^2 kappa``.
-
-    Args:
-        grad_start: ``{name: Tensor}`` gradient of task A's probe loss at theta_0.
-        grad_end: The same at theta_1.
-        delta: ``{name: Tensor}`` ``theta_1 - theta_0``, same keys and shapes.
-
-    Returns:
-        ``kappa`` as a Python float (negative where ``L_A`` is concave along ``delta``).
-    """
-    return float(first_order_forgetting(grad_end, delta)) - float(first_order_forgetting(grad_start, delta))
-
-
-def forecast_drift(
-    measured: float,
-    first_order: float,
-    curvature: float = 0.0,
-    progress: float = 0.0,
-    *,
-    along: float = 0.0,
-    ahead: float = 0.0,
-) -> float:
-    """Per-step forecast of the drift between two validation boundaries, now or ahead (nats).
-
-    With ``d = theta_t - theta_b`` since the last boundary ``b`` and ``Delta`` the displacement of
-    the interval before it::
-
-        forecast = measured_b + g_A(theta_b) . d + ahead * g_A(theta_b) . Delta
-                   + 0.5 kappa (alpha + ahead)^2
-
-    ``measured_b`` is the drift measured at ``b`` (the first order's error never accumulates past a
-    boundary), ``g_A(theta_b) . d`` the first-order change since ``b``, ``kappa`` the curvature
-    along ``Delta`` (:func:`secant_curvature` over that interval) and ``alpha = d . Delta /
-    |Delta|^2`` how far the current interval went along it. Near task A's minimum ``g_A`` is ~0
-    and the drift is almost all curvature, which the first order alone misses. ``ahead > 0``
-    projects the same model that many more intervals alike (``Delta`` per interval): the
-    extrapolation the early warning uses. ``kappa = alpha = ahead = 0`` is the pure first order.
-
-    Args:
-        measured: Drift ``L_A(theta_b) - L_A(theta_0)`` at the last boundary.
-        first_order: ``g_A(theta_b) . d``.
-        curvature: ``kappa`` along the previous interval's displacement.
-        progress: ``alpha``, the current displacement along it (1 = one interval alike).
-        along: ``g_A(theta_b) . Delta``.
-        ahead: Intervals to project ahead (0 = now).
-
-    Returns:
-        The forecast as a Python float (NaN/inf propagate: a diverged run is never "no risk").
-    """
-    reach = progress + ahead
-    return measured + first_order + ahead * along + 0.5 * curvature * reach * reach
-
-
-def power_law_drift(
-    measured: float,
-    along: float,
-    progress: float = 0.0,
-    *,
-    ahead: float = 0.0,
-    max_power: float = 4.0,
-) -> float:
-    """Projection of a drift that grew from zero at the anchor like a power of the displacement.
-
-    For the move ``Delta`` from the anchor theta_0 (drift 0) to ``b`` (drift ``measured``), with
-    ``tau`` the displacement from the anchor in units of ``Delta`` (``tau = 1`` at ``b``)::
-
-        d(tau) = measured * tau ** p,   p = g_A(theta_b) . Delta / measured
-
-    ``p`` is the logarithmic derivative of the drift at ``b``: 2 for a quadratic bowl entered at
-    its minimum, more when the drift accelerates faster than its curvature says (fine-tuning
-    away from a pretrained minimum, where :func:`forecast_drift`'s quadratic falls short).
-    Projected to ``tau = 1 + progress + ahead``. When ``b`` lies ``r`` lengths of ``Delta`` from
-    the anchor (``r`` = steps from the anchor to ``b`` over the steps ``Delta`` covers; 1 while
-    ``Delta`` starts at the anchor), pass ``along * r``, ``progress / r`` and ``ahead / r``: the
-    same power of the steps since the anchor, ``d(t) = measured (t / t_b) ** p``.
-
-    Args:
-        measured: Drift at ``b`` (nats).
-        along: ``g_A(theta_b) . Delta``.
-        progress: ``alpha`` of :func:`forecast_drift`, the move since ``b`` along ``Delta``.
-        ahead: Further ``Delta`` units to project ahead.
-        max_power: Cap on ``p`` (a tiny drift with a larger slope must not explode).
-
-    Returns:
-        The projected drift, or ``-inf`` (no projection) unless ``measured > 0`` and
-        ``along > 0`` (a drift that does not grow says nothing of a power).
-    """
-    if not (measured > 0 and along > 0 and math.isfinite(measured) and math.isfinite(along)):
-        return -math.inf
-    power = min(along / measured, max_power)
-    return measured * max(1.0 + progress + ahead, 0.0) ** power
-
-
-def margin_rate(loss: float, along: float) -> float:
-    """How fast the margin of :func:`margin_drift` falls: ``d z / d tau = along / (1 - e^-L)``
-    per ``Delta`` (``along = g_A(theta_b) . Delta``; the chain rule through ``L = softplus(z)``).
-    ``nan`` unless ``loss > 0``: no log-loss is 0 or below."""
-    return along / -math.expm1(-loss) if loss > 0 else math.nan
-
-
-def margin_drift(
-    loss: float,
-    baseline: float,
-    along: float,
-    progress: float = 0.0,
-    *,
-    ahead: float = 0.0,
-    bend: float = 0.0,
-) -> float:
-    """Projection of a cross-entropy drift whose margin moves at a steady rate (or one that
-    quickens steadily).
-
-    A confident reference task forgets fastest at first: its per-sample loss is
-    ``log(1 + e^-m)`` of a margin ``m`` that fine-tuning erodes step by step, and a steadily
-    falling margin makes the loss grow exponentially while it is small and linearly once it is
-    not. Neither the quadratic of :func:`forecast_drift` nor the power law of
-    :func:`power_law_drift` grows like that (measured from step 1 of a pretrained MiniLM and a
-    tiny GPT-2: the drift grew 5-8x a step). The probe loss at ``b`` is read as the log-loss of one
-    margin, ``z = -m = log(e^L - 1)``, which moves by :func:`margin_rate` ``r`` per ``Delta``;
-    projected ``tau = progress + ahead`` ``Delta`` units past ``b``::
-
-        L(tau) = softplus(z + tau * r + 0.5 * bend * tau^2),   drift = L(tau) - baseline
-
-    ``bend`` (the secant of the rates at the last two probes, per ``Delta`` unit) is the margin's
-    acceleration: a mean of many margins eroding at different rates falls ever faster as the
-    fastest come to dominate it (a tiny GPT-2 at lr 3e-4: the rate doubled from step 8 to 16).
-
-    Args:
-        loss: Probe loss ``L_A(theta_b)`` at ``b`` (nats, a log-loss: > 0).
-        baseline: Probe loss at the anchor ``L_A(theta_0)``.
-        along: ``g_A(theta_b) . Delta``.
-        progress: ``alpha`` of :func:`forecast_drift`, the move since ``b`` along ``Delta``.
-        ahead: Further ``Delta`` units to project ahead.
-        bend: Change of the rate per ``Delta`` unit; only a quickening (``> 0``) counts.
-
-    Returns:
-        The projected drift (nats), or ``-inf`` (no projection) unless ``loss > 0`` and
-        ``along > 0`` are finite: a loss that does not grow says nothing of its margin.
-    """
-    if not (loss > 0 and along > 0 and math.isfinite(loss) and math.isfinite(along)):
-        return -math.inf
-    tau = max(progress + ahead, 0.0)
-    z = math.log(math.expm1(loss)) if loss < 30.0 else loss  # softplus^-1, exact to fp64 above 30
-    z += tau * margin_rate(loss, along)
-    if math.isfinite(bend) and bend > 0:
-        z += 0.5 * bend * tau * tau
-    softplus = max(z, 0.0) + math.log1p(math.exp(-abs(z)))
-    return softplus - baseline
-
-
-class ProjectionCalibration:
-    """Scale of a projection's rise, learnt from how its own earlier projections came out.
-
-    A projection issued at step ``s`` says the series will go from ``v_s`` to ``p_s`` by step
-    ``s + h``. When the series reaches that step (value ``v``), the projection *matures* with the
-    ratio ``r = (v - v_s) / (p_s - v_s)`` of the rise that came to the rise it promised: below 1
-    for a drift that slows down (the projection overshoots), above 1 for one that accelerates.
-    Rises promised below ``min_rise`` say nothing of a ratio and are dropped. The factor
-    ``c`` is the median of the last ``window`` ratios, clipped to ``[min_factor, max_factor]``,
-    and 1 until one has matured; :meth:`apply` scales a new projection's rise by it::
-
-        calibrated = v + c (p - v)       (p <= v is left as it is: no rise to scale)
-
-    By default ``c <= 1``: it only damps projections that have been overshooting. A drift that
-    grows from zero accelerates first and slows down later, and the ratios lag by the horizon,
-    so a boost learnt while it accelerated would still be applied when it slows (measured on
-    the real MiniLM: with ``max_factor=4`` a run that peaks at 94% of the threshold was warned
-    16 steps before its peak). Tracked per series, in the series' units; non-finite values
-    never mature.
-
-    Args:
-        window: Ratios in the median.
-        min_factor, max_factor: Bounds on ``c`` (``0 < min_factor <= 1 <= max_factor``).
-        min_rise: Smallest promised rise that matures into a ratio.
-    """
-
-    def __init__(
-        self, window: int = 4, min_factor: float = 0.25, max_factor: float = 1.0, min_rise: float = 0.0
-    ) -> None:
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        if not 0.0 < min_factor <= 1.0 <= max_factor:
-            raise ValueError(f"need 0 < min_factor <= 1 <= max_factor, got {min_factor}, {max_factor}")
-        self.window, self.min_rise = int(window), float(min_rise)
-        self.min_factor, self.max_factor = float(min_factor), float(max_factor)
-        self.pending: list[tuple[float, float, float]] = []  # (due step, value, projected)
-        self.ratios: list[float] = []
-
-    def observe(self, step: float, value: float) -> None:
-        """The series reached ``value`` at ``step``: every projection due by then matures."""
-        due = [p for p in self.pending if p[0] <= step]
-        self.pending = [p for p in self.pending if p[0] > step]
-        if not math.isfinite(value):
-            return
-        for _, start, projected in due:
-            promised = projected - start
-            if math.isfinite(promised) and promised > self.min_rise:
-                self.ratios.append((value - start) / promised)
-        del self.ratios[: -self.window]
-
-    def issue(self, due: float, value: float, projected: float) -> None:
-        """A projection from ``value`` now to ``projected`` at step ``due``; one per due step
-        (a later issue for the same step replaces the earlier one)."""
-        self.pending = [p for p in self.pending if p[0] != due]
-        if math.isfinite(value) and math.isfinite(projected):
-            self.pending.append((float(due), float(value), float(projected)))
-
-    @property
-    def factor(self) -> float:
-        """``c``: the median matured ratio, clipped; 1 before any has matured."""
-        if not self.ratios:
-            return 1.0
-        return min(max(statistics.median(self.ratios), self.min_factor), self.max_factor)
-
-    def apply(self, value: float, projected: float) -> float:
-        """``value + factor * (projected - value)`` for a rising projection, else ``projected``."""
-        if not (projected > value and math.isfinite(value)):
-            return projected
-        return value + self.factor * (projected - value)
-
-    def state_dict(self) -> dict[str, list]:
-        return {"pending": [list(p) for p in self.pending], "ratios": list(self.ratios)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.pending = [tuple(float(x) for x in p) for p in state.get("pending", [])]
-        self.ratios = [float(r) for r in state.get("ratios", [])][-self.window :]
 
 
 def _running_dtype(device: torch.device) -> torch.dtype:
@@ -682,268 +446,191 @@ def fisher_damage_asymmetry(
 # Early warning
 # --------------------------------------------------------------------------------------------------
 
+RATE_POINTS = 3
+"""Measured points the band comes from (the last ``RATE_POINTS``: two exponents)."""
+
+MIN_EVIDENCE_STEPS = 3
+"""Optimizer steps those points must span before they are extrapolated: what the first one or two
+steps show (an Adam step can overshoot along the probe gradient) is never projected alone."""
+
+MAX_REACH = 4.0
+"""A projection reaches at most this many times the optimizer steps since the anchor."""
+
 
 @dataclass(frozen=True)
 class WarningDecision:
-    """Outcome of :func:`early_warning` at one validation boundary.
+    """Outcome of :func:`early_warning` at one step (values in the threshold's units: nats, or a
+    fraction of ``|baseline|`` when relative).
 
     Attributes:
-        warn: Whether to warn now.
+        warn: The warning condition holds now (the conservative side of the band, or the measured
+            drift itself, reaches the threshold, or a drift is not finite).
         reason: One human-readable line saying why (or why not).
-        steps_to_threshold: Steps until the drift reaches the threshold at the current trend;
-            0.0 when already crossed, None without a significant rising trend.
-        slope: Least-squares slope of the (scaled) drift over the last ``window`` points, per
-            step (0.0 with fewer than 3 points).
-        risk: ``clip(max(d, d + slope_sig * horizon) / threshold, 0, 1)``, with ``d`` the
-            current scaled drift and ``slope_sig`` the slope if significant, else 0.
-            ``risk == 1.0`` exactly when ``warn``.
-        drift: Current scaled drift ``d`` (nats, or a fraction of the baseline when relative).
-        threshold: The threshold ``d`` was compared with, in the same units.
+        risk: ``clip(low / threshold, 0, 1)``: the conservative projection as a fraction of the
+            threshold; 1.0 exactly when ``warn``.
+        level: The drift now: the last measured one, or the per-step forecast between
+            measurements.
+        low: Conservative side of the band at the horizon (``level`` when nothing is projected).
+        high: Fast side of the band at the horizon (``level`` when nothing is projected).
+        threshold: The threshold, in the same units.
+        rising: The measured points turned upward (the last three above the anchor and rising,
+            over at least :data:`MIN_EVIDENCE_STEPS` steps): only then is anything projected.
+        falling: The last two measured rates are < 0 (releases a latched warning below the
+            threshold, see :func:`warning_active`).
+        steps_to_threshold: Steps until ``level`` reaches the threshold on the slow side of the
+            band; 0.0 when reached, None when nothing is projected.
     """
 
     warn: bool
     reason: str
-    steps_to_threshold: float | None
-    slope: float
     risk: float
-    drift: float
+    level: float
+    low: float
+    high: float
     threshold: float
-
-
-@dataclass(frozen=True)
-class EarlyWarningConfig:
-    """Settings of the early-warning rule (see :func:`early_warning` for the rule itself).
-
-    Attributes:
-        warn_threshold: Drift at which to warn: nats by default, a fraction of ``|baseline|``
-            when ``relative`` (0.1 = the reference loss rose by 10%).
-        relative: Compare ``drift / |baseline|`` instead of the drift in nats.
-        horizon_steps: Warn when the trend reaches the threshold within this many steps; None
-            means the spacing of the last two validations ("before the next check").
-        window: Number of most recent validations the trend is fitted on (>= 3).
-        noise_sigmas: The trend counts only if its slope exceeds this many standard errors.
-        min_rise_fraction: ... and if it rose at least this fraction of the threshold over the
-            window.
-    """
-
-    warn_threshold: float = 0.1
-    relative: bool = False
-    horizon_steps: float | None = None
-    window: int = 3
-    noise_sigmas: float = 3.0
-    min_rise_fraction: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not (self.warn_threshold > 0 and math.isfinite(self.warn_threshold)):
-            raise ValueError(f"warn_threshold must be finite and > 0, got {self.warn_threshold}")
-        if self.horizon_steps is not None and not self.horizon_steps >= 0:
-            raise ValueError(f"horizon_steps must be >= 0 or None, got {self.horizon_steps}")
-        if self.window < 3:
-            raise ValueError(f"window must be >= 3 (a trend needs a residual), got {self.window}")
-        if not self.noise_sigmas >= 0:
-            raise ValueError(f"noise_sigmas must be >= 0, got {self.noise_sigmas}")
-        if not self.min_rise_fraction >= 0:
-            raise ValueError(f"min_rise_fraction must be >= 0, got {self.min_rise_fraction}")
-
-    def evaluate(
-        self,
-        steps: Sequence[float],
-        drifts: Sequence[float],
-        baseline: float | None = None,
-    ) -> WarningDecision:
-        """Apply the rule to a drift series; see :func:`early_warning`."""
-        return _decide(self, steps, drifts, baseline)
+    rising: bool = False
+    falling: bool = False
+    steps_to_threshold: float | None = None
 
 
 def early_warning(
     steps: Sequence[float],
     drifts: Sequence[float],
-    warn_threshold: float = 0.1,
+    warn_threshold: float,
     *,
+    horizon_steps: float,
+    now: tuple[float, float] | None = None,
     relative: bool = False,
     baseline: float | None = None,
-    horizon_steps: float | None = None,
-    window: int = 3,
-    noise_sigmas: float = 3.0,
-    min_rise_fraction: float = 0.1,
 ) -> WarningDecision:
-    """Decide whether forgetting is about to cross a threshold, from measured drifts.
+    """Whether forgetting is about to cross ``warn_threshold``: a projection with a band.
 
-    Let ``d_i`` be the drift at validation step ``s_i`` (divided by ``|baseline|`` when
-    ``relative``), ``d`` the latest finite one and ``T = warn_threshold``.
+    Let ``(s_i, d_i)`` be the measured drifts (probe loss minus the anchor's; the first point is
+    the anchor ``(s_0, 0)``), divided by ``|baseline|`` when ``relative``; ``T =
+    warn_threshold``, ``H = horizon_steps``.
 
-    1. Level: warn if ``d >= T`` (``+inf`` counts as crossed).
-    2. Trend: fit ``d_i ~ a + b s_i`` by least squares on the last ``window`` finite points (needs
-       at least 3). The noise ``sigma`` is the largest of the fit's residual standard deviation
-       and two robust estimates from the whole series' first and second differences
-       (``1.4826 MAD(d_{i+1} - d_i) / sqrt(2)``, ``1.4826 median|d_{i+2} - 2 d_{i+1} + d_i| /
-       sqrt(6)``, both blind to a linear trend), so a few noise points that happen to line up do
-       not look like a trend. The trend is
-       *significant* when ``b > 0``, ``b > noise_sigmas * sigma / sqrt(Sxx)`` (a one-sided
-       t-like test) and ``b * (s_last - s_first) >= min_rise_fraction * T`` (it rose by a visible
-       amount over the window).
-    3. Warn if the trend is significant and reaches ``T`` within the horizon:
-       ``(T - d) / b <= horizon`` (up to a relative 1e-9 for rounding) with
-       ``horizon = horizon_steps`` or, by default, the spacing of the last two validations. On a
-       steady ramp this fires at the last validation before the crossing, and the level rule
-       fires at the crossing at the latest.
+    1. A drift that is not finite (NaN, -inf: the probe loss diverged), measured or forecast,
+       warns with ``risk = 1``; so does a last measured drift ``>= T`` (``+inf`` included).
+    2. Nothing is projected unless the measured points themselves turned upward: the last
+       three measurements (the anchor is never one of them) are all above the anchor, rise at
+       each step, and span at least :data:`MIN_EVIDENCE_STEPS` optimizer steps. A falling or
+       negative measured drift never becomes a warning by extrapolation, whatever a forecast
+       says, and neither do the first one or two optimizer steps alone.
+    3. The band: fine-tuning drift grows like a power of the steps since the anchor, ``d ~ (s -
+       s_0)^p``. The last three measurements give two exponents ``p = log(d_i / d_{i-1}) /
+       log((s_i - s_0) / (s_{i-1} - s_0))``; their spread is the band's width.
+    4. The level now: the last measured drift, or between measurements the per-step forecast
+       ``f_t`` (``now``). It is projected ``h = min(H, MAX_REACH (t - s_0))`` steps ahead:
+       ``low = level ((t + h - s_0) / (t - s_0))^min(p)``, ``high`` with ``max(p)``. Warn when the
+       conservative side ``low`` reaches ``T``.
 
-    An exactly flat series, and a flat series with noise well below ``T``, never warn: their
-    slope is 0 or not significant. A latest drift that is not finite (NaN, -inf: the probe loss
-    diverged) warns with ``risk = 1``; NaN drifts before the latest are left out of the fits.
+    ``risk = clip(low / T, 0, 1)``: 1 exactly when it warns; ``level / T`` clipped when nothing is
+    projected. On a drift that grows exactly like a power of the steps the band is one curve and
+    the rule warns exactly ``H`` steps before the crossing; a drift that slows down (a plateau)
+    has a falling exponent, and the slow side of the band projects with the lower one.
 
     Args:
-        steps: Global steps of the validations, strictly increasing.
-        drifts: Measured drift ``L_A(theta_t) - L_A(theta_0)`` at each, nats.
-        warn_threshold: Threshold ``T`` (nats, or a fraction of ``|baseline|`` when relative).
+        steps: Optimizer steps of the measurements, strictly increasing.
+        drifts: Measured drift at each, nats.
+        warn_threshold: ``T`` (> 0; nats, or a fraction of ``|baseline|`` when relative).
+        horizon_steps: ``H`` in optimizer steps (>= 0).
+        now: ``(t, f_t)``: the step and the per-step forecast there, past the last measurement
+            (None: decide at the last measurement).
         relative: Compare ``drift / |baseline|``.
-        baseline: Reference loss at the anchor ``L_A(theta_0)``; required when relative
-            (``|baseline|`` is floored at 1e-12).
-        horizon_steps: Look-ahead in steps; None = spacing of the last two validations.
-        window: Points in the trend fit (>= 3).
-        noise_sigmas: Significance of the slope, in standard errors.
-        min_rise_fraction: Minimal rise over the window, as a fraction of ``T``.
+        baseline: ``L_A(theta_0)``; required when relative (floored at 1e-12).
 
     Returns:
         A :class:`WarningDecision`.
 
     Raises:
-        ValueError: On mismatched lengths, non-increasing steps, invalid settings, or relative
-            mode without a baseline.
+        ValueError: On mismatched lengths, non-increasing steps, a ``now`` before the last
+            measurement, invalid settings, or relative mode without a finite baseline.
     """
-    config = EarlyWarningConfig(
-        warn_threshold=warn_threshold,
-        relative=relative,
-        horizon_steps=horizon_steps,
-        window=window,
-        noise_sigmas=noise_sigmas,
-        min_rise_fraction=min_rise_fraction,
-    )
-    return config.evaluate(steps, drifts, baseline)
-
-
-def _decide(
-    config: EarlyWarningConfig,
-    steps: Sequence[float],
-    drifts: Sequence[float],
-    baseline: float | None,
-) -> WarningDecision:
-    steps = [float(s) for s in steps]
-    drifts = [float(d) for d in drifts]
+    if not (math.isfinite(warn_threshold) and warn_threshold > 0):
+        raise ValueError(f"warn_threshold must be finite and > 0, got {warn_threshold}")
+    if not (math.isfinite(horizon_steps) and horizon_steps >= 0):
+        raise ValueError(f"horizon_steps must be finite and >= 0, got {horizon_steps}")
+    steps, drifts = [float(s) for s in steps], [float(d) for d in drifts]
     if len(steps) != len(drifts):
         raise ValueError(f"steps and drifts differ in length: {len(steps)} vs {len(drifts)}")
     if any(b <= a for a, b in itertools.pairwise(steps)):
         raise ValueError("steps must be strictly increasing")
-    scale = 1.0
-    if config.relative:
-        if baseline is None or not math.isfinite(float(baseline)):
-            raise ValueError("relative early warning needs a finite baseline loss")
-        scale = 1.0 / max(abs(float(baseline)), _RELATIVE_BASELINE_FLOOR)
-    thr = config.warn_threshold
-
-    if drifts and not math.isfinite(drifts[-1]) and drifts[-1] != math.inf:
-        # NaN or -inf: the model (or its probe loss) diverged; never a silent "no risk"
-        return WarningDecision(
-            True,
-            f"drift is {drifts[-1]} at step {steps[-1]:g}: the probe loss is not finite",
-            0.0,
-            0.0,
-            1.0,
-            drifts[-1],
-            thr,
-        )
+    if now is not None and steps and now[0] < steps[-1]:
+        raise ValueError(f"now={now[0]} comes before the last measurement at step {steps[-1]}")
+    scale = _scale(relative, baseline)
+    thr = float(warn_threshold)
     points = [(s, d * scale) for s, d in zip(steps, drifts) if not math.isnan(d)]
+    latest = [(s, d * scale) for s, d in zip(steps[-1:], drifts[-1:])]
+    if now is not None:
+        latest.append((float(now[0]), float(now[1]) * scale))
+    for s, d in latest:
+        if math.isnan(d) or d == -math.inf:
+            why = f"drift is {d} at step {s:g}: the probe loss is not finite"
+            return WarningDecision(True, why, 1.0, d, d, d, thr, steps_to_threshold=0.0)
     if not points:
-        return WarningDecision(False, "no drift measured yet", None, 0.0, 0.0, 0.0, thr)
+        return WarningDecision(False, "no drift measured yet", 0.0, 0.0, 0.0, 0.0, thr)
     s_last, d_last = points[-1]
-    if d_last >= thr:  # includes +inf
+    window = points[-RATE_POINTS:]
+    rates = [(d1 - d0) / (s1 - s0) for (s0, d0), (s1, d1) in itertools.pairwise(window)]
+    falling = len(rates) == RATE_POINTS - 1 and all(r < 0 for r in rates)
+    if d_last >= thr:
+        why = f"measured drift {d_last:.4g} reached the threshold {thr:.4g} at step {s_last:g}"
+        return WarningDecision(True, why, 1.0, d_last, d_last, d_last, thr, False, falling, 0.0)
+    origin = points[0][0]
+    gate = _not_rising(window, origin)
+    t = s_last if now is None else float(now[0])
+    level = d_last if now is None else float(now[1]) * scale
+    if gate:
+        level = min(level, d_last)
+        risk = min(max(level / thr, 0.0), 1.0 - 1e-12)
         return WarningDecision(
-            True,
-            f"drift {d_last:.4g} reached the threshold {thr:.4g} at step {s_last:g}",
-            0.0,
-            _slope_of(points, config.window),
-            1.0,
-            d_last,
-            thr,
+            False, f"drift {d_last:.4g}; {gate}", risk, level, level, level, thr, False, falling
         )
-
-    finite = [(s, d) for s, d in points if math.isfinite(d)]
-    horizon = config.horizon_steps
-    if horizon is None:
-        horizon = finite[-1][0] - finite[-2][0] if len(finite) >= 2 else 0.0
-    slope, significant, why = _trend(finite, config)
-    if significant:
-        steps_to = (thr - d_last) / slope
-        projected = d_last + slope * horizon
-    else:
-        steps_to, projected = None, d_last
-    risk = min(max(max(d_last, projected) / thr, 0.0), 1.0)
-    if significant and steps_to <= horizon * (1.0 + _HORIZON_RTOL):
-        reason = (
-            f"drift {d_last:.4g} rising {slope:.3g}/step reaches the threshold {thr:.4g} in "
-            f"{steps_to:.3g} steps (horizon {horizon:g})"
-        )
-        return WarningDecision(True, reason, steps_to, slope, 1.0, d_last, thr)
-    if significant:
-        why = f"trend reaches the threshold in {steps_to:.3g} steps, beyond the horizon {horizon:g}"
-    reason = f"drift {d_last:.4g} below the threshold {thr:.4g}; {why}"
-    return WarningDecision(False, reason, steps_to, slope, min(risk, 1.0 - 1e-12), d_last, thr)
+    # exponents of d ~ (s - origin)^p between the last three measurements
+    powers = [
+        math.log(d1 / d0) / math.log((s1 - origin) / (s0 - origin))
+        for (s0, d0), (s1, d1) in itertools.pairwise(window)
+    ]
+    p_lo, p_hi = min(powers), max(powers)
+    reach = min(float(horizon_steps), MAX_REACH * (t - origin))
+    grow = (t + reach - origin) / (t - origin)
+    low, high = level * grow**p_lo, level * grow**p_hi
+    to_go = (t - origin) * ((thr / level) ** (1.0 / p_lo) - 1.0) if level < thr else 0.0
+    band = f"band {low:.4g}..{high:.4g} within {reach:g} steps (drift ~ steps^{p_lo:.2g}..{p_hi:.2g})"
+    if low >= thr * (1.0 - _HORIZON_RTOL) or level >= thr:
+        why = f"drift {level:.4g} rising: {band} reaches the threshold {thr:.4g}"
+        return WarningDecision(True, why, 1.0, level, low, high, thr, True, False, to_go)
+    risk = min(max(low / thr, 0.0), 1.0 - 1e-12)
+    why = f"drift {level:.4g} rising: {band} below the threshold {thr:.4g}"
+    return WarningDecision(False, why, risk, level, low, high, thr, True, False, to_go)
 
 
-def _slope_of(points: list[tuple[float, float]], window: int) -> float:
-    finite = [(s, d) for s, d in points if math.isfinite(d)][-window:]
-    if len(finite) < 3:
-        return 0.0
-    return _least_squares(finite)[0]
+def warning_active(active: bool, decision: WarningDecision) -> bool:
+    """The latched warning state after ``decision``: a warning, once on, stays on until a
+    measurement finds the drift below the threshold and falling at its last two measured rates
+    (:attr:`WarningDecision.falling`); it is never switched off between measurements."""
+    if decision.warn:
+        return True
+    return active and not (decision.falling and decision.level < decision.threshold)
 
 
-def _least_squares(points: list[tuple[float, float]]) -> tuple[float, float, float]:
-    """Slope, residual standard deviation and ``Sxx`` of a line fit (``len(points) >= 3``)."""
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points]
-    xbar = sum(xs) / len(xs)
-    ybar = sum(ys) / len(ys)
-    sxx = sum((x - xbar) ** 2 for x in xs)
-    slope = sum((x - xbar) * (y - ybar) for x, y in zip(xs, ys)) / sxx
-    resid = [y - (ybar + slope * (x - xbar)) for x, y in zip(xs, ys)]
-    sigma = math.sqrt(sum(r * r for r in resid) / (len(points) - 2))
-    return slope, sigma, sxx
+def _scale(relative: bool, baseline: float | None) -> float:
+    if not relative:
+        return 1.0
+    if baseline is None or not math.isfinite(float(baseline)):
+        raise ValueError("a relative early warning needs a finite baseline loss")
+    return 1.0 / max(abs(float(baseline)), _RELATIVE_BASELINE_FLOOR)
 
 
-def _robust_noise(drifts: list[float]) -> float:
-    """Noise level of a series from its differences, robust to a linear trend.
-
-    ``max(1.4826 MAD(first differences) / sqrt(2), 1.4826 median|second differences| / sqrt(6))``:
-    for white noise of standard deviation sigma both estimate sigma (a difference of two noise
-    values has standard deviation ``sigma sqrt(2)``, a second difference ``sigma sqrt(6)``); a
-    linear trend shifts the first differences (removed by centring on their median) and cancels in
-    the second ones. Taking the larger of two noisy estimates makes a chance underestimate rarer.
-    """
-    first = [b - a for a, b in itertools.pairwise(drifts)]
-    second = [b - a for a, b in itertools.pairwise(first)]
-    sigma = 0.0
-    if len(first) >= 2:
-        med = statistics.median(first)
-        sigma = 1.4826 * statistics.median(abs(x - med) for x in first) / math.sqrt(2.0)
-    if second:
-        sigma = max(sigma, 1.4826 * statistics.median(abs(x) for x in second) / math.sqrt(6.0))
-    return sigma
-
-
-def _trend(points: list[tuple[float, float]], config: EarlyWarningConfig) -> tuple[float, bool, str]:
-    """``(slope, significant, explanation)`` of the trend over the last ``window`` points."""
-    win = points[-config.window :]
-    if len(win) < 3:
-        return 0.0, False, f"trend needs 3 finite points, have {len(win)}"
-    slope, sigma_fit, sxx = _least_squares(win)
-    sigma = max(sigma_fit, _robust_noise([d for _, d in points]))
-    stderr = sigma / math.sqrt(sxx)
-    rise = slope * (win[-1][0] - win[0][0])
-    min_rise = config.min_rise_fraction * config.warn_threshold
-    if slope <= 0:
-        return slope, False, f"no rising trend (slope {slope:.3g}/step)"
-    if slope <= config.noise_sigmas * stderr:
-        return slope, False, f"slope {slope:.3g}/step within noise (stderr {stderr:.3g})"
-    if rise < min_rise:
-        return slope, False, f"rise {rise:.3g} over the window below {min_rise:.3g}"
-    return slope, True, "significant rising trend"
+def _not_rising(window: list[tuple[float, float]], origin: float) -> str:
+    """Why the last measured points do not count as turned upward ('' when they do)."""
+    if len(window) < RATE_POINTS:
+        return f"{len(window)} measured points, a band needs {RATE_POINTS}"
+    if window[0][0] <= origin or any(d <= 0 for _, d in window):
+        return "not above the anchor at the last three measurements: nothing is projected"
+    if not all(d1 > d0 for (_, d0), (_, d1) in itertools.pairwise(window)):
+        return "not rising at the last two measurements"
+    if window[-1][0] - window[0][0] < MIN_EVIDENCE_STEPS:
+        span = window[-1][0] - window[0][0]
+        return f"the last {RATE_POINTS} measurements span {span:g} steps, fewer than {MIN_EVIDENCE_STEPS}"
+    return ""

