@@ -88,11 +88,14 @@ def test_one_step_convention_in_csv_tensorboard_wandb_and_history(run):
         "qkov/general_vs_math/Q/fisher_overlap",
     ):
         expected = steps
+        if name == "forgetting/general/measured":  # the early probes' measurements too
+            expected = [s for s, _ in run["rm"]._points["general"][1:]]
         if name == "forgetting/general/warning":
-            # a forecast warning also writes the flag at once, under the step Lightning logs that
-            # training batch at (global_step - 1 after its optimizer step)
-            early = {a["step"] - 1 for a in run["rm"].alerts if a["source"] == "forecast"}
-            expected = sorted(set(steps) | early)
+            # the per-step rows carry the flag too, at trainer.global_step (every logged step and
+            # every change of the warning state), with the boundaries' among them
+            expected = _csv_steps(rows, name)
+            assert set(steps) <= set(expected) and expected == sorted(expected)
+            assert {a["step"] for a in run["rm"].alerts} <= set(expected)
         assert _csv_steps(rows, name) == expected, name
         assert [e.step for e in events.Scalars(name)] == expected, name
         assert _wandb_steps(wb, name) == expected, name
@@ -106,11 +109,12 @@ def test_one_step_convention_in_csv_tensorboard_wandb_and_history(run):
         assert [int(p.stem.rsplit("_step", 1)[1]) for p in files] == steps, key
         assert [e.step for e in events.Images(key)] == steps, key
         assert _wandb_steps(wb, key) == steps, key
-    # the boundary alerts carry the same steps (a subset of the boundaries); forecast alerts carry
-    # the global step of their optimizer step, before the boundary
+    # an alert's step is the step of the row where the flag turns on, in every logger
     alerts = run["rm"].alerts
     assert alerts and {a["step"] for a in alerts if a["source"] == "boundary"} <= set(steps)
-    assert all(1 <= a["step"] <= steps[-1] for a in alerts if a["source"] == "forecast")
+    for alert in alerts:
+        on = [r for r in rows if r.get("forgetting/general/warning") == "1.0"]
+        assert int(on[0]["step"]) == alerts[0]["step"], alert
 
 
 def test_custom_scalars_layout_is_in_the_event_file(run):

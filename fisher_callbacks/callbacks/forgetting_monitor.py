@@ -76,7 +76,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
     since the anchor, whose spread is a band; nothing is projected until those measurements turn
     upward (above the anchor and rising, over at least three optimizer steps); the drift now
     (measured, or the per-step forecast between measurements) is projected ``horizon_steps``
-    ahead (at most 4x the steps since the anchor), and the warning fires when the conservative
+    ahead (never further than the steps since the anchor), and the warning fires when the conservative
     side of the band (the lower exponent) reaches ``warn_threshold``, or the measured drift does,
     or a drift is not finite. ``risk`` is that conservative projection over the threshold,
     clipped to [0, 1]. ``warning`` is a latched state (a warning is active for the task): on from
@@ -292,6 +292,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
                     stop |= self._forecast_task(trainer, task, step, value, rows, decide=decide)
             if probe_now:
                 stop |= self._early_probe(trainer, pl_module, step, rows)
+                self._changed = True  # a measurement: its row is always written
         except Exception as err:
             self._fc_failed = True
             self._relay.warn(f"per-step forecast disabled at step {step}: {err!r}")

@@ -453,8 +453,9 @@ MIN_EVIDENCE_STEPS = 3
 """Optimizer steps those points must span before they are extrapolated: what the first one or two
 steps show (an Adam step can overshoot along the probe gradient) is never projected alone."""
 
-MAX_REACH = 4.0
-"""A projection reaches at most this many times the optimizer steps since the anchor."""
+MAX_REACH = 1.0
+"""A projection reaches at most this many times the optimizer steps since the anchor: never
+further ahead than the run has gone."""
 
 
 @dataclass(frozen=True)
