@@ -19,11 +19,14 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from .._rng import SeededGenerator
+from .._validate import check_choice, check_number
 from ..capture import PerSampleGradientCapture, ProbeResult, probe_pass
 from ..fisher import FisherCollector, _collective_device
 from ..layouts import AttentionLayout, canonical_name
 from ..layouts.base import frozen_message
 from ..losses import (
+    LOSS_TYPES,
+    REDUCTIONS,
     LossType,
     forward_logits,
     infer_loss_type,
@@ -32,7 +35,7 @@ from ..losses import (
     reduction_scale,
     target_token_counts,
 )
-from ..store import DEFAULT_SKETCH_DIM
+from ..store import DEFAULT_SKETCH_DIM, STORE_KINDS
 from ._boundary import BoundaryCallback
 from ._ranks import WarningRelay, distributed, log_agreed
 
@@ -176,13 +179,7 @@ class FisherMonitor(BoundaryCallback):
         min_samples_for_fisher: int = 10,
         capture_chunk: int | None = None,
     ) -> None:
-        if capture_every_n_steps < 0 or ema_samples_per_step < 0 or ema_every_n_steps < 1:
-            raise ValueError(
-                "capture_every_n_steps and ema_samples_per_step must be >= 0, ema_every_n_steps >= 1"
-            )
-        if fisher_type not in ("empirical", "true"):
-            raise ValueError(f"fisher_type must be 'empirical' or 'true', got {fisher_type!r}")
-        reduction_scale(torch.ones(1, 2, dtype=torch.long), "causal_lm", loss_reduction)  # validates
+        _check_arguments(locals())
         self.train_task = train_task
         if isinstance(reference_tasks, Mapping):
             self.reference_tasks: dict[str, DataLoader | None] = dict(reference_tasks)
@@ -207,8 +204,6 @@ class FisherMonitor(BoundaryCallback):
         self.store = store
         self.sketch_dim = sketch_dim
         self.min_samples_for_fisher = min_samples_for_fisher
-        if capture_chunk is not None and capture_chunk < 1:
-            raise ValueError(f"capture_chunk must be >= 1 or None, got {capture_chunk}")
         self.capture_chunk = capture_chunk
 
         self.log_loss = True  # the probe losses are cross-entropies (False: a regression head's MSE)
@@ -738,6 +733,34 @@ class FisherMonitor(BoundaryCallback):
 
 
 # ---------------------------------------------------------------------- helpers
+def _check_arguments(args: Mapping[str, Any]) -> None:
+    """The constructor's checks: every error names the argument (NaN, ranges, options, typos)."""
+    for name in ("train_task", "task_key", "sample_id_key"):
+        if not isinstance(args[name], str) or not args[name]:
+            raise ValueError(f"{name} must be a non-empty string, got {args[name]!r}")
+    refs = args["reference_tasks"]
+    if isinstance(refs, str):
+        raise TypeError(f"reference_tasks must be a list of task names or a dict, got the string {refs!r}")
+    for name in ("capture_every_n_steps", "ema_samples_per_step"):
+        check_number(name, args[name], low=0, integer=True)
+    for name in ("ema_every_n_steps", "sketch_dim", "min_samples_for_fisher"):
+        check_number(name, args[name], low=1, integer=True)
+    check_number("max_samples_per_task", args["max_samples_per_task"], low=0, integer=True)
+    for name in ("probe_max_samples", "capture_chunk"):
+        check_number(name, args[name], low=1, integer=True, optional=True)
+    check_number("seed", args["seed"], integer=True)
+    check_number("ema_decay", args["ema_decay"], low=0.0, high=1.0, high_open=True)
+    check_number("gradient_memory_mb", args["gradient_memory_mb"], low=0.0, high=math.inf, high_open=True)
+    check_choice("fisher_type", args["fisher_type"], ("empirical", "true"))
+    check_choice("loss_reduction", args["loss_reduction"], REDUCTIONS)
+    check_choice("store", args["store"], STORE_KINDS)
+    if args["loss_type"] is not None:
+        check_choice("loss_type", args["loss_type"], LOSS_TYPES)
+    check_choice("storage_dtype", args["storage_dtype"], (torch.float32, torch.bfloat16, torch.float16))
+    if args["include_bias"] is not None and not isinstance(args["include_bias"], bool):
+        raise TypeError(f"include_bias must be True, False or None, got {args['include_bias']!r}")
+
+
 def _reduce_probe(
     losses: torch.Tensor, total: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:

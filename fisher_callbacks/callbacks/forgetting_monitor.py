@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from .._validate import check_choice, check_number
 from ..functional.forgetting import (
     FirstOrderForgettingAccumulator,
     ProjectionCalibration,
@@ -194,10 +195,12 @@ class ForgettingRiskMonitor(BoundaryCallback):
         forecast_window: int = 8,
         early_probe_step: int | str | None = "auto",
     ) -> None:
-        if warn_threshold <= 0:
-            raise ValueError(f"warn_threshold must be > 0, got {warn_threshold}")
-        if stop_threshold is not None and stop_threshold <= 0:
-            raise ValueError(f"stop_threshold must be > 0, got {stop_threshold}")
+        check_number("warn_threshold", warn_threshold, low=0.0, low_open=True)
+        check_number("stop_threshold", stop_threshold, low=0.0, low_open=True, optional=True)
+        check_number("alert_wait_seconds", alert_wait_seconds, low=0.0)
+        check_choice("predict_on", predict_on, ("all", "monitored"))
+        if isinstance(reference_tasks, str):
+            raise TypeError(f"reference_tasks must be a list of task names, got {reference_tasks!r}")
         self.fisher_monitor = fisher_monitor
         self.reference_tasks = list(reference_tasks)
         self.warn_threshold = warn_threshold
@@ -205,8 +208,6 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self.horizon_steps = horizon_steps
         self.stop_threshold = stop_threshold
         self.trend_window = trend_window
-        if predict_on not in ("all", "monitored"):
-            raise ValueError(f"predict_on must be 'all' or 'monitored', got {predict_on!r}")
         self.predict_on = predict_on
         self.noise_sigmas = noise_sigmas
         self.checkpoint_params = checkpoint_params

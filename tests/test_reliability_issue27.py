@@ -1,0 +1,102 @@
+"""Issue 27: the monitors never change the training they watch, never misfile, never die on a typo.
+
+One test per case of the issue's "Why" list (noted in each docstring, with what happened before
+the fix)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+from torch.utils.data import DataLoader
+
+from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
+from lightning_examples.synthetic import SyntheticTask, collate
+
+TINY = dict(n_layer=2, n_head=2, n_embd=16, pretrain_steps=0)
+DROPOUT = dict(
+    n_layer=2, n_head=2, n_embd=16, n_positions=32, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1
+)
+
+
+def _trainer(tmp_path, callbacks, max_steps=8, val_every=4, **kwargs):
+    kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(
+        max_steps=max_steps,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def _loader(task: str, n: int, seed: int, batch_size: int = 8, **kwargs) -> DataLoader:
+    return DataLoader(SyntheticTask(task, n, seed=seed), batch_size=batch_size, collate_fn=collate, **kwargs)
+
+
+def _relayed(caught, who: str = "") -> list[str]:
+    return [str(w.message) for w in caught if str(w.message).startswith(who or "")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(p_value="exact"), r"p_value must be one of .*got 'exact'"),
+        (dict(fdr_method="bonferroni"), r"fdr_method must be one of \('by', 'bh'\)"),
+        (dict(n_permutations=0), r"n_permutations must lie in \[1, inf\)"),
+        (dict(fdr_alpha=0), r"fdr_alpha must lie in \(0, 1\]"),
+        (dict(fdr_alpha=math.nan), r"fdr_alpha must be a number, got NaN"),
+        (dict(fisher="pooledd"), r"fisher must be one of .*; did you mean 'pooled'\?"),
+        (dict(top_k=-1), r"top_k must lie in \[0, inf\)"),
+        (dict(variant="signd"), r"did you mean 'signed'\?"),
+        (dict(every_n_validations=0), r"every_n_validations must lie in \[1, inf\)"),
+        (dict(pairs=["general"]), r"pairs must be \(task_a, task_b\) tuples"),
+    ],
+)
+def test_qkov_settings_fail_at_construction(kwargs, message):
+    """Case 8. Before: each of these constructed, then the metric, built outside the boundary's
+    error handling, raised at the first boundary and the fit died."""
+    with pytest.raises(ValueError, match=message):
+        QKOVInterferenceMonitor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "message"),
+    [
+        (ForgettingRiskMonitor, dict(warn_threshold=math.nan), r"warn_threshold must be a number, got NaN"),
+        (ForgettingRiskMonitor, dict(stop_threshold=math.nan), r"stop_threshold must be a number, got NaN"),
+        (ForgettingRiskMonitor, dict(warn_threshold=-1.0), r"warn_threshold must lie in \(0, inf\)"),
+        (ForgettingRiskMonitor, dict(alert_wait_seconds=math.nan), r"alert_wait_seconds must be a number"),
+        (ForgettingRiskMonitor, dict(predict_on="monitor"), r"did you mean 'monitored'\?"),
+        (FisherMonitor, dict(gradient_memory_mb=math.nan), r"gradient_memory_mb must be a number, got NaN"),
+        (FisherMonitor, dict(gradient_memory_mb=math.inf), r"gradient_memory_mb must lie in \[0, inf\)"),
+        (FisherMonitor, dict(ema_decay=1.0), r"ema_decay must lie in \[0, 1\)"),
+        (FisherMonitor, dict(store="skech"), r"store must be one of .*did you mean 'sketch'\?"),
+        (FisherMonitor, dict(fisher_type="ture"), r"did you mean 'true'\?"),
+        (FisherMonitor, dict(loss_reduction="token-mean"), r"did you mean 'token_mean'\?"),
+        (FisherMonitor, dict(capture_every_n_steps=-1), r"capture_every_n_steps must lie in \[0, inf\)"),
+        (FisherMonitor, dict(loss_type="causal"), r"loss_type must be one of"),
+        (FisherMonitor, dict(capture_chunk=0), r"capture_chunk must lie in \[1, inf\)"),
+    ],
+)
+def test_monitor_arguments_fail_at_construction_naming_the_argument(cls, kwargs, message):
+    """Case 7. Before: warn_threshold=nan / stop_threshold=nan were accepted (nothing measured
+    all run), gradient_memory_mb=nan failed at fit start with "cannot convert float NaN to
+    integer", and typos were errors without a hint."""
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
+
+
+def test_a_non_number_is_a_type_error_naming_the_argument():
+    with pytest.raises(TypeError, match=r"top_k must be an integer, got 2.5"):
+        QKOVInterferenceMonitor(top_k=2.5)
+    with pytest.raises(TypeError, match=r"warn_threshold must be a number, got '0.1'"):
+        ForgettingRiskMonitor(warn_threshold="0.1")
