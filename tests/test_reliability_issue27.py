@@ -6,13 +6,15 @@ the fix)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
-from lightning_examples.synthetic import SyntheticTask, collate
+from lightning_examples.synthetic import SyntheticTask, SyntheticTasks, TinyGPT, collate
 
 TINY = dict(n_layer=2, n_head=2, n_embd=16, pretrain_steps=0)
 DROPOUT = dict(
@@ -44,6 +46,54 @@ def _loader(task: str, n: int, seed: int, batch_size: int = 8, **kwargs) -> Data
 
 def _relayed(caught, who: str = "") -> list[str]:
     return [str(w.message) for w in caught if str(w.message).startswith(who or "")]
+
+
+class _Losses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].detach().clone())
+
+
+def _seeded_fit(tmp_path, workers: int, suite: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """12 steps with dropout 0.1 and a train loader shuffled by the GLOBAL torch RNG."""
+    pl.seed_everything(0)
+    model = TinyGPT(model_type="gpt2", hf_config=DROPOUT, pretrain_steps=0)
+    train = _loader("math", 64, 0, shuffle=True, num_workers=workers)  # no generator: global stream
+    rec = _Losses()
+    callbacks: list[pl.Callback] = [rec]
+    if suite:
+        fm = FisherMonitor(
+            train_task="math",
+            reference_tasks={"general": _loader("general", 8, 2)},  # iterating it draws a seed
+            capture_every_n_steps=3,
+            ema_every_n_steps=1,
+            ema_samples_per_step=2,
+            store="sketch",
+            sketch_dim=16,
+        )
+        callbacks += [
+            fm,
+            QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=5, variant="signed"),
+            ForgettingRiskMonitor(fm, reference_tasks=["general"]),
+        ]
+    _trainer(tmp_path, callbacks, max_steps=12).fit(model, train, _loader("math", 8, 1))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return weights, torch.stack(rec.losses)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_suite_does_not_change_the_training_it_watches(tmp_path, workers):
+    """Case 1. Before: iterating the probe DataLoader drew its base seed from the global torch
+    RNG, so every later dropout mask and shuffle changed (weights off by up to 0.059)."""
+    plain_w, plain_l = _seeded_fit(tmp_path / "plain", workers, suite=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        watched_w, watched_l = _seeded_fit(tmp_path / "watched", workers, suite=True)
+    assert torch.equal(plain_l, watched_l)
+    for name, w in plain_w.items():
+        assert torch.equal(w, watched_w[name]), name
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from .._rng import isolated_rng
+
 _WARNED: weakref.WeakSet[pl.Trainer] = weakref.WeakSet()  # trainers told "no validation" this fit
 
 
@@ -105,7 +107,8 @@ class BoundaryCallback(Callback, ABC):
 
     def _run_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._boundary_step = trainer.global_step
-        self._boundary(trainer, pl_module)
+        with isolated_rng():  # the training run's random streams are not the monitors'
+            self._boundary(trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

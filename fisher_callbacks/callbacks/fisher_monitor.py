@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from .._rng import SeededGenerator
+from .._rng import SeededGenerator, isolated_rng
 from .._validate import check_choice, check_number
 from ..capture import PerSampleGradientCapture, ProbeResult, probe_pass
 from ..fisher import FisherCollector, _collective_device
@@ -509,6 +509,7 @@ class FisherMonitor(BoundaryCallback):
             self._probe_batches[task] = batches
         return self._probe_batches[task]
 
+    @isolated_rng()  # iterating a probe loader draws from the global RNG: not the run's
     def run_probe(
         self,
         pl_module: pl.LightningModule,
@@ -572,6 +573,7 @@ class FisherMonitor(BoundaryCallback):
             "n": n,
         }
 
+    @isolated_rng()  # iterating a probe loader draws from the global RNG: not the run's
     def probe_gradient(self, pl_module: pl.LightningModule, task: str, step: int) -> dict[str, Any]:
         """Mean probe loss and gradient of ``task`` on its fixed probe batches, with one plain
         batched backward per batch: no per-sample capture, the collector is left as it is.
