@@ -24,11 +24,11 @@ DROPOUT = dict(
 
 def _trainer(tmp_path, callbacks, max_steps=8, val_every=4, **kwargs):
     kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("limit_val_batches", 1)
     return pl.Trainer(
         max_steps=max_steps,
         val_check_interval=val_every,
         check_val_every_n_epoch=None,
-        limit_val_batches=1,
         num_sanity_val_steps=0,
         accelerator="cpu",
         logger=False,
@@ -150,3 +150,48 @@ def test_a_non_number_is_a_type_error_naming_the_argument():
         QKOVInterferenceMonitor(top_k=2.5)
     with pytest.raises(TypeError, match=r"warn_threshold must be a number, got '0.1'"):
         ForgettingRiskMonitor(warn_threshold="0.1")
+
+
+def _collate_off_by(key: str, extra: int):
+    def collate_wrong(items):
+        out = collate(items)
+        values = list(out[key].tolist() if torch.is_tensor(out[key]) else out[key])
+        out[key] = values + values[:extra] if extra > 0 else values[:extra]
+        return out
+
+    return collate_wrong
+
+
+@pytest.mark.parametrize(("key", "extra"), [("task", 1), ("task", -1), ("sample_id", 1), ("sample_id", -1)])
+def test_a_task_or_id_list_of_the_wrong_length_is_an_error_naming_the_batch_size(tmp_path, key, extra):
+    """Case 2. Before: B+1 task tags (or ids) for a batch of B were cut to B without a word, so
+    samples could be filed under another sample's task; B-1 failed with an IndexError."""
+    wrong = _collate_off_by(key, extra)
+    train = DataLoader(SyntheticTask("math", 32, seed=0), batch_size=8, collate_fn=wrong)
+    fm = FisherMonitor(train_task="math", capture_every_n_steps=1, ema_samples_per_step=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [fm], max_steps=2, limit_val_batches=0).fit(TinyGPT(**TINY), train)
+    failed = [m for m in _relayed(caught, "FisherMonitor") if f"batch[{key!r}] has" in m]
+    assert len(failed) == 1, _relayed(caught)
+    assert f"has {8 + extra} entries for a batch of 8 samples" in failed[0]
+    assert fm.collector.num_samples("math") == 0  # nothing misfiled; training went on
+    assert fm.captured_steps == 0
+
+
+def test_a_task_without_stored_samples_logs_no_qkov_values(tmp_path):
+    """Case 5. Before: a pair whose task had no stored sample logged zero maps,
+    fisher_overlap=0.0 and most_conflicting_layer=0 ("no interference" on the dashboard) with a
+    console warning "returning zero maps"."""
+    dm = SyntheticTasks(n_train=64, n_val=8, n_probe=4, batch_size=8)
+    fm = FisherMonitor(train_task="math", reference_tasks=["general"], capture_every_n_steps=0)
+    qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=5)
+    trainer = _trainer(tmp_path, [fm, qm], max_steps=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyGPT(**TINY), datamodule=dm)
+    assert not [k for k in trainer.callback_metrics if k.startswith("qkov/")], trainer.callback_metrics
+    assert qm.latest == {}
+    empty = [m for m in _relayed(caught, "QKOVInterferenceMonitor") if "no stored samples for 'math'" in m]
+    assert len(empty) == 1, _relayed(caught)  # two boundaries, one warning
+    assert not [m for m in _relayed(caught) if "zero maps" in m]

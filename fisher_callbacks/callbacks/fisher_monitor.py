@@ -343,8 +343,9 @@ class FisherMonitor(BoundaryCallback):
         size = batch["labels"].shape[0]
         tags = batch.get(self.task_key)
         if tags is not None:
-            with contextlib.suppress(TypeError):  # a bad tag is reported when the samples are filed
-                self._seen_tasks.update(self.train_key(t) for t in _task_names(tags, size, self.train_task))
+            with contextlib.suppress(TypeError, ValueError):  # reported when the samples are filed
+                names = _task_names(tags, size, self.train_task, self.task_key)
+                self._seen_tasks.update(self.train_key(t) for t in names)
         if self.is_flagged(step):
             samples = None
         elif (
@@ -369,12 +370,12 @@ class FisherMonitor(BoundaryCallback):
         if not flagged and not ema:
             return
         try:
-            all_tasks = _task_names(tags, size, self.train_task)
+            all_tasks = _task_names(tags, size, self.train_task, self.task_key)
             valid = (scale > 0).tolist()
             tasks = [self.train_key(all_tasks[r]) if valid[r] else None for r in rows.tolist()]
             ids = None
             if flagged and batch.get(self.sample_id_key) is not None:
-                all_ids = _as_list(batch[self.sample_id_key], size, None)
+                all_ids = _as_list(batch[self.sample_id_key], size, None, self.sample_id_key)
                 ids = [all_ids[r] for r in rows.tolist()]
             ingest = self.collector.ingest(tasks, ids, fisher=flagged, ema=ema, store=flagged)
         except Exception as err:
@@ -651,7 +652,7 @@ class FisherMonitor(BoundaryCallback):
                     batch = _head(batch, batch["labels"].shape[0], self.probe_max_samples - n)
                 ids = batch.get(self.sample_id_key)
                 size = batch["labels"].shape[0]
-                ids = None if ids is None else _as_list(ids, size, None)
+                ids = None if ids is None else _as_list(ids, size, None, self.sample_id_key)
                 # Streamed into the collector inside the hooks (chunked), unless a sketch
                 # store has no whitening yet (no captured step before this boundary).
                 ingest = None
@@ -810,22 +811,30 @@ def _renamed_state(state: Any, names: Sequence[str]) -> Any:
     return state
 
 
-def _as_list(value: Any, n: int, default: Any) -> list:
+def _as_list(value: Any, n: int, default: Any, key: str = "entry") -> list:
     """Per-sample values of a batch entry: ``n`` copies of a scalar (or ``default`` for ``None``);
-    a tensor is flattened first, so ``[B]`` and ``[B, 1]`` id tensors give the same ``B`` ids."""
+    a tensor is flattened first, so ``[B]`` and ``[B, 1]`` id tensors give the same ``B`` ids.
+    Any other length than ``n`` is a ``ValueError`` naming ``key`` and the batch size (one tag
+    too many would otherwise file every sample under its neighbour's task)."""
     if value is None:
         return [default] * n
     if torch.is_tensor(value):
         value = value.flatten().tolist() if value.dim() else value.item()
     if isinstance(value, (str, int)):
         return [value] * n
-    return list(value)
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(
+            f"batch[{key!r}] has {len(values)} entries for a batch of {n} samples (the batch size "
+            "of 'labels'): one per sample, in batch order"
+        )
+    return values
 
 
-def _task_names(value: Any, n: int, default: str) -> list[str]:
+def _task_names(value: Any, n: int, default: str, key: str = "task") -> list[str]:
     """Task tag of each of ``n`` samples: strings as given, integer tags (ints, integer tensors) as
     their decimal string (tag ``3`` is task ``"3"``); anything else is a clear error."""
-    names = _as_list(value, n, default)
+    names = _as_list(value, n, default, key)
     for k, name in enumerate(names):
         if isinstance(name, bool) or not isinstance(name, (str, int)):
             raise TypeError(
