@@ -195,3 +195,60 @@ def test_a_task_without_stored_samples_logs_no_qkov_values(tmp_path):
     empty = [m for m in _relayed(caught, "QKOVInterferenceMonitor") if "no stored samples for 'math'" in m]
     assert len(empty) == 1, _relayed(caught)  # two boundaries, one warning
     assert not [m for m in _relayed(caught) if "zero maps" in m]
+
+
+def test_callbacks_reused_for_a_new_fit_rebind_to_the_new_model_and_restart(tmp_path):
+    """Case 4. Before: reused for a second fit of a new model, the hooks stayed on the old model,
+    every boundary of the new fit counted as done (steps restart at 0), stale fisher/* values
+    and zero maps were logged ("steps must be strictly increasing", "no samples for task")."""
+    dm = SyntheticTasks(n_train=64, n_val=8, n_probe=8, batch_size=8)
+    fm = FisherMonitor(train_task="math", reference_tasks=["general"], capture_every_n_steps=2)
+    qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=5)
+    rm = ForgettingRiskMonitor(fm, reference_tasks=["general"])
+    first, second = TinyGPT(**TINY), TinyGPT(**TINY, seed=1)
+    _trainer(tmp_path, [fm, qm, rm]).fit(first, datamodule=dm)
+    once = (fm.captured_steps, list(rm.history["general"]["step"]), rm._baseline["general"])
+    assert once[:2] == (4, [4, 8])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _trainer(tmp_path, [fm, qm, rm])
+        trainer.fit(second, datamodule=dm)
+    assert not [m for m in _relayed(caught) if "strictly increasing" in m or "no samples" in m]
+    assert fm.collector.model is second and fm.captured_steps == 4  # this fit's steps only
+    assert rm.history["general"]["step"] == [4, 8] and len(rm.history["general"]["measured"]) == 2
+    assert rm._baseline["general"] != once[2]  # anchored on the new model
+    assert set(qm.latest) == {("general", "math")}
+    assert fm.collector.num_samples("math") == 4 * 8
+    assert not any(m._forward_hooks for m in first.modules())  # nothing left on the old model
+    assert "qkov/general_vs_math/Q/fisher_overlap" in trainer.callback_metrics
+
+
+class _NoAttention(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_entry_point_warns_and_stays_out_of_a_model_it_cannot_map(tmp_path, monkeypatch):
+    """Case 9. Before: with FISHER_CALLBACKS=1 any Trainer whose model had no mappable attention
+    died at setup."""
+    monkeypatch.setenv("FISHER_CALLBACKS", "1")
+    monkeypatch.setenv("FISHER_CALLBACKS_REFERENCE", "general")
+    data = DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _trainer(tmp_path, [], max_steps=3, limit_val_batches=0)
+        model = _NoAttention()
+        trainer.fit(model, data)
+    assert trainer.global_step == 3
+    fm = next(cb for cb in trainer.callbacks if isinstance(cb, FisherMonitor))
+    assert not fm.active
+    out = [m for m in _relayed(caught, "FisherMonitor") if "the suite stays out of this fit" in m]
+    assert len(out) == 1, _relayed(caught)
+    assert not any(m._forward_hooks for m in model.modules())

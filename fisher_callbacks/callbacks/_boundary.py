@@ -95,11 +95,36 @@ class BoundaryCallback(Callback, ABC):
 
     Subclasses implement ``_boundary(trainer, pl_module)``, put ``self._boundary_state()`` into
     their ``state_dict`` and call ``self._load_boundary_state(state)`` when loading it.
+
+    Lifecycle: one fit is one run. Subclasses call ``self._keep_arguments(locals())`` first in
+    ``__init__`` and ``self._begin_fit(stage)`` first in ``setup``: a callback object reused for
+    another ``fit`` (a new model, a new Trainer) restarts from its constructor arguments, so its
+    hooks, anchors, histories, step counters and stored samples are those of the new fit. A
+    resumed fit (``ckpt_path``) then loads its state from the checkpoint, as a new object would.
     """
 
     _boundary_step: int | None = None  # global step of the last boundary evaluated
     _pending_boundary: int | None = None  # restored: a boundary the checkpoint was written before
     _validates: bool = True
+    _arguments: dict[str, Any] | None = None  # the constructor's arguments (for a restart)
+    _fitted: bool = False  # a fit has been set up with this object
+
+    def _keep_arguments(self, args: dict[str, Any]) -> None:
+        self._arguments = {k: v for k, v in args.items() if k not in ("self", "__class__")}
+
+    def _begin_fit(self, stage: str) -> None:
+        """At ``setup``: a second fit with this object restarts it (see the class docstring)."""
+        if stage != "fit":
+            return
+        if self._fitted and self._arguments is not None:
+            self._restart()
+        self._fitted = True
+
+    def _restart(self) -> None:
+        """Back to the state right after construction (subclasses release hooks first)."""
+        arguments = self._arguments
+        self.__init__(**arguments)  # type: ignore[misc]
+        self._arguments = arguments
 
     @abstractmethod
     def _boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -143,6 +143,15 @@ class FisherMonitor(BoundaryCallback):
             go to the exact Fisher sums and the rows that the store keeps are sketched (or
             copied) on the spot. ``None``: as many samples as fit, for the largest
             monitored weight (2 MB on CPU, 64 MB on an accelerator).
+        required: ``False`` (what the ``FISHER_CALLBACKS=1`` entry point uses): a model whose
+            attention cannot be mapped, or a probe set without a loader, is one warning at
+            setup and the suite stays out of the fit (no hooks, no key logged) instead of an
+            error.
+
+    Lifecycle: a monitor reused for another ``fit`` re-binds to that fit's model and restarts
+    (hooks moved, collector, probe sets and counters new; see
+    :class:`~fisher_callbacks.callbacks._boundary.BoundaryCallback`); to continue a run, resume
+    it from its checkpoint.
 
     What is monitored: the Q/K/V/O weights that train. On a ``peft`` LoRA model those are the
     adapters (``lora_B`` rows of Q/K/V and ``lora_A`` columns of O per head, the other factor
@@ -178,8 +187,10 @@ class FisherMonitor(BoundaryCallback):
         sketch_dim: int = DEFAULT_SKETCH_DIM,
         min_samples_for_fisher: int = 10,
         capture_chunk: int | None = None,
+        required: bool = True,
     ) -> None:
         _check_arguments(locals())
+        self._keep_arguments(locals())
         self.train_task = train_task
         if isinstance(reference_tasks, Mapping):
             self.reference_tasks: dict[str, DataLoader | None] = dict(reference_tasks)
@@ -205,6 +216,7 @@ class FisherMonitor(BoundaryCallback):
         self.sketch_dim = sketch_dim
         self.min_samples_for_fisher = min_samples_for_fisher
         self.capture_chunk = capture_chunk
+        self.required = required
 
         self.log_loss = True  # the probe losses are cross-entropies (False: a regression head's MSE)
         self.layout: AttentionLayout | None = None
@@ -246,17 +258,39 @@ class FisherMonitor(BoundaryCallback):
     # ------------------------------------------------------------------ setup / teardown
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for task, loader in self.reference_tasks.items():
-            if loader is None:
-                self.reference_tasks[task] = _probe_loader(trainer, pl_module, task)
+        self._begin_fit(stage)
         if self.collector is not None:
             self.capture.attach()
             return
-        self.loss_type = self.loss_type or infer_loss_type(pl_module)
-        self._build(pl_module, self._resolve_layout(pl_module))
+        try:
+            for task, loader in self.reference_tasks.items():
+                if loader is None:
+                    self.reference_tasks[task] = _probe_loader(trainer, pl_module, task)
+            self.loss_type = self.loss_type or infer_loss_type(pl_module)
+            self._build(pl_module, self._resolve_layout(pl_module))
+        except Exception as err:
+            if self.required:
+                raise
+            self.layout = self.collector = self.capture = None
+            self._relay.warn(f"the suite stays out of this fit: {err}")
+            return
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the monitor is set up on a model (False before ``setup`` and when a monitor
+        with ``required=False`` stayed out of the fit)."""
+        return self.collector is not None
+
+    def _restart(self) -> None:
+        if self.capture is not None:
+            self.capture.remove()  # never leave hooks on the previous fit's model
+        relay = self._relay  # the other monitors hold views of it
+        super()._restart()
+        relay.reset()
+        self._relay = relay
 
     def _resolve_layout(self, pl_module: pl.LightningModule) -> AttentionLayout:
         """The layout of what trains now; warns once (per set of names) about frozen weights."""
@@ -760,6 +794,8 @@ def _check_arguments(args: Mapping[str, Any]) -> None:
     if args["loss_type"] is not None:
         check_choice("loss_type", args["loss_type"], LOSS_TYPES)
     check_choice("storage_dtype", args["storage_dtype"], (torch.float32, torch.bfloat16, torch.float16))
+    if not isinstance(args["required"], bool):
+        raise TypeError(f"required must be True or False, got {args['required']!r}")
     if args["include_bias"] is not None and not isinstance(args["include_bias"], bool):
         raise TypeError(f"include_bias must be True, False or None, got {args['include_bias']!r}")
 

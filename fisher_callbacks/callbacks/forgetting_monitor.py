@@ -195,6 +195,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         forecast_window: int = 8,
         early_probe_step: int | str | None = "auto",
     ) -> None:
+        self._keep_arguments(locals())
         check_number("warn_threshold", warn_threshold, low=0.0, low_open=True)
         check_number("stop_threshold", stop_threshold, low=0.0, low_open=True, optional=True)
         check_number("alert_wait_seconds", alert_wait_seconds, low=0.0)
@@ -265,6 +266,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._begin_fit(stage)
         self.fisher_monitor = find_fisher_monitor(trainer, self.fisher_monitor, type(self).__name__)
         self._relay = self.fisher_monitor._relay.view("ForgettingRiskMonitor")  # one record for the suite
         self._restrict_probe_grads()
@@ -280,6 +282,8 @@ class ForgettingRiskMonitor(BoundaryCallback):
     # ------------------------------------------------------------------ anchor
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.fisher_monitor.active:  # stayed out of this fit (see FisherMonitor.required)
+            return
         self.fisher_monitor.resolve(pl_module)  # names may have changed (compiled in setup)
         self._restrict_probe_grads()
         missing = [t for t in self.reference_tasks if t not in self.fisher_monitor.reference_tasks]

@@ -100,6 +100,7 @@ class QKOVInterferenceMonitor(BoundaryCallback):
         every_n_validations: int = 1,
         log_figures: bool = True,
     ) -> None:
+        self._keep_arguments(locals())
         check_metric_options(
             variant=variant,
             fisher=fisher,
@@ -139,6 +140,7 @@ class QKOVInterferenceMonitor(BoundaryCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._begin_fit(stage)
         self.fisher_monitor = find_fisher_monitor(trainer, self.fisher_monitor, type(self).__name__)
         self._relay = self.fisher_monitor._relay.view("QKOVInterferenceMonitor")  # one record for the suite
 
