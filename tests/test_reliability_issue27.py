@@ -252,3 +252,41 @@ def test_entry_point_warns_and_stays_out_of_a_model_it_cannot_map(tmp_path, monk
     out = [m for m in _relayed(caught, "FisherMonitor") if "the suite stays out of this fit" in m]
     assert len(out) == 1, _relayed(caught)
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def _suite(refs):
+    fm = FisherMonitor(train_task="math", reference_tasks=refs, capture_every_n_steps=2)
+    return fm, ForgettingRiskMonitor(fm, reference_tasks=refs)
+
+
+def test_adding_a_reference_task_on_resume_keeps_the_others_anchor_and_history(tmp_path):
+    """Case 6. Before: the state_key included reference_tasks, so adding one on resume reset the
+    original task's anchor (baseline 3.5102 -> 3.5236) and lost its history, with only
+    Lightning's generic "callbacks need to be provided" warning."""
+    dm = SyntheticTasks(n_train=64, n_val=8, n_probe=8, batch_size=8)
+    fm, rm = _suite(["general"])
+    model = TinyGPT(**TINY)
+    trainer = _trainer(tmp_path, [fm, rm])
+    trainer.fit(model, datamodule=dm)
+    ckpt = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(ckpt)
+    baseline, steps = rm._baseline["general"], list(rm.history["general"]["step"])
+    measured = list(rm.history["general"]["measured"])
+
+    fm2, rm2 = _suite(["general", "math"])
+    _trainer(tmp_path, [fm2, rm2], max_steps=12).fit(TinyGPT(**TINY), datamodule=dm, ckpt_path=ckpt)
+    assert rm2._baseline["general"] == baseline
+    assert rm2.history["general"]["step"] == [*steps, 12]
+    assert rm2.history["general"]["measured"][:2] == measured
+    assert rm2.history["math"]["step"] == [12]  # the added task, anchored at the resume (step 8)
+
+    # a checkpoint written under the old key (reference tasks in it) still resumes its state
+    state = torch.load(ckpt, weights_only=False)
+    callbacks = state["callbacks"]
+    callbacks["ForgettingRiskMonitor{'reference_tasks': ['general']}"] = callbacks.pop(rm.state_key)
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old)
+    fm3, rm3 = _suite(["general"])
+    _trainer(tmp_path, [fm3, rm3], max_steps=12).fit(TinyGPT(**TINY), datamodule=dm, ckpt_path=old)
+    assert rm3._baseline["general"] == baseline
+    assert rm3.history["general"]["step"] == [*steps, 12]

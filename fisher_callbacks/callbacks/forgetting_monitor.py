@@ -277,7 +277,16 @@ class ForgettingRiskMonitor(BoundaryCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(reference_tasks=self.reference_tasks)
+        # Not keyed by reference_tasks: adding or removing a task on resume keeps the others'
+        # anchors and history (state is per task inside).
+        return self._generate_state_key()
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        legacy = f"{type(self).__qualname__}{{'reference_tasks'"  # the key before issue 27
+        _adopt_legacy_state(checkpoint, self.state_key, legacy)
 
     # ------------------------------------------------------------------ anchor
     @override
@@ -315,6 +324,10 @@ class ForgettingRiskMonitor(BoundaryCallback):
                         self._relay.warn(f"no probe gradient for {task!r} at resume ({err!r})")
                         continue
                     self._prev_grad[task] = probe["grad"]
+            added = [t for t in self.reference_tasks if t not in self._baseline]
+            if added:  # watched since this resume: the others keep their anchors and history
+                self._relay.warn(f"{added} added at the resume: anchored there, not at the original anchor")
+                self._anchor_tasks(pl_module, added, trainer.global_step)
             self._fc_delta = _to(self._fc_delta, device)
             self._build_forecast(pl_module)
             self._relay.flush()
@@ -322,9 +335,16 @@ class ForgettingRiskMonitor(BoundaryCallback):
         params = dict(pl_module.named_parameters())
         self._anchor = {n: params[n].detach().clone() for n in layout.monitored_parameters()}
         self._prev = self._snapshot(pl_module)
-        for task in self.reference_tasks:
+        self._anchor_tasks(pl_module, self.reference_tasks, trainer.global_step)
+        self._relay.flush()
+        self._last_eval_step = self._fc_from = self._anchor_step = trainer.global_step
+        self._build_forecast(pl_module)
+
+    def _anchor_tasks(self, pl_module: pl.LightningModule, tasks: Sequence[str], step: int) -> None:
+        """Baseline loss, anchor Fisher, probe gradient and a new history of each of ``tasks``."""
+        for task in tasks:
             try:
-                probe = self.fisher_monitor.run_probe(pl_module, task, None, trainer.global_step)
+                probe = self.fisher_monitor.run_probe(pl_module, task, None, step)
             except Exception as err:
                 self._relay.warn(f"no anchor for {task!r} ({err!r}); not watched")
                 continue
@@ -337,9 +357,6 @@ class ForgettingRiskMonitor(BoundaryCallback):
             self._fc_anchor[task] = 0.0
             self._fc_rates.pop(task, None)
             self._fc_calib.pop(task, None)
-        self._relay.flush()
-        self._last_eval_step = self._fc_from = self._anchor_step = trainer.global_step
-        self._build_forecast(pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -950,6 +967,15 @@ class ForgettingRiskMonitor(BoundaryCallback):
         for task, acc in list(self._acc.items()):
             if task in self._acc_state:
                 acc.load_state_dict(self._acc_state.pop(task))
+
+
+def _adopt_legacy_state(checkpoint: dict, key: str, legacy_prefix: str) -> None:
+    """File the state saved under an older ``state_key`` (one that started with ``legacy_prefix``)
+    under ``key``, so that Lightning, which matches states by key, loads it."""
+    states = checkpoint.get("callbacks") or {}
+    legacy = [k for k in states if isinstance(k, str) and k.startswith(legacy_prefix)]
+    if key not in states and len(legacy) == 1:
+        states[key] = states[legacy[0]]
 
 
 def _positive_int(value: Any) -> bool:
