@@ -290,3 +290,42 @@ def test_adding_a_reference_task_on_resume_keeps_the_others_anchor_and_history(t
     _trainer(tmp_path, [fm3, rm3], max_steps=12).fit(TinyGPT(**TINY), datamodule=dm, ckpt_path=old)
     assert rm3._baseline["general"] == baseline
     assert rm3.history["general"]["step"] == [*steps, 12]
+
+
+class _WeightedLoss(TinyGPT):
+    """``training_step`` returns ``weight * loss`` (+ ``aux`` x a z-loss on the logits)."""
+
+    def __init__(self, weight: float = 1.0, aux: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.weight, self.aux = weight, aux
+
+    def training_step(self, batch, batch_idx):
+        out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return self.weight * out.loss + self.aux * out.logits.float().logsumexp(-1).square().mean()
+
+
+def _first_step_fisher(tmp_path, weight: float, aux: float = 0.0):
+    fm = FisherMonitor(train_task="math", capture_every_n_steps=1, ema_samples_per_step=0, store="exact")
+    train = _loader("math", 8, 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _trainer(tmp_path, [fm], max_steps=1, limit_val_batches=0)
+        trainer.fit(_WeightedLoss(weight, aux, **TINY), train)
+    checks = [m for m in _relayed(caught, "FisherMonitor") if "the training loss is" in m]
+    return fm, fm.collector.fisher("math"), checks
+
+
+def test_a_weighted_training_loss_is_rescaled_and_an_auxiliary_term_is_warned(tmp_path):
+    """Case 3. Before: ``return 0.5 * loss`` halved every stored per-sample gradient (Fisher 4x
+    too small) without a word; an auxiliary loss term went unnoticed too."""
+    plain_fm, plain, plain_checks = _first_step_fisher(tmp_path / "plain", 1.0)
+    assert plain_checks == [] and plain_fm.loss_factor == 1.0
+    half_fm, half, half_checks = _first_step_fisher(tmp_path / "half", 0.5)
+    assert len(half_checks) == 1 and "0.5 x the per-sample loss" in half_checks[0], half_checks
+    assert half_fm.loss_factor == pytest.approx(0.5, rel=1e-5)
+    for name, f in plain.items():
+        err = (half[name] - f).norm() / f.norm()
+        assert err <= 1e-5, (name, float(err))
+    aux_fm, _, aux_checks = _first_step_fisher(tmp_path / "aux", 1.0, aux=0.1)
+    assert len(aux_checks) == 1 and "explained by no per-sample loss" in aux_checks[0], aux_checks
+    assert aux_fm.loss_factor == 1.0

@@ -24,6 +24,7 @@ from ..capture import PerSampleGradientCapture, ProbeResult, probe_pass
 from ..fisher import FisherCollector, _collective_device
 from ..layouts import AttentionLayout, canonical_name
 from ..layouts.base import frozen_message
+from ..loss_check import FACTOR_TOL, RESIDUAL_TOL, LossCheck
 from ..losses import (
     LOSS_TYPES,
     REDUCTIONS,
@@ -147,6 +148,12 @@ class FisherMonitor(BoundaryCallback):
             attention cannot be mapped, or a probe set without a loader, is one warning at
             setup and the suite stays out of the fit (no hooks, no key logged) instead of an
             error.
+        check_loss: on flagged steps, check at the logits that the training loss is the
+            per-sample loss ``loss_reduction`` assumes (:mod:`fisher_callbacks.loss_check`): a
+            constant weight (``return 0.5 * loss``) is measured and divided out of every captured
+            gradient from that step on (``loss_factor``, one warning); any other difference (an
+            auxiliary term) is one warning. Costs one cross-entropy backward over the logits
+            per flagged step.
 
     Lifecycle: a monitor reused for another ``fit`` re-binds to that fit's model and restarts
     (hooks moved, collector, probe sets and counters new; see
@@ -188,6 +195,7 @@ class FisherMonitor(BoundaryCallback):
         min_samples_for_fisher: int = 10,
         capture_chunk: int | None = None,
         required: bool = True,
+        check_loss: bool = True,
     ) -> None:
         _check_arguments(locals())
         self._keep_arguments(locals())
@@ -217,6 +225,9 @@ class FisherMonitor(BoundaryCallback):
         self.min_samples_for_fisher = min_samples_for_fisher
         self.capture_chunk = capture_chunk
         self.required = required
+        self.check_loss = check_loss
+        self.loss_factor = 1.0  # training loss / assumed loss, measured on flagged steps
+        self._loss_check: LossCheck | None = None
 
         self.log_loss = True  # the probe losses are cross-entropies (False: a regression head's MSE)
         self.layout: AttentionLayout | None = None
@@ -391,12 +402,15 @@ class FisherMonitor(BoundaryCallback):
             samples = torch.randperm(size, generator=self._rng.generator)[:k].sort().values
         else:
             return
-        scale = reduction_scale(
-            batch["labels"],
-            self.loss_type,
-            self.loss_reduction,
-            accumulate_grad_batches=trainer.accumulate_grad_batches,
-            loss_scale=_loss_scale(trainer),  # the scale this step's backward will use
+        scale = (
+            reduction_scale(
+                batch["labels"],
+                self.loss_type,
+                self.loss_reduction,
+                accumulate_grad_batches=trainer.accumulate_grad_batches,
+                loss_scale=_loss_scale(trainer),  # the scale this step's backward will use
+            )
+            / self.loss_factor
         )
         rows = torch.arange(size) if samples is None else samples
         flagged = samples is None
@@ -417,6 +431,48 @@ class FisherMonitor(BoundaryCallback):
             return
         self._pending = {"flagged": flagged, "ema": ema, "ingest": ingest, "step": step}
         self.capture.arm(samples, scale=scale[rows], sink=ingest, chunk=self._chunk(rows.numel()))
+        if flagged and self.check_loss:
+            self._arm_loss_check(pl_module, batch["labels"], scale)
+
+    def _arm_loss_check(
+        self, pl_module: pl.LightningModule, labels: torch.Tensor, scale: torch.Tensor
+    ) -> None:
+        """Hook the logits of this flagged step's forward (see :mod:`fisher_callbacks.loss_check`);
+        not under ``torch.compile`` (a hook added per step would recompile the model)."""
+        self._remove_loss_check()
+        names = [n for n, _ in pl_module.named_modules()]
+        if any("_orig_mod" in n for n in names):
+            return
+        try:
+            module = _forward_module(pl_module)
+        except TypeError:
+            return
+        self._loss_check = LossCheck(module, labels, self.loss_type, scale, self._loss_checked)
+
+    def _remove_loss_check(self) -> None:
+        if self._loss_check is not None:
+            self._loss_check.remove()
+            self._loss_check = None
+
+    def _loss_checked(self, factor: float, residual: float) -> None:
+        """Inside the backward, before the monitored projections: rescale or warn."""
+        if not math.isfinite(factor) or self.capture is None:
+            return
+        if residual > RESIDUAL_TOL:
+            self._relay.warn(
+                f"the training loss is not the per-sample loss that loss_reduction="
+                f"{self.loss_reduction!r} assumes: {residual:.0%} of its gradient at the logits is "
+                "explained by no per-sample loss (an auxiliary term? label smoothing?); the "
+                "captured per-sample gradients include that part"
+            )
+        elif abs(factor - 1.0) > FACTOR_TOL:
+            self.capture.rescale(1.0 / factor)
+            self.loss_factor *= factor
+            self._relay.warn(
+                f"the training loss is {self.loss_factor:.4g} x the per-sample loss that "
+                f"loss_reduction={self.loss_reduction!r} assumes (a weighted loss?): captured "
+                f"gradients are divided by {self.loss_factor:.4g} from this step on"
+            )
 
     def _chunk(self, captured: int) -> int:
         """Samples per chunk in the hooks: ``capture_chunk``, or as many as fit in 2 MB on CPU
@@ -432,6 +488,7 @@ class FisherMonitor(BoundaryCallback):
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
+        self._remove_loss_check()
         if pending is None or self.capture is None or not self.capture.armed:
             return
         try:
@@ -470,6 +527,7 @@ class FisherMonitor(BoundaryCallback):
         # A step that never reached backward (skipped by the module) must not leave hooks armed.
         if self.capture is not None and self.capture.armed:
             self.capture.disarm()
+        self._remove_loss_check()
         self._pending = None
 
     # ------------------------------------------------------------------ validation boundary
@@ -734,6 +792,7 @@ class FisherMonitor(BoundaryCallback):
             "skipped_steps": self.skipped_steps,
             "captured_steps": self.captured_steps,
             "ema_updates": self.ema_updates,
+            "loss_factor": self.loss_factor,
             "generator": self._rng.get_state(),
             "probe_batches": self._probe_batches,
             **self._boundary_state(),
@@ -758,6 +817,7 @@ class FisherMonitor(BoundaryCallback):
         self.skipped_steps = state.get("skipped_steps", 0)
         self.captured_steps = state.get("captured_steps", 0)
         self.ema_updates = state.get("ema_updates", 0)
+        self.loss_factor = float(state.get("loss_factor", 1.0))
         if "generator" in state:
             self._rng.set_state(state["generator"])
         self._probe_batches = dict(state.get("probe_batches", {}))
@@ -794,8 +854,9 @@ def _check_arguments(args: Mapping[str, Any]) -> None:
     if args["loss_type"] is not None:
         check_choice("loss_type", args["loss_type"], LOSS_TYPES)
     check_choice("storage_dtype", args["storage_dtype"], (torch.float32, torch.bfloat16, torch.float16))
-    if not isinstance(args["required"], bool):
-        raise TypeError(f"required must be True or False, got {args['required']!r}")
+    for name in ("required", "check_loss", "checkpoint_store"):
+        if not isinstance(args[name], bool):
+            raise TypeError(f"{name} must be True or False, got {args[name]!r}")
     if args["include_bias"] is not None and not isinstance(args["include_bias"], bool):
         raise TypeError(f"include_bias must be True, False or None, got {args['include_bias']!r}")
 

@@ -1,0 +1,97 @@
+"""Is the training loss the per-sample mean loss that the capture assumes? Checked at the logits.
+
+The capture turns each sample's share of the training gradient into the gradient of its own mean
+loss with factors ``s_i`` from the labels and ``loss_reduction``
+(:func:`~fisher_callbacks.losses.reduction_scale`). That holds only when the loss backpropagated
+is ``L = sum_i l_i / s_i``. A ``training_step`` that returns ``0.5 * loss`` halves every captured
+gradient (the Fisher 4x too small); an auxiliary term (a z-loss, label smoothing, a distillation
+term) adds gradient that no per-sample loss explains.
+
+On a flagged step :class:`LossCheck` compares, at the model's logits, the gradient ``G`` that
+the training backward brings with the gradient ``A`` of the assumed loss (``[B, T, V]``, from one
+cross-entropy backward over the detached logits at the forward). The logits' gradient arrives
+before the backward reaches any monitored projection, so a correction applies to the very
+backward it was measured on. :func:`loss_factor` gives ``c = <G, A> / <A, A>`` and the residual
+``r = ||G - c A|| / ||G||``: ``r`` small means the loss is ``c`` times the assumed one (a
+constant weight, rescaled by the caller); otherwise a term is there that no per-sample loss
+explains (the caller warns). A term that bypasses the logits (a penalty on the weights
+themselves) is outside this check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+
+from .losses import LossType, per_sample_loss
+
+# ``r`` below this: the training loss is a constant multiple of the assumed one (fp32 exact runs
+# give r ~ 1e-7; bf16 logits round their gradient by ~1e-2 of its size).
+RESIDUAL_TOL = 0.05
+# ``|c - 1|`` below this is not rescaled (a 1% weight changes the Fisher by 2%).
+FACTOR_TOL = 1e-2
+
+
+def loss_factor(grad: torch.Tensor, assumed: torch.Tensor) -> tuple[float, float]:
+    """``(c, r)``: the least-squares factor ``c`` with ``grad ~ c * assumed`` and the relative
+    residual ``||grad - c assumed|| / ||grad||`` (fp64 reductions); ``(nan, nan)`` when either is
+    zero or not finite (no target token, an AMP overflow)."""
+    g, a = grad.detach().double().flatten(), assumed.detach().double().flatten().to(grad.device)
+    aa, gg = float(a @ a), float(g @ g)
+    if not (aa > 0 and gg > 0 and math.isfinite(aa) and math.isfinite(gg)):
+        return math.nan, math.nan
+    c = float(g @ a) / aa
+    return c, math.sqrt(max(gg - c * c * aa, 0.0) / gg)
+
+
+class LossCheck:
+    """Measures :func:`loss_factor` of one training step at the logits of ``module``.
+
+    Args:
+        module: the module whose output holds the logits (a Hugging Face model: ``.logits``).
+        labels: the batch's labels (``[B, T]`` or ``[B]``).
+        loss_type: the per-sample loss.
+        scale: ``[B]`` the capture's factors ``s_i`` (0: no target; left out).
+        on_result: called with ``(c, r)`` during the backward, before any monitored projection's
+            gradient; ``(nan, nan)`` when the step cannot be judged (the module ran twice with
+            gradients, or its output has no logits of the batch).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        labels: torch.Tensor,
+        loss_type: LossType,
+        scale: torch.Tensor,
+        on_result: Callable[[float, float], None],
+    ) -> None:
+        self.labels, self.loss_type, self.on_result = labels, loss_type, on_result
+        self.scale = scale
+        self.calls = 0
+        self._handle = module.register_forward_hook(self._forward)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def _forward(self, module: nn.Module, inputs, output) -> None:
+        logits = getattr(output, "logits", output)
+        if not torch.is_tensor(logits) or not logits.requires_grad:
+            return  # e.g. a teacher forward under no_grad
+        self.calls += 1
+        if self.calls > 1 or logits.dim() < 2 or logits.shape[0] != self.labels.shape[0]:
+            return
+        device = logits.device.type
+        with torch.enable_grad(), torch.autocast(device_type=device, enabled=False):
+            z = logits.detach().float().requires_grad_()  # [B, T, V] or [B, C]
+            losses, _ = per_sample_loss(z, self.labels.to(z.device), self.loss_type)  # [B]
+            s = self.scale.to(z.device).double()
+            weight = torch.where(s > 0, 1.0 / s.clamp_min(1e-30), torch.zeros_like(s)).float()
+            (assumed,) = torch.autograd.grad((losses * weight).sum(), z)
+        logits.register_hook(partial(self._backward, assumed))
+
+    def _backward(self, assumed: torch.Tensor, grad: torch.Tensor) -> None:
+        self.on_result(*((math.nan, math.nan) if self.calls > 1 else loss_factor(grad, assumed)))
