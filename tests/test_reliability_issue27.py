@@ -329,3 +329,20 @@ def test_a_weighted_training_loss_is_rescaled_and_an_auxiliary_term_is_warned(tm
     aux_fm, _, aux_checks = _first_step_fisher(tmp_path / "aux", 1.0, aux=0.1)
     assert len(aux_checks) == 1 and "explained by no per-sample loss" in aux_checks[0], aux_checks
     assert aux_fm.loss_factor == 1.0
+
+
+def test_a_metric_failing_at_a_boundary_is_a_warning_and_no_key_not_a_dead_run(tmp_path):
+    """Case 8, the boundary side. Before: the metric was built outside the per-pair error
+    handling, so a setting it rejects killed the fit at the first boundary."""
+    dm = SyntheticTasks(n_train=64, n_val=8, n_probe=8, batch_size=8)
+    fm = FisherMonitor(train_task="math", reference_tasks=["general"], capture_every_n_steps=2)
+    qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=5)
+    qm.p_value = "exact"  # past the constructor's check: what a failing metric looks like
+    trainer = _trainer(tmp_path, [fm, qm])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyGPT(**TINY), datamodule=dm)
+    assert trainer.global_step == 8
+    failed = [m for m in _relayed(caught, "QKOVInterferenceMonitor") if "general vs math failed" in m]
+    assert len(failed) == 1 and "p_value" in failed[0], _relayed(caught)
+    assert not [k for k in trainer.callback_metrics if k.startswith("qkov/")]

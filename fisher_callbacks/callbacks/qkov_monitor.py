@@ -243,8 +243,9 @@ class QKOVInterferenceMonitor(BoundaryCallback):
                 layer, head = divmod(flat, cos.shape[1])
                 worst = (float(cos.min()), int(res["layers"][layer]), int(res["heads"][head]))
         values[f"{prefix}/n_significant"] = float(n_sig_total)
-        values[f"{prefix}/most_conflicting_layer"] = float(worst[1])
-        values[f"{prefix}/most_conflicting_head"] = float(worst[2])
+        if math.isfinite(worst[0]):  # no measured cosine: no "layer 0" that reads as a finding
+            values[f"{prefix}/most_conflicting_layer"] = float(worst[1])
+            values[f"{prefix}/most_conflicting_head"] = float(worst[2])
         finite = {name: value for name, value in values.items() if np.isfinite(value)}
         log_metrics(trainer, pl_module, finite, rank_zero_only=rank_zero)
 
