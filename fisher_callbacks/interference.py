@@ -206,7 +206,7 @@ def check_metric_options(
     check_number("fdr_alpha", fdr_alpha, low=0.0, high=1.0, low_open=True)
     check_number("n_permutations", n_permutations, low=1, integer=True)
     check_number("max_permutations", max_permutations, low=1, integer=True, optional=True)
-    check_number("min_conflict_effect_size", min_conflict_effect_size, low=0.0)
+    check_number("min_conflict_effect_size", min_conflict_effect_size)  # -inf: the filter off
     check_number("top_k", top_k, low=0, integer=True)
     check_number("max_chunk_elements", max_chunk_elements, low=1, integer=True)
 

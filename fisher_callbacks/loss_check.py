@@ -8,8 +8,8 @@ gradient (the Fisher 4x too small); an auxiliary term (a z-loss, label smoothing
 term) adds gradient that no per-sample loss explains.
 
 On a flagged step :class:`LossCheck` compares, at the model's logits, the gradient ``G`` that
-the training backward brings with the gradient ``A`` of the assumed loss (``[B, T, V]``, from one
-cross-entropy backward over the detached logits at the forward). The logits' gradient arrives
+the training backward brings with the gradient ``A`` of the assumed loss (one cross-entropy
+backward over the detached logits, a few samples at a time). The logits' gradient arrives
 before the backward reaches any monitored projection, so a correction applies to the very
 backward it was measured on. :func:`loss_factor` gives ``c = <G, A> / <A, A>`` and the residual
 ``r = ||G - c A|| / ||G||``: ``r`` small means the loss is ``c`` times the assumed one (a
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 
 import torch
 from torch import nn
@@ -38,18 +37,27 @@ FACTOR_TOL = 1e-2
 
 def loss_factor(grad: torch.Tensor, assumed: torch.Tensor) -> tuple[float, float]:
     """``(c, r)``: the least-squares factor ``c`` with ``grad ~ c * assumed`` and the relative
-    residual ``||grad - c assumed|| / ||grad||`` (fp64 reductions); ``(nan, nan)`` when either is
-    zero or not finite (no target token, an AMP overflow)."""
-    g, a = grad.detach().double().flatten(), assumed.detach().double().flatten().to(grad.device)
-    aa, gg = float(a @ a), float(g @ g)
-    if not (aa > 0 and gg > 0 and math.isfinite(aa) and math.isfinite(gg)):
+    residual ``||grad - c assumed|| / ||grad||``; ``(nan, nan)`` when either is zero or not
+    finite (no target token, an AMP overflow)."""
+    g, a = grad.detach().double(), assumed.detach().double().to(grad.device)
+    return _factor(float((g * a).sum()), float((a * a).sum()), float((g * g).sum()))
+
+
+def _factor(ga: float, aa: float, gg: float) -> tuple[float, float]:
+    """:func:`loss_factor` from the three inner products ``<G, A>``, ``<A, A>``, ``<G, G>``."""
+    if not (aa > 0 and gg > 0 and math.isfinite(aa) and math.isfinite(gg) and math.isfinite(ga)):
         return math.nan, math.nan
-    c = float(g @ a) / aa
+    c = ga / aa
     return c, math.sqrt(max(gg - c * c * aa, 0.0) / gg)
 
 
 class LossCheck:
     """Measures :func:`loss_factor` of one training step at the logits of ``module``.
+
+    Nothing is kept between the forward and the backward but a reference to the logits (no
+    copy, dropped as soon as the backward has reached them); in the backward the assumed
+    gradient is made a few samples at a time (``chunk_bytes`` of fp32 logits), so the check's
+    memory is one chunk, not ``[B, T, V]``.
 
     Args:
         module: the module whose output holds the logits (a Hugging Face model: ``.logits``).
@@ -58,7 +66,8 @@ class LossCheck:
         scale: ``[B]`` the capture's factors ``s_i`` (0: no target; left out).
         on_result: called with ``(c, r)`` during the backward, before any monitored projection's
             gradient; ``(nan, nan)`` when the step cannot be judged (the module ran twice with
-            gradients, or its output has no logits of the batch).
+            gradients).
+        chunk_bytes: fp32 logits per chunk of the assumed gradient.
     """
 
     def __init__(
@@ -68,10 +77,12 @@ class LossCheck:
         loss_type: LossType,
         scale: torch.Tensor,
         on_result: Callable[[float, float], None],
+        chunk_bytes: int = 32 * 2**20,
     ) -> None:
         self.labels, self.loss_type, self.on_result = labels, loss_type, on_result
-        self.scale = scale
+        self.scale, self.chunk_bytes = scale, chunk_bytes
         self.calls = 0
+        self._logits: torch.Tensor | None = None
         self._handle = module.register_forward_hook(self._forward)
 
     def remove(self) -> None:
@@ -82,16 +93,28 @@ class LossCheck:
         if not torch.is_tensor(logits) or not logits.requires_grad:
             return  # e.g. a teacher forward under no_grad
         self.calls += 1
-        if self.calls > 1 or logits.dim() < 2 or logits.shape[0] != self.labels.shape[0]:
-            return
-        device = logits.device.type
-        with torch.enable_grad(), torch.autocast(device_type=device, enabled=False):
-            z = logits.detach().float().requires_grad_()  # [B, T, V] or [B, C]
-            losses, _ = per_sample_loss(z, self.labels.to(z.device), self.loss_type)  # [B]
-            s = self.scale.to(z.device).double()
-            weight = torch.where(s > 0, 1.0 / s.clamp_min(1e-30), torch.zeros_like(s)).float()
-            (assumed,) = torch.autograd.grad((losses * weight).sum(), z)
-        logits.register_hook(partial(self._backward, assumed))
+        if self.calls == 1 and logits.dim() >= 2 and logits.shape[0] == self.labels.shape[0]:
+            self._logits = logits.detach()
+            logits.register_hook(self._backward)
 
-    def _backward(self, assumed: torch.Tensor, grad: torch.Tensor) -> None:
-        self.on_result(*((math.nan, math.nan) if self.calls > 1 else loss_factor(grad, assumed)))
+    def _backward(self, grad: torch.Tensor) -> None:
+        logits, self._logits = self._logits, None
+        if self.calls > 1 or logits is None:
+            self.on_result(math.nan, math.nan)
+            return
+        s = self.scale.to(logits.device).double()
+        weight = torch.where(s > 0, 1.0 / s.clamp_min(1e-30), torch.zeros_like(s)).float()  # [B]
+        labels = self.labels.to(logits.device)
+        step = max(1, self.chunk_bytes // max(logits[0].numel() * 4, 1))
+        ga = aa = gg = 0.0
+        with torch.enable_grad(), torch.autocast(device_type=logits.device.type, enabled=False):
+            for start in range(0, logits.shape[0], step):
+                end = min(start + step, logits.shape[0])
+                z = logits[start:end].float().requires_grad_()  # [b, T, V] or [b, C]
+                losses, _ = per_sample_loss(z, labels[start:end], self.loss_type)  # [b]
+                (a,) = torch.autograd.grad((losses * weight[start:end]).sum(), z)
+                g = grad[start:end].float()
+                ga += float((g.double() * a.double()).sum())
+                aa += float(a.double().square().sum())
+                gg += float(g.double().square().sum())
+        self.on_result(*_factor(ga, aa, gg))
