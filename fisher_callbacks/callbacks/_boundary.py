@@ -96,7 +96,7 @@ class BoundaryCallback(Callback, ABC):
     Subclasses implement ``_boundary(trainer, pl_module)``, put ``self._boundary_state()`` into
     their ``state_dict`` and call ``self._load_boundary_state(state)`` when loading it.
 
-    Lifecycle: one fit is one run. Subclasses call ``self._keep_arguments(locals())`` first in
+    Lifecycle: one fit is one run. Subclasses call ``self._keep_arguments(Cls, locals())`` first in
     ``__init__`` and ``self._begin_fit(stage)`` first in ``setup``: a callback object reused for
     another ``fit`` (a new model, a new Trainer) restarts from its constructor arguments, so its
     hooks, anchors, histories, step counters and stored samples are those of the new fit. A
@@ -106,11 +106,12 @@ class BoundaryCallback(Callback, ABC):
     _boundary_step: int | None = None  # global step of the last boundary evaluated
     _pending_boundary: int | None = None  # restored: a boundary the checkpoint was written before
     _validates: bool = True
-    _arguments: dict[str, Any] | None = None  # the constructor's arguments (for a restart)
+    _arguments: tuple[type, dict[str, Any]] | None = None  # (class, its __init__'s arguments)
     _fitted: bool = False  # a fit has been set up with this object
 
-    def _keep_arguments(self, args: dict[str, Any]) -> None:
-        self._arguments = {k: v for k, v in args.items() if k not in ("self", "__class__")}
+    def _keep_arguments(self, owner: type, args: dict[str, Any]) -> None:
+        """Record ``owner.__init__``'s arguments (``locals()`` at its top) for :meth:`_restart`."""
+        self._arguments = (owner, {k: v for k, v in args.items() if k not in ("self", "__class__")})
 
     def _begin_fit(self, stage: str) -> None:
         """At ``setup``: a second fit with this object restarts it (see the class docstring)."""
@@ -122,9 +123,8 @@ class BoundaryCallback(Callback, ABC):
 
     def _restart(self) -> None:
         """Back to the state right after construction (subclasses release hooks first)."""
-        arguments = self._arguments
-        self.__init__(**arguments)  # type: ignore[misc]
-        self._arguments = arguments
+        owner, arguments = self._arguments
+        owner.__init__(self, **arguments)
 
     @abstractmethod
     def _boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -198,7 +198,7 @@ class FisherMonitor(BoundaryCallback):
         check_loss: bool = True,
     ) -> None:
         _check_arguments(locals())
-        self._keep_arguments(locals())
+        self._keep_arguments(FisherMonitor, locals())
         self.train_task = train_task
         if isinstance(reference_tasks, Mapping):
             self.reference_tasks: dict[str, DataLoader | None] = dict(reference_tasks)

@@ -195,7 +195,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         forecast_window: int = 8,
         early_probe_step: int | str | None = "auto",
     ) -> None:
-        self._keep_arguments(locals())
+        self._keep_arguments(ForgettingRiskMonitor, locals())
         check_number("warn_threshold", warn_threshold, low=0.0, low_open=True)
         check_number("stop_threshold", stop_threshold, low=0.0, low_open=True, optional=True)
         check_number("alert_wait_seconds", alert_wait_seconds, low=0.0)

@@ -100,7 +100,7 @@ class QKOVInterferenceMonitor(BoundaryCallback):
         every_n_validations: int = 1,
         log_figures: bool = True,
     ) -> None:
-        self._keep_arguments(locals())
+        self._keep_arguments(QKOVInterferenceMonitor, locals())
         check_metric_options(
             variant=variant,
             fisher=fisher,
