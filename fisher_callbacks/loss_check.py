@@ -14,8 +14,12 @@ before the backward reaches any monitored projection, so a correction applies to
 backward it was measured on. :func:`loss_factor` gives ``c = <G, A> / <A, A>`` and the residual
 ``r = ||G - c A|| / ||G||``: ``r`` small means the loss is ``c`` times the assumed one (a
 constant weight, rescaled by the caller); otherwise a term is there that no per-sample loss
-explains (the caller warns). A term that bypasses the logits (a penalty on the weights
-themselves) is outside this check.
+explains (the caller warns).
+
+A term that bypasses the logits AND the projections' outputs (a penalty on the weights
+themselves) is invisible there; :class:`CapturedSum` catches it: the captured per-sample
+gradients, summed back with ``1 / s_i``, are the weights' ``.grad`` unless such a term exists.
+(That comparison cannot see a constant weight: the hooks see the weighted backward too.)
 """
 
 from __future__ import annotations
@@ -118,3 +122,47 @@ class LossCheck:
                 aa += float(a.double().square().sum())
                 gg += float(g.double().square().sum())
         self.on_result(*_factor(ga, aa, gg))
+
+
+class CapturedSum:
+    """A :class:`~fisher_callbacks.capture.GradientSink` in front of another that also sums each
+    parameter's captured per-sample gradients back into the batch gradient the hooks saw.
+
+    ``weight`` ``[n]`` turns a captured gradient ``g_i`` back into sample ``i``'s share of the
+    training gradient (``1 / s_i``; 0 for a sample without target). Without a loss term that
+    bypasses the projections' outputs, ``sum_i weight_i g_i`` IS the weight's ``.grad`` from this
+    backward; :meth:`residual` measures how far it is (one dot product per parameter).
+
+    Args:
+        sink: the sink the gradients go on to.
+        weight: ``[n]`` per captured sample.
+    """
+
+    def __init__(self, sink, weight: torch.Tensor) -> None:
+        self.sink, self.weight = sink, weight.float()
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def head_major(self, name: str):
+        return self.sink.head_major(name)
+
+    def __call__(self, name: str, grad: torch.Tensor, start: int) -> None:
+        m = grad.shape[0]
+        w = self.weight[start : start + m].to(grad.device, grad.dtype).view(-1, *[1] * (grad.dim() - 1))
+        part = (grad * w).sum(0)  # [*row shape]
+        self.sums[name] = part if name not in self.sums else self.sums[name] + part
+        self.sink(name, grad, start)
+
+    def residual(self, grads: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """:func:`loss_factor` of ``grads`` (``{name: .grad}``) against the captured sums, over
+        every parameter present in both: ``(~1, r)``, ``r`` the share of ``.grad`` that did not
+        pass through the hooks."""
+        ga = aa = gg = 0.0
+        for name, s in self.sums.items():
+            g = grads.get(name)
+            if g is None:
+                continue
+            layout = self.head_major(name)
+            s = (layout.to_natural(s) if layout is not None else s).double()  # [*param shape]
+            g = g.detach().double()
+            ga, aa, gg = ga + float((g * s).sum()), aa + float(s.square().sum()), gg + float(g.square().sum())
+        return _factor(ga, aa, gg)

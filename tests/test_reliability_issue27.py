@@ -293,25 +293,30 @@ def test_adding_a_reference_task_on_resume_keeps_the_others_anchor_and_history(t
 
 
 class _WeightedLoss(TinyGPT):
-    """``training_step`` returns ``weight * loss`` (+ ``aux`` x a z-loss on the logits)."""
+    """``training_step`` returns ``weight * loss`` (+ ``aux`` x a z-loss on the logits, +
+    ``penalty`` x an L2 penalty on the attention weights)."""
 
-    def __init__(self, weight: float = 1.0, aux: float = 0.0, **kwargs) -> None:
+    def __init__(self, weight: float = 1.0, aux: float = 0.0, penalty: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.weight, self.aux = weight, aux
+        self.weight, self.aux, self.penalty = weight, aux, penalty
 
     def training_step(self, batch, batch_idx):
         out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return self.weight * out.loss + self.aux * out.logits.float().logsumexp(-1).square().mean()
+        loss = self.weight * out.loss + self.aux * out.logits.float().logsumexp(-1).square().mean()
+        if self.penalty:
+            attn = [p for n, p in self.named_parameters() if "attn" in n and n.endswith("weight")]
+            loss = loss + self.penalty * sum(p.square().sum() for p in attn)
+        return loss
 
 
-def _first_step_fisher(tmp_path, weight: float, aux: float = 0.0):
+def _first_step_fisher(tmp_path, weight: float, aux: float = 0.0, penalty: float = 0.0):
     fm = FisherMonitor(train_task="math", capture_every_n_steps=1, ema_samples_per_step=0, store="exact")
     train = _loader("math", 8, 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = _trainer(tmp_path, [fm], max_steps=1, limit_val_batches=0)
-        trainer.fit(_WeightedLoss(weight, aux, **TINY), train)
-    checks = [m for m in _relayed(caught, "FisherMonitor") if "the training loss is" in m]
+        trainer.fit(_WeightedLoss(weight, aux, penalty, **TINY), train)
+    checks = [m for m in _relayed(caught, "FisherMonitor") if "the training loss is" in m or ".grad" in m]
     return fm, fm.collector.fisher("math"), checks
 
 
@@ -329,6 +334,8 @@ def test_a_weighted_training_loss_is_rescaled_and_an_auxiliary_term_is_warned(tm
     aux_fm, _, aux_checks = _first_step_fisher(tmp_path / "aux", 1.0, aux=0.1)
     assert len(aux_checks) == 1 and "explained by no per-sample loss" in aux_checks[0], aux_checks
     assert aux_fm.loss_factor == 1.0
+    _, _, penalty_checks = _first_step_fisher(tmp_path / "penalty", 1.0, penalty=1.0)
+    assert len(penalty_checks) == 1 and "does not come through their outputs" in penalty_checks[0]
 
 
 def test_a_metric_failing_at_a_boundary_is_a_warning_and_no_key_not_a_dead_run(tmp_path):

@@ -24,7 +24,7 @@ from ..capture import PerSampleGradientCapture, ProbeResult, probe_pass
 from ..fisher import FisherCollector, _collective_device
 from ..layouts import AttentionLayout, canonical_name
 from ..layouts.base import frozen_message
-from ..loss_check import FACTOR_TOL, RESIDUAL_TOL, LossCheck
+from ..loss_check import FACTOR_TOL, RESIDUAL_TOL, CapturedSum, LossCheck
 from ..losses import (
     LOSS_TYPES,
     REDUCTIONS,
@@ -153,7 +153,9 @@ class FisherMonitor(BoundaryCallback):
             constant weight (``return 0.5 * loss``) is measured and divided out of every captured
             gradient from that step on (``loss_factor``, one warning); any other difference (an
             auxiliary term) is one warning. Costs one cross-entropy backward over the logits
-            per flagged step.
+            per flagged step. On the first flagged step of a fit the monitored weights'
+            ``.grad`` is also compared with the sum of the captured per-sample gradients: a
+            penalty on the weights themselves is one warning.
 
     Lifecycle: a monitor reused for another ``fit`` re-binds to that fit's model and restarts
     (hooks moved, collector, probe sets and counters new; see
@@ -228,6 +230,8 @@ class FisherMonitor(BoundaryCallback):
         self.check_loss = check_loss
         self.loss_factor = 1.0  # training loss / assumed loss, measured on flagged steps
         self._loss_check: LossCheck | None = None
+        self._captured: CapturedSum | None = None  # this step's captured sums, for the .grad check
+        self._grad_checked = False  # the .grad check runs once per fit
 
         self.log_loss = True  # the probe losses are cross-entropies (False: a regression head's MSE)
         self.layout: AttentionLayout | None = None
@@ -430,7 +434,14 @@ class FisherMonitor(BoundaryCallback):
             self._fail_once(f"per-sample capture failed at step {step}: {err!r}")
             return
         self._pending = {"flagged": flagged, "ema": ema, "ingest": ingest, "step": step}
-        self.capture.arm(samples, scale=scale[rows], sink=ingest, chunk=self._chunk(rows.numel()))
+        sink, self._captured = ingest, None
+        # .grad holds this backward alone: first micro-batch, automatic optimization, one process
+        # (DDP averages .grad during the backward)
+        alone = ema and pl_module.automatic_optimization and not distributed()
+        if flagged and alone and self.check_loss and not self._grad_checked:
+            weight = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
+            sink = self._captured = CapturedSum(ingest, weight)
+        self.capture.arm(samples, scale=scale[rows], sink=sink, chunk=self._chunk(rows.numel()))
         if flagged and self.check_loss:
             self._arm_loss_check(pl_module, batch["labels"], scale)
 
@@ -468,6 +479,8 @@ class FisherMonitor(BoundaryCallback):
         elif abs(factor - 1.0) > FACTOR_TOL:
             self.capture.rescale(1.0 / factor)
             self.loss_factor *= factor
+            if self._captured is not None:
+                self._captured.weight *= factor  # 1 / s_i follows the rescaled s_i
             self._relay.warn(
                 f"the training loss is {self.loss_factor:.4g} x the per-sample loss that "
                 f"loss_reduction={self.loss_reduction!r} assumes (a weighted loss?): captured "
@@ -493,10 +506,31 @@ class FisherMonitor(BoundaryCallback):
             return
         try:
             self._ingest(trainer, pending)
+            self._check_grad(pl_module)
         except Exception as err:
             self._fail_once(f"per-sample capture failed at step {pending['step']}: {err!r}")
         finally:
             self.capture.disarm()
+            self._captured = None
+
+    def _check_grad(self, pl_module: pl.LightningModule) -> None:
+        """Once per fit: the monitored weights' ``.grad`` against the sum of the captured
+        per-sample gradients (one dot product per projection): a loss term that bypasses the
+        projections' outputs (a penalty on the weights themselves) is one warning."""
+        captured, self._captured = self._captured, None
+        if captured is None or not captured.sums:
+            return
+        params = dict(pl_module.named_parameters())
+        _, residual = captured.residual({n: params[n].grad for n in captured.sums if n in params})
+        if not math.isfinite(residual):
+            return  # a non-finite step: try the next flagged one
+        self._grad_checked = True
+        if residual > RESIDUAL_TOL:
+            self._relay.warn(
+                f"{residual:.0%} of the monitored weights' .grad does not come through their "
+                "outputs (a loss term on the weights themselves: an L2 or EWC penalty?); the "
+                "captured per-sample gradients leave it out"
+            )
 
     def _ingest(self, trainer: pl.Trainer, pending: dict[str, Any]) -> None:
         """File what the hooks handed to the step's ingest (or drop it: non-finite step)."""
@@ -528,6 +562,7 @@ class FisherMonitor(BoundaryCallback):
         if self.capture is not None and self.capture.armed:
             self.capture.disarm()
         self._remove_loss_check()
+        self._captured = None
         self._pending = None
 
     # ------------------------------------------------------------------ validation boundary
