@@ -454,10 +454,9 @@ class FisherMonitor(BoundaryCallback):
         names = [n for n, _ in pl_module.named_modules()]
         if any("_orig_mod" in n for n in names):
             return
-        try:
-            module = _forward_module(pl_module)
-        except TypeError:
-            return
+        # the Hugging Face model inside (what every training_step calls), else the module itself
+        hf = [m for m in pl_module.modules() if getattr(getattr(m, "config", None), "model_type", None)]
+        module = hf[0] if hf else pl_module
         self._loss_check = LossCheck(module, labels, self.loss_type, scale, self._loss_checked)
 
     def _remove_loss_check(self) -> None:
