@@ -1,4 +1,11 @@
-"""A seeded random generator that can be pickled (``ddp_spawn`` sends the callbacks to its children).
+"""The monitors' random numbers: a picklable seeded generator, and :func:`isolated_rng`.
+
+Non-invasive by construction: every random draw of the monitors uses its own generator
+(:class:`SeededGenerator`, or a ``torch.Generator`` seeded from a monitor's seed), and whatever
+runs user code that may draw from the global streams (iterating a probe ``DataLoader`` draws its
+base seed from the global torch RNG) runs inside :func:`isolated_rng`. A seeded fit therefore
+trains bit-identically with and without the suite (same dropout masks, same shuffles).
+
 
 A ``torch.Generator`` pickles through its state tensor, which multiprocessing's pickler sends as
 shared memory; under ``ddp_spawn`` the children then fail to map it (seen here: "unable to resize
@@ -9,9 +16,32 @@ process from them.
 
 from __future__ import annotations
 
+import contextlib
+import random
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
+
+
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run the block with the global random streams restored on exit: torch's CPU generator, the
+    current CUDA device's (when CUDA is initialised), Python's ``random`` and NumPy's.
+
+    The monitors' boundary work and probe passes run inside it, so nothing they do (a probe
+    ``DataLoader``'s base seed, a sampler without a generator, user code in a collate function)
+    moves the training run's dropout masks or shuffles. Costs a copy of a few kB of state.
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002 (the global one)
+    try:
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
 
 
 class SeededGenerator:

@@ -264,6 +264,13 @@ class PerSampleGradientCapture:
         self.chunk = chunk if sink is not None else None
         self._armed = True
 
+    def rescale(self, factor: float) -> None:
+        """Multiply the armed per-sample factors by ``factor`` (from the next hook on: a caller
+        that learns during the backward that the loss was weighted corrects it before the
+        monitored projections' gradients arrive)."""
+        if self._scale is not None:
+            self._scale = self._scale * factor
+
     def disarm(self) -> None:
         self._armed = False
         self._samples = None

@@ -63,11 +63,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ._validate import check_choice, check_number
 from .functional.fisher_ops import ACCUM_DTYPE, fisher_overlap_tensor
 from .functional.interference import (
     DEFAULT_MAX_CHUNK_ELEMENTS,
+    VARIANTS,
     block_head_scores,
-    check_variant,
     conflict_cosine,
     inverse_fisher,
     pooled_fisher,
@@ -87,7 +88,13 @@ from .store import GradientStore, HeadIndex
 if TYPE_CHECKING:
     from .fisher import FisherCollector
 
-__all__ = ["FISHER_SOURCES", "HEAD_MAPS", "QKOVHeatmap", "QKOVInterferenceMetric"]
+__all__ = [
+    "FISHER_SOURCES",
+    "HEAD_MAPS",
+    "QKOVHeatmap",
+    "QKOVInterferenceMetric",
+    "check_metric_options",
+]
 
 FISHER_SOURCES: tuple[str, ...] = ("task_a", "pooled")
 """Fisher used for the per-pair scores: task A's, or ``(I_A + I_B) / 2``."""
@@ -166,6 +173,44 @@ class QKOVHeatmap(dict):
         self.stats = stats
 
 
+def check_metric_options(
+    *,
+    epsilon: float = 1e-10,
+    ridge_lambda: float = 1e-8,
+    variant: str = "directional",
+    fisher: str = "task_a",
+    n_permutations: int = 200,
+    fdr_alpha: float = 0.05,
+    fdr_method: str = "by",
+    min_conflict_effect_size: float = 0.2,
+    top_k: int = 10,
+    p_value: str = "adaptive",
+    test_statistic: str = "dot",
+    max_permutations: int | None = None,
+    max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+) -> None:
+    """Check the options of :class:`QKOVInterferenceMetric` (a ``ValueError``/``TypeError`` that
+    names the argument, with a "did you mean" for a misspelt option); the monitor calls it in its
+    constructor so that a bad setting fails at once, not at the first boundary."""
+    check_number("epsilon", epsilon, low=0.0)
+    check_number("ridge_lambda", ridge_lambda, low=0.0)
+    if epsilon + ridge_lambda <= 0:
+        raise ValueError(
+            f"need epsilon + ridge_lambda > 0, got epsilon={epsilon}, ridge_lambda={ridge_lambda}"
+        )
+    check_choice("variant", variant, VARIANTS)
+    check_choice("fisher", fisher, FISHER_SOURCES)
+    check_choice("fdr_method", fdr_method, FDR_METHODS)
+    check_choice("p_value", p_value, P_VALUE_METHODS)
+    check_choice("test_statistic", test_statistic, ("dot", "cosine"))
+    check_number("fdr_alpha", fdr_alpha, low=0.0, high=1.0, low_open=True)
+    check_number("n_permutations", n_permutations, low=1, integer=True)
+    check_number("max_permutations", max_permutations, low=1, integer=True, optional=True)
+    check_number("min_conflict_effect_size", min_conflict_effect_size)  # -inf: the filter off
+    check_number("top_k", top_k, low=0, integer=True)
+    check_number("max_chunk_elements", max_chunk_elements, low=1, integer=True)
+
+
 class QKOVInterferenceMetric:
     """Sample-pair and head-map QK-OV interference between tasks stored in a collector.
 
@@ -239,26 +284,21 @@ class QKOVInterferenceMetric:
         max_permutations: int | None = None,
         max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
     ) -> None:
-        if epsilon < 0 or ridge_lambda < 0 or epsilon + ridge_lambda <= 0:
-            raise ValueError(
-                f"need epsilon >= 0, ridge_lambda >= 0 and epsilon + ridge_lambda > 0, got "
-                f"epsilon={epsilon}, ridge_lambda={ridge_lambda}"
-            )
-        check_variant(variant)
-        if fisher not in FISHER_SOURCES:
-            raise ValueError(f"fisher must be one of {FISHER_SOURCES}, got {fisher!r}")
-        if fdr_method not in FDR_METHODS:
-            raise ValueError(f"fdr_method must be one of {FDR_METHODS}, got {fdr_method!r}")
-        if not 0.0 < fdr_alpha <= 1.0:
-            raise ValueError(f"fdr_alpha must lie in (0, 1], got {fdr_alpha}")
-        if n_permutations < 1:
-            raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
-        if max_permutations is not None and max_permutations < 1:
-            raise ValueError(f"max_permutations must be None or >= 1, got {max_permutations}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        if max_chunk_elements < 1:
-            raise ValueError(f"max_chunk_elements must be >= 1, got {max_chunk_elements}")
+        check_metric_options(
+            epsilon=epsilon,
+            ridge_lambda=ridge_lambda,
+            variant=variant,
+            fisher=fisher,
+            n_permutations=n_permutations,
+            fdr_alpha=fdr_alpha,
+            fdr_method=fdr_method,
+            min_conflict_effect_size=min_conflict_effect_size,
+            top_k=top_k,
+            p_value=p_value,
+            test_statistic=test_statistic,
+            max_permutations=max_permutations,
+            max_chunk_elements=max_chunk_elements,
+        )
         self.layout = layout if layout is not None else collector.layout
         self.collector = collector
         self.epsilon = float(epsilon)
@@ -275,11 +315,7 @@ class QKOVInterferenceMetric:
         self.top_k = int(top_k)
         self.seed = int(seed)
         self.run_stats = bool(run_stats)
-        if p_value not in P_VALUE_METHODS:
-            raise ValueError(f"p_value must be one of {P_VALUE_METHODS}, got {p_value!r}")
         self.p_value = p_value
-        if test_statistic not in ("dot", "cosine"):
-            raise ValueError(f"test_statistic must be 'dot' or 'cosine', got {test_statistic!r}")
         self.test_statistic = test_statistic
         self.max_chunk_elements = int(max_chunk_elements)
 

@@ -30,6 +30,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from .._rng import isolated_rng
+
 _WARNED: weakref.WeakSet[pl.Trainer] = weakref.WeakSet()  # trainers told "no validation" this fit
 
 
@@ -93,11 +95,36 @@ class BoundaryCallback(Callback, ABC):
 
     Subclasses implement ``_boundary(trainer, pl_module)``, put ``self._boundary_state()`` into
     their ``state_dict`` and call ``self._load_boundary_state(state)`` when loading it.
+
+    Lifecycle: one fit is one run. Subclasses call ``self._keep_arguments(Cls, locals())`` first in
+    ``__init__`` and ``self._begin_fit(stage)`` first in ``setup``: a callback object reused for
+    another ``fit`` (a new model, a new Trainer) restarts from its constructor arguments, so its
+    hooks, anchors, histories, step counters and stored samples are those of the new fit. A
+    resumed fit (``ckpt_path``) then loads its state from the checkpoint, as a new object would.
     """
 
     _boundary_step: int | None = None  # global step of the last boundary evaluated
     _pending_boundary: int | None = None  # restored: a boundary the checkpoint was written before
     _validates: bool = True
+    _arguments: tuple[type, dict[str, Any]] | None = None  # (class, its __init__'s arguments)
+    _fitted: bool = False  # a fit has been set up with this object
+
+    def _keep_arguments(self, owner: type, args: dict[str, Any]) -> None:
+        """Record ``owner.__init__``'s arguments (``locals()`` at its top) for :meth:`_restart`."""
+        self._arguments = (owner, {k: v for k, v in args.items() if k not in ("self", "__class__")})
+
+    def _begin_fit(self, stage: str) -> None:
+        """At ``setup``: a second fit with this object restarts it (see the class docstring)."""
+        if stage != "fit":
+            return
+        if self._fitted and self._arguments is not None:
+            self._restart()
+        self._fitted = True
+
+    def _restart(self) -> None:
+        """Back to the state right after construction (subclasses release hooks first)."""
+        owner, arguments = self._arguments
+        owner.__init__(self, **arguments)
 
     @abstractmethod
     def _boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -105,7 +132,8 @@ class BoundaryCallback(Callback, ABC):
 
     def _run_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._boundary_step = trainer.global_step
-        self._boundary(trainer, pl_module)
+        with isolated_rng():  # the training run's random streams are not the monitors'
+            self._boundary(trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -103,6 +103,11 @@ class WarningRelay:
             for w in got:
                 self._record(_dedup_key(str(w.message)), f"{context}{w.message}")
 
+    def reset(self) -> None:
+        """Forget the messages shown (a new fit shows them again); views share the reset."""
+        self._seen.clear()
+        self._pending.clear()
+
     def warn(self, message: str) -> None:
         """Record ``message``; emitted now in one process, at the next :meth:`flush` under DDP."""
         self._record(_dedup_key(message), message)

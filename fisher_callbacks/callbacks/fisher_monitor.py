@@ -18,12 +18,16 @@ import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from .._rng import SeededGenerator
+from .._rng import SeededGenerator, isolated_rng
+from .._validate import check_choice, check_number
 from ..capture import PerSampleGradientCapture, ProbeResult, probe_pass
 from ..fisher import FisherCollector, _collective_device
 from ..layouts import AttentionLayout, canonical_name
 from ..layouts.base import frozen_message
+from ..loss_check import FACTOR_TOL, RESIDUAL_TOL, CapturedSum, LossCheck
 from ..losses import (
+    LOSS_TYPES,
+    REDUCTIONS,
     LossType,
     forward_logits,
     infer_loss_type,
@@ -32,7 +36,7 @@ from ..losses import (
     reduction_scale,
     target_token_counts,
 )
-from ..store import DEFAULT_SKETCH_DIM
+from ..store import DEFAULT_SKETCH_DIM, STORE_KINDS
 from ._boundary import BoundaryCallback
 from ._ranks import WarningRelay, distributed, log_agreed
 
@@ -140,6 +144,23 @@ class FisherMonitor(BoundaryCallback):
             go to the exact Fisher sums and the rows that the store keeps are sketched (or
             copied) on the spot. ``None``: as many samples as fit, for the largest
             monitored weight (2 MB on CPU, 64 MB on an accelerator).
+        required: ``False`` (what the ``FISHER_CALLBACKS=1`` entry point uses): a model whose
+            attention cannot be mapped, or a probe set without a loader, is one warning at
+            setup and the suite stays out of the fit (no hooks, no key logged) instead of an
+            error.
+        check_loss: on flagged steps, check at the logits that the training loss is the
+            per-sample loss ``loss_reduction`` assumes (:mod:`fisher_callbacks.loss_check`): a
+            constant weight (``return 0.5 * loss``) is measured and divided out of every captured
+            gradient from that step on (``loss_factor``, one warning); any other difference (an
+            auxiliary term) is one warning. Costs one cross-entropy backward over the logits
+            per flagged step. On the first flagged step of a fit the monitored weights'
+            ``.grad`` is also compared with the sum of the captured per-sample gradients: a
+            penalty on the weights themselves is one warning.
+
+    Lifecycle: a monitor reused for another ``fit`` re-binds to that fit's model and restarts
+    (hooks moved, collector, probe sets and counters new; see
+    :class:`~fisher_callbacks.callbacks._boundary.BoundaryCallback`); to continue a run, resume
+    it from its checkpoint.
 
     What is monitored: the Q/K/V/O weights that train. On a ``peft`` LoRA model those are the
     adapters (``lora_B`` rows of Q/K/V and ``lora_A`` columns of O per head, the other factor
@@ -175,14 +196,11 @@ class FisherMonitor(BoundaryCallback):
         sketch_dim: int = DEFAULT_SKETCH_DIM,
         min_samples_for_fisher: int = 10,
         capture_chunk: int | None = None,
+        required: bool = True,
+        check_loss: bool = True,
     ) -> None:
-        if capture_every_n_steps < 0 or ema_samples_per_step < 0 or ema_every_n_steps < 1:
-            raise ValueError(
-                "capture_every_n_steps and ema_samples_per_step must be >= 0, ema_every_n_steps >= 1"
-            )
-        if fisher_type not in ("empirical", "true"):
-            raise ValueError(f"fisher_type must be 'empirical' or 'true', got {fisher_type!r}")
-        reduction_scale(torch.ones(1, 2, dtype=torch.long), "causal_lm", loss_reduction)  # validates
+        _check_arguments(locals())
+        self._keep_arguments(FisherMonitor, locals())
         self.train_task = train_task
         if isinstance(reference_tasks, Mapping):
             self.reference_tasks: dict[str, DataLoader | None] = dict(reference_tasks)
@@ -207,9 +225,13 @@ class FisherMonitor(BoundaryCallback):
         self.store = store
         self.sketch_dim = sketch_dim
         self.min_samples_for_fisher = min_samples_for_fisher
-        if capture_chunk is not None and capture_chunk < 1:
-            raise ValueError(f"capture_chunk must be >= 1 or None, got {capture_chunk}")
         self.capture_chunk = capture_chunk
+        self.required = required
+        self.check_loss = check_loss
+        self.loss_factor = 1.0  # training loss / assumed loss, measured on flagged steps
+        self._loss_check: LossCheck | None = None
+        self._captured: CapturedSum | None = None  # this step's captured sums, for the .grad check
+        self._grad_checked = False  # the .grad check runs once per fit
 
         self.log_loss = True  # the probe losses are cross-entropies (False: a regression head's MSE)
         self.layout: AttentionLayout | None = None
@@ -251,17 +273,39 @@ class FisherMonitor(BoundaryCallback):
     # ------------------------------------------------------------------ setup / teardown
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for task, loader in self.reference_tasks.items():
-            if loader is None:
-                self.reference_tasks[task] = _probe_loader(trainer, pl_module, task)
+        self._begin_fit(stage)
         if self.collector is not None:
             self.capture.attach()
             return
-        self.loss_type = self.loss_type or infer_loss_type(pl_module)
-        self._build(pl_module, self._resolve_layout(pl_module))
+        try:
+            for task, loader in self.reference_tasks.items():
+                if loader is None:
+                    self.reference_tasks[task] = _probe_loader(trainer, pl_module, task)
+            self.loss_type = self.loss_type or infer_loss_type(pl_module)
+            self._build(pl_module, self._resolve_layout(pl_module))
+        except Exception as err:
+            if self.required:
+                raise
+            self.layout = self.collector = self.capture = None
+            self._relay.warn(f"the suite stays out of this fit: {err}")
+            return
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the monitor is set up on a model (False before ``setup`` and when a monitor
+        with ``required=False`` stayed out of the fit)."""
+        return self.collector is not None
+
+    def _restart(self) -> None:
+        if self.capture is not None:
+            self.capture.remove()  # never leave hooks on the previous fit's model
+        relay = self._relay  # the other monitors hold views of it
+        super()._restart()
+        relay.reset()
+        self._relay = relay
 
     def _resolve_layout(self, pl_module: pl.LightningModule) -> AttentionLayout:
         """The layout of what trains now; warns once (per set of names) about frozen weights."""
@@ -348,8 +392,9 @@ class FisherMonitor(BoundaryCallback):
         size = batch["labels"].shape[0]
         tags = batch.get(self.task_key)
         if tags is not None:
-            with contextlib.suppress(TypeError):  # a bad tag is reported when the samples are filed
-                self._seen_tasks.update(self.train_key(t) for t in _task_names(tags, size, self.train_task))
+            with contextlib.suppress(TypeError, ValueError):  # reported when the samples are filed
+                names = _task_names(tags, size, self.train_task, self.task_key)
+                self._seen_tasks.update(self.train_key(t) for t in names)
         if self.is_flagged(step):
             samples = None
         elif (
@@ -361,12 +406,15 @@ class FisherMonitor(BoundaryCallback):
             samples = torch.randperm(size, generator=self._rng.generator)[:k].sort().values
         else:
             return
-        scale = reduction_scale(
-            batch["labels"],
-            self.loss_type,
-            self.loss_reduction,
-            accumulate_grad_batches=trainer.accumulate_grad_batches,
-            loss_scale=_loss_scale(trainer),  # the scale this step's backward will use
+        scale = (
+            reduction_scale(
+                batch["labels"],
+                self.loss_type,
+                self.loss_reduction,
+                accumulate_grad_batches=trainer.accumulate_grad_batches,
+                loss_scale=_loss_scale(trainer),  # the scale this step's backward will use
+            )
+            / self.loss_factor
         )
         rows = torch.arange(size) if samples is None else samples
         flagged = samples is None
@@ -374,19 +422,69 @@ class FisherMonitor(BoundaryCallback):
         if not flagged and not ema:
             return
         try:
-            all_tasks = _task_names(tags, size, self.train_task)
+            all_tasks = _task_names(tags, size, self.train_task, self.task_key)
             valid = (scale > 0).tolist()
             tasks = [self.train_key(all_tasks[r]) if valid[r] else None for r in rows.tolist()]
             ids = None
             if flagged and batch.get(self.sample_id_key) is not None:
-                all_ids = _as_list(batch[self.sample_id_key], size, None)
+                all_ids = _as_list(batch[self.sample_id_key], size, None, self.sample_id_key)
                 ids = [all_ids[r] for r in rows.tolist()]
             ingest = self.collector.ingest(tasks, ids, fisher=flagged, ema=ema, store=flagged)
         except Exception as err:
             self._fail_once(f"per-sample capture failed at step {step}: {err!r}")
             return
         self._pending = {"flagged": flagged, "ema": ema, "ingest": ingest, "step": step}
-        self.capture.arm(samples, scale=scale[rows], sink=ingest, chunk=self._chunk(rows.numel()))
+        sink, self._captured = ingest, None
+        # .grad holds this backward alone: first micro-batch, automatic optimization, one process
+        # (DDP averages .grad during the backward)
+        alone = ema and pl_module.automatic_optimization and not distributed()
+        if flagged and alone and self.check_loss and not self._grad_checked:
+            weight = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
+            sink = self._captured = CapturedSum(ingest, weight)
+        self.capture.arm(samples, scale=scale[rows], sink=sink, chunk=self._chunk(rows.numel()))
+        if flagged and self.check_loss:
+            self._arm_loss_check(pl_module, batch["labels"], scale)
+
+    def _arm_loss_check(
+        self, pl_module: pl.LightningModule, labels: torch.Tensor, scale: torch.Tensor
+    ) -> None:
+        """Hook the logits of this flagged step's forward (see :mod:`fisher_callbacks.loss_check`);
+        not under ``torch.compile`` (a hook added per step would recompile the model)."""
+        self._remove_loss_check()
+        names = [n for n, _ in pl_module.named_modules()]
+        if any("_orig_mod" in n for n in names):
+            return
+        # the Hugging Face model inside (what every training_step calls), else the module itself
+        hf = [m for m in pl_module.modules() if getattr(getattr(m, "config", None), "model_type", None)]
+        module = hf[0] if hf else pl_module
+        self._loss_check = LossCheck(module, labels, self.loss_type, scale, self._loss_checked)
+
+    def _remove_loss_check(self) -> None:
+        if self._loss_check is not None:
+            self._loss_check.remove()
+            self._loss_check = None
+
+    def _loss_checked(self, factor: float, residual: float) -> None:
+        """Inside the backward, before the monitored projections: rescale or warn."""
+        if not math.isfinite(factor) or self.capture is None:
+            return
+        if residual > RESIDUAL_TOL:
+            self._relay.warn(
+                f"the training loss is not the per-sample loss that loss_reduction="
+                f"{self.loss_reduction!r} assumes: {residual:.0%} of its gradient at the logits is "
+                "explained by no per-sample loss (an auxiliary term? label smoothing?); the "
+                "captured per-sample gradients include that part"
+            )
+        elif abs(factor - 1.0) > FACTOR_TOL:
+            self.capture.rescale(1.0 / factor)
+            self.loss_factor *= factor
+            if self._captured is not None:
+                self._captured.weight *= factor  # 1 / s_i follows the rescaled s_i
+            self._relay.warn(
+                f"the training loss is {self.loss_factor:.4g} x the per-sample loss that "
+                f"loss_reduction={self.loss_reduction!r} assumes (a weighted loss?): captured "
+                f"gradients are divided by {self.loss_factor:.4g} from this step on"
+            )
 
     def _chunk(self, captured: int) -> int:
         """Samples per chunk in the hooks: ``capture_chunk``, or as many as fit in 2 MB on CPU
@@ -402,14 +500,36 @@ class FisherMonitor(BoundaryCallback):
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
+        self._remove_loss_check()
         if pending is None or self.capture is None or not self.capture.armed:
             return
         try:
             self._ingest(trainer, pending)
+            self._check_grad(pl_module)
         except Exception as err:
             self._fail_once(f"per-sample capture failed at step {pending['step']}: {err!r}")
         finally:
             self.capture.disarm()
+            self._captured = None
+
+    def _check_grad(self, pl_module: pl.LightningModule) -> None:
+        """Once per fit: the monitored weights' ``.grad`` against the sum of the captured
+        per-sample gradients (one dot product per projection): a loss term that bypasses the
+        projections' outputs (a penalty on the weights themselves) is one warning."""
+        captured, self._captured = self._captured, None
+        if captured is None or not captured.sums:
+            return
+        params = dict(pl_module.named_parameters())
+        _, residual = captured.residual({n: params[n].grad for n in captured.sums if n in params})
+        if not math.isfinite(residual):
+            return  # a non-finite step: try the next flagged one
+        self._grad_checked = True
+        if residual > RESIDUAL_TOL:
+            self._relay.warn(
+                f"{residual:.0%} of the monitored weights' .grad does not come through their "
+                "outputs (a loss term on the weights themselves: an L2 or EWC penalty?); the "
+                "captured per-sample gradients leave it out"
+            )
 
     def _ingest(self, trainer: pl.Trainer, pending: dict[str, Any]) -> None:
         """File what the hooks handed to the step's ingest (or drop it: non-finite step)."""
@@ -440,6 +560,8 @@ class FisherMonitor(BoundaryCallback):
         # A step that never reached backward (skipped by the module) must not leave hooks armed.
         if self.capture is not None and self.capture.armed:
             self.capture.disarm()
+        self._remove_loss_check()
+        self._captured = None
         self._pending = None
 
     # ------------------------------------------------------------------ validation boundary
@@ -514,6 +636,7 @@ class FisherMonitor(BoundaryCallback):
             self._probe_batches[task] = batches
         return self._probe_batches[task]
 
+    @isolated_rng()  # iterating a probe loader draws from the global RNG: not the run's
     def run_probe(
         self,
         pl_module: pl.LightningModule,
@@ -577,6 +700,7 @@ class FisherMonitor(BoundaryCallback):
             "n": n,
         }
 
+    @isolated_rng()  # iterating a probe loader draws from the global RNG: not the run's
     def probe_gradient(self, pl_module: pl.LightningModule, task: str, step: int) -> dict[str, Any]:
         """Mean probe loss and gradient of ``task`` on its fixed probe batches, with one plain
         batched backward per batch: no per-sample capture, the collector is left as it is.
@@ -654,7 +778,7 @@ class FisherMonitor(BoundaryCallback):
                     batch = _head(batch, batch["labels"].shape[0], self.probe_max_samples - n)
                 ids = batch.get(self.sample_id_key)
                 size = batch["labels"].shape[0]
-                ids = None if ids is None else _as_list(ids, size, None)
+                ids = None if ids is None else _as_list(ids, size, None, self.sample_id_key)
                 # Streamed into the collector inside the hooks (chunked), unless a sketch
                 # store has no whitening yet (no captured step before this boundary).
                 ingest = None
@@ -702,6 +826,7 @@ class FisherMonitor(BoundaryCallback):
             "skipped_steps": self.skipped_steps,
             "captured_steps": self.captured_steps,
             "ema_updates": self.ema_updates,
+            "loss_factor": self.loss_factor,
             "generator": self._rng.get_state(),
             "probe_batches": self._probe_batches,
             **self._boundary_state(),
@@ -726,6 +851,7 @@ class FisherMonitor(BoundaryCallback):
         self.skipped_steps = state.get("skipped_steps", 0)
         self.captured_steps = state.get("captured_steps", 0)
         self.ema_updates = state.get("ema_updates", 0)
+        self.loss_factor = float(state.get("loss_factor", 1.0))
         if "generator" in state:
             self._rng.set_state(state["generator"])
         self._probe_batches = dict(state.get("probe_batches", {}))
@@ -738,6 +864,37 @@ class FisherMonitor(BoundaryCallback):
 
 
 # ---------------------------------------------------------------------- helpers
+def _check_arguments(args: Mapping[str, Any]) -> None:
+    """The constructor's checks: every error names the argument (NaN, ranges, options, typos)."""
+    for name in ("train_task", "task_key", "sample_id_key"):
+        if not isinstance(args[name], str) or not args[name]:
+            raise ValueError(f"{name} must be a non-empty string, got {args[name]!r}")
+    refs = args["reference_tasks"]
+    if isinstance(refs, str):
+        raise TypeError(f"reference_tasks must be a list of task names or a dict, got the string {refs!r}")
+    for name in ("capture_every_n_steps", "ema_samples_per_step"):
+        check_number(name, args[name], low=0, integer=True)
+    for name in ("ema_every_n_steps", "sketch_dim", "min_samples_for_fisher"):
+        check_number(name, args[name], low=1, integer=True)
+    check_number("max_samples_per_task", args["max_samples_per_task"], low=0, integer=True)
+    for name in ("probe_max_samples", "capture_chunk"):
+        check_number(name, args[name], low=1, integer=True, optional=True)
+    check_number("seed", args["seed"], integer=True)
+    check_number("ema_decay", args["ema_decay"], low=0.0, high=1.0, high_open=True)
+    check_number("gradient_memory_mb", args["gradient_memory_mb"], low=0.0, high=math.inf, high_open=True)
+    check_choice("fisher_type", args["fisher_type"], ("empirical", "true"))
+    check_choice("loss_reduction", args["loss_reduction"], REDUCTIONS)
+    check_choice("store", args["store"], STORE_KINDS)
+    if args["loss_type"] is not None:
+        check_choice("loss_type", args["loss_type"], LOSS_TYPES)
+    check_choice("storage_dtype", args["storage_dtype"], (torch.float32, torch.bfloat16, torch.float16))
+    for name in ("required", "check_loss", "checkpoint_store"):
+        if not isinstance(args[name], bool):
+            raise TypeError(f"{name} must be True or False, got {args[name]!r}")
+    if args["include_bias"] is not None and not isinstance(args["include_bias"], bool):
+        raise TypeError(f"include_bias must be True, False or None, got {args['include_bias']!r}")
+
+
 def _reduce_probe(
     losses: torch.Tensor, total: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
@@ -785,22 +942,30 @@ def _renamed_state(state: Any, names: Sequence[str]) -> Any:
     return state
 
 
-def _as_list(value: Any, n: int, default: Any) -> list:
+def _as_list(value: Any, n: int, default: Any, key: str = "entry") -> list:
     """Per-sample values of a batch entry: ``n`` copies of a scalar (or ``default`` for ``None``);
-    a tensor is flattened first, so ``[B]`` and ``[B, 1]`` id tensors give the same ``B`` ids."""
+    a tensor is flattened first, so ``[B]`` and ``[B, 1]`` id tensors give the same ``B`` ids.
+    Any other length than ``n`` is a ``ValueError`` naming ``key`` and the batch size (one tag
+    too many would otherwise file every sample under its neighbour's task)."""
     if value is None:
         return [default] * n
     if torch.is_tensor(value):
         value = value.flatten().tolist() if value.dim() else value.item()
     if isinstance(value, (str, int)):
         return [value] * n
-    return list(value)
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(
+            f"batch[{key!r}] has {len(values)} entries for a batch of {n} samples (the batch size "
+            "of 'labels'): one per sample, in batch order"
+        )
+    return values
 
 
-def _task_names(value: Any, n: int, default: str) -> list[str]:
+def _task_names(value: Any, n: int, default: str, key: str = "task") -> list[str]:
     """Task tag of each of ``n`` samples: strings as given, integer tags (ints, integer tensors) as
     their decimal string (tag ``3`` is task ``"3"``); anything else is a clear error."""
-    names = _as_list(value, n, default)
+    names = _as_list(value, n, default, key)
     for k, name in enumerate(names):
         if isinstance(name, bool) or not isinstance(name, (str, int)):
             raise TypeError(

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from .._validate import check_choice, check_number
 from ..functional.forgetting import (
     FirstOrderForgettingAccumulator,
     WarningDecision,
@@ -141,14 +142,14 @@ class ForgettingRiskMonitor(BoundaryCallback):
         forecast: bool = True,
         early_probe_step: int | str | None = "auto",
     ) -> None:
-        if not (math.isfinite(warn_threshold) and warn_threshold > 0):
-            raise ValueError(f"warn_threshold must be finite and > 0, got {warn_threshold}")
-        if stop_threshold is not None and not (math.isfinite(stop_threshold) and stop_threshold > 0):
-            raise ValueError(f"stop_threshold must be finite and > 0 or None, got {stop_threshold}")
-        if horizon_steps is not None and not (math.isfinite(horizon_steps) and horizon_steps >= 0):
-            raise ValueError(f"horizon_steps must be finite and >= 0 or None, got {horizon_steps}")
-        if predict_on not in ("all", "monitored"):
-            raise ValueError(f"predict_on must be 'all' or 'monitored', got {predict_on!r}")
+        self._keep_arguments(ForgettingRiskMonitor, locals())
+        check_number("warn_threshold", warn_threshold, low=0.0, low_open=True)
+        check_number("stop_threshold", stop_threshold, low=0.0, low_open=True, optional=True)
+        check_number("horizon_steps", horizon_steps, low=0.0, optional=True)
+        check_number("alert_wait_seconds", alert_wait_seconds, low=0.0)
+        check_choice("predict_on", predict_on, ("all", "monitored"))
+        if isinstance(reference_tasks, str):
+            raise TypeError(f"reference_tasks must be a list of task names, got {reference_tasks!r}")
         if not (early_probe_step is None or early_probe_step == "auto" or _positive_int(early_probe_step)):
             raise ValueError(
                 f"early_probe_step must be 'auto', None or an int >= 1, got {early_probe_step!r}"
@@ -197,6 +198,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._begin_fit(stage)
         self.fisher_monitor = find_fisher_monitor(trainer, self.fisher_monitor, type(self).__name__)
         self._relay = self.fisher_monitor._relay.view("ForgettingRiskMonitor")  # one record for the suite
         self._restrict_probe_grads()
@@ -207,11 +209,22 @@ class ForgettingRiskMonitor(BoundaryCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(reference_tasks=self.reference_tasks)
+        # Not keyed by reference_tasks: adding or removing a task on resume keeps the others'
+        # anchors and history (state is per task inside).
+        return self._generate_state_key()
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        legacy = f"{type(self).__qualname__}{{'reference_tasks'"  # the key before issue 27
+        _adopt_legacy_state(checkpoint, self.state_key, legacy)
 
     # ------------------------------------------------------------------ anchor
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.fisher_monitor.active:  # stayed out of this fit (see FisherMonitor.required)
+            return
         self.fisher_monitor.resolve(pl_module)  # names may have changed (compiled in setup)
         self._restrict_probe_grads()
         missing = [t for t in self.reference_tasks if t not in self.fisher_monitor.reference_tasks]
@@ -243,15 +256,26 @@ class ForgettingRiskMonitor(BoundaryCallback):
                         self._relay.warn(f"no probe gradient for {task!r} at resume ({err!r})")
                         continue
                     self._prev_grad[task] = probe["grad"]
+            added = [t for t in self.reference_tasks if t not in self._baseline]
+            if added:  # watched since this resume: the others keep their anchors and history
+                self._relay.warn(f"{added} added at the resume: anchored there, not at the original anchor")
+                self._anchor_tasks(pl_module, added, trainer.global_step)
             self._build_forecast(pl_module)
             self._relay.flush()
             return
         params = dict(pl_module.named_parameters())
         self._anchor = {n: params[n].detach().clone() for n in layout.monitored_parameters()}
         self._prev = self._snapshot(pl_module)
-        for task in self.reference_tasks:
+        self._anchor_tasks(pl_module, self.reference_tasks, trainer.global_step)
+        self._relay.flush()
+        self._last_eval_step = self._anchor_step = trainer.global_step
+        self._build_forecast(pl_module)
+
+    def _anchor_tasks(self, pl_module: pl.LightningModule, tasks: Sequence[str], step: int) -> None:
+        """Baseline loss, anchor Fisher, probe gradient and a new history of each of ``tasks``."""
+        for task in tasks:
             try:
-                probe = self.fisher_monitor.run_probe(pl_module, task, None, trainer.global_step)
+                probe = self.fisher_monitor.run_probe(pl_module, task, None, step)
             except Exception as err:
                 self._relay.warn(f"no anchor for {task!r} ({err!r}); not watched")
                 continue
@@ -262,11 +286,8 @@ class ForgettingRiskMonitor(BoundaryCallback):
             self._prev_grad[task] = probe["grad"]
             self.history[task] = _new_history()
             self._fc_anchor[task] = 0.0
-            self._points[task] = [(trainer.global_step, 0.0)]
+            self._points[task] = [(step, 0.0)]
             self._active[task] = False
-        self._relay.flush()
-        self._last_eval_step = self._anchor_step = trainer.global_step
-        self._build_forecast(pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -754,6 +775,15 @@ class ForgettingRiskMonitor(BoundaryCallback):
         for task, acc in list(self._acc.items()):
             if task in self._acc_state:
                 acc.load_state_dict(self._acc_state.pop(task))
+
+
+def _adopt_legacy_state(checkpoint: dict, key: str, legacy_prefix: str) -> None:
+    """File the state saved under an older ``state_key`` (one that started with ``legacy_prefix``)
+    under ``key``, so that Lightning, which matches states by key, loads it."""
+    states = checkpoint.get("callbacks") or {}
+    legacy = [k for k in states if isinstance(k, str) and k.startswith(legacy_prefix)]
+    if key not in states and len(legacy) == 1:
+        states[key] = states[legacy[0]]
 
 
 def _positive_int(value: Any) -> bool:

@@ -14,7 +14,8 @@ import torch
 from matplotlib.figure import Figure
 from typing_extensions import override
 
-from ..interference import HEAD_MAPS, QKOVInterferenceMetric
+from .._validate import check_number
+from ..interference import HEAD_MAPS, QKOVInterferenceMetric, check_metric_options
 from ..layouts import BLOCKS
 from ..loggers import log_figure, log_metrics, log_table, save_arrays
 from ..plots import NOT_MONITORED_LABEL, plot_layer_head_heatmaps
@@ -75,7 +76,11 @@ class QKOVInterferenceMonitor(BoundaryCallback):
     set, ``f"{task}@train"`` the training samples of a task that is also a probe set. At the
     first boundary a pair naming a task that is neither a probe set, the training task, a task
     tag seen in training nor a collector task is a ``ValueError`` listing the known tasks (a typo
-    would otherwise log zeros). Every distinct warning of the computation reaches the user once.
+    would otherwise log zeros). A pair with a task that has no stored sample at a boundary logs
+    nothing (no key, no figure: zero maps would read as "no interference") and warns once. Every
+    setting is checked in the constructor (:func:`~fisher_callbacks.interference.check_metric_options`);
+    a failure of the computation at a boundary is a warning and no key, never a dead run. Every
+    distinct warning of the computation reaches the user once.
     """
 
     def __init__(
@@ -95,12 +100,26 @@ class QKOVInterferenceMonitor(BoundaryCallback):
         every_n_validations: int = 1,
         log_figures: bool = True,
     ) -> None:
-        if variant not in _SCORE_UNITS:
-            raise ValueError(f"variant must be one of {tuple(_SCORE_UNITS)}, got {variant!r}")
+        self._keep_arguments(QKOVInterferenceMonitor, locals())
+        check_metric_options(
+            variant=variant,
+            fisher=fisher,
+            n_permutations=n_permutations,
+            fdr_alpha=fdr_alpha,
+            fdr_method=fdr_method,
+            min_conflict_effect_size=min_conflict_effect_size,
+            top_k=top_k,
+            p_value=p_value,
+            max_permutations=max_permutations,
+        )
+        check_number("max_samples", max_samples, low=1, integer=True, optional=True)
+        check_number("every_n_validations", every_n_validations, low=1, integer=True)
+        if fisher_monitor is not None and not isinstance(fisher_monitor, FisherMonitor):
+            raise TypeError(f"fisher_monitor must be a FisherMonitor or None, got {fisher_monitor!r}")
         self.fisher_monitor = fisher_monitor
-        self.pairs = [tuple(p) for p in pairs]
-        if any(len(p) != 2 for p in self.pairs):
+        if isinstance(pairs, str) or any(isinstance(p, str) or len(p) != 2 for p in pairs):
             raise ValueError(f"pairs must be (task_a, task_b) tuples, got {pairs!r}")
+        self.pairs = [tuple(p) for p in pairs]
         self.variant = variant
         self.fdr_alpha = fdr_alpha
         self.fdr_method = fdr_method
@@ -111,7 +130,7 @@ class QKOVInterferenceMonitor(BoundaryCallback):
         self.top_k = top_k
         self.fisher = fisher
         self.max_samples = max_samples
-        self.every_n_validations = max(1, int(every_n_validations))
+        self.every_n_validations = int(every_n_validations)
         self.log_figures = log_figures
         self.latest: dict[tuple[str, str], Any] = {}
         self.figure_paths: list[str] = []
@@ -121,6 +140,7 @@ class QKOVInterferenceMonitor(BoundaryCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._begin_fit(stage)
         self.fisher_monitor = find_fisher_monitor(trainer, self.fisher_monitor, type(self).__name__)
         self._relay = self.fisher_monitor._relay.view("QKOVInterferenceMonitor")  # one record for the suite
 
@@ -146,7 +166,31 @@ class QKOVInterferenceMonitor(BoundaryCallback):
                 f"FisherMonitor keeps sketches (store={store.kind!r}), so pair scores are 'signed'"
             )
             variant = "signed"
-        metric = QKOVInterferenceMetric(
+        for task_a, task_b in self.pairs:
+            empty = [t for t in (task_a, task_b) if collector.num_stored(t) == 0]
+            if empty:
+                # Zero maps would read as "no interference" on the dashboard: log nothing.
+                self._relay.warn(
+                    f"{task_a} vs {task_b}: no stored samples for {' and '.join(map(repr, empty))} "
+                    f"at step {trainer.global_step}; nothing logged for this pair"
+                )
+                continue
+            try:
+                with self._relay.catch(f"{task_a} vs {task_b}: "):
+                    heatmap = self._metric(collector, variant).compute_heatmap(
+                        task_a, task_b, max_samples=self.max_samples
+                    )
+            except Exception as err:
+                self._relay.warn(f"{task_a} vs {task_b} failed: {err!r}")
+                continue
+            self.latest[(task_a, task_b)] = heatmap
+            self._log_scalars(trainer, pl_module, heatmap, task_a, task_b)
+            if trainer.is_global_zero and self.log_figures:
+                self._log_figures(trainer, heatmap, task_a, task_b)
+        self._relay.flush()
+
+    def _metric(self, collector, variant: str) -> QKOVInterferenceMetric:
+        return QKOVInterferenceMetric(
             self.fisher_monitor.layout,
             collector,
             variant=variant,
@@ -159,18 +203,6 @@ class QKOVInterferenceMonitor(BoundaryCallback):
             min_conflict_effect_size=self.min_conflict_effect_size,
             top_k=self.top_k,
         )
-        for task_a, task_b in self.pairs:
-            try:
-                with self._relay.catch(f"{task_a} vs {task_b}: "):
-                    heatmap = metric.compute_heatmap(task_a, task_b, max_samples=self.max_samples)
-            except Exception as err:
-                self._relay.warn(f"{task_a} vs {task_b} failed: {err!r}")
-                continue
-            self.latest[(task_a, task_b)] = heatmap
-            self._log_scalars(trainer, pl_module, heatmap, task_a, task_b)
-            if trainer.is_global_zero and self.log_figures:
-                self._log_figures(trainer, heatmap, task_a, task_b)
-        self._relay.flush()
 
     def _check_pairs(self) -> None:
         """Once, at the first boundary: every pair names a known task (all ranks' tasks)."""
@@ -211,8 +243,9 @@ class QKOVInterferenceMonitor(BoundaryCallback):
                 layer, head = divmod(flat, cos.shape[1])
                 worst = (float(cos.min()), int(res["layers"][layer]), int(res["heads"][head]))
         values[f"{prefix}/n_significant"] = float(n_sig_total)
-        values[f"{prefix}/most_conflicting_layer"] = float(worst[1])
-        values[f"{prefix}/most_conflicting_head"] = float(worst[2])
+        if math.isfinite(worst[0]):  # no measured cosine: no "layer 0" that reads as a finding
+            values[f"{prefix}/most_conflicting_layer"] = float(worst[1])
+            values[f"{prefix}/most_conflicting_head"] = float(worst[2])
         finite = {name: value for name, value in values.items() if np.isfinite(value)}
         log_metrics(trainer, pl_module, finite, rank_zero_only=rank_zero)
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fisher_callbacks._validate import check_choice
 from fisher_callbacks.functional.fisher_ops import ACCUM_DTYPE
 
 __all__ = [
@@ -62,9 +63,7 @@ DEFAULT_MAX_CHUNK_ELEMENTS = 2**24
 
 def check_variant(variant: str) -> str:
     """Return ``variant`` if it is one of :data:`VARIANTS`, else raise ``ValueError``."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    return variant
+    return check_choice("variant", variant, VARIANTS)
 
 
 def inverse_fisher(fisher: Tensor, epsilon: float = 1e-10, ridge_lambda: float = 1e-8) -> Tensor:
