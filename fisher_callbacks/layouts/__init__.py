@@ -1,6 +1,6 @@
 """Attention layouts: where each head lives in the Q/K/V/O weights, one module per family."""
 
-from . import bert, falcon, gpt2, gpt_neo, gpt_neox, gptj, llama, opt, phi  # noqa: F401  (register)
+from . import bert, falcon, gemma, gpt2, gpt_neo, gpt_neox, gptj, llama, opt, phi  # noqa: F401  (register)
 from .base import (
     BLOCKS,
     AttentionLayout,
