@@ -39,6 +39,7 @@ from ._rng import SeededGenerator
 from .capture import per_sample_gradients
 from .layouts import AttentionLayout
 from .losses import LossType
+from .memory import tensor_bytes
 from .store import (
     DEFAULT_SKETCH_DIM,
     ExactStore,
@@ -664,6 +665,22 @@ class FisherCollector:
                 for k, sid in enumerate(ids)
             }
         return out
+
+    # ------------------------------------------------------------------ memory
+    def memory_ledger(self, seen: set | None = None) -> dict[str, int]:
+        """``{group: bytes}`` of what the collector holds: per task the fp32 Fisher sums
+        (``fisher_sum[task]``, the synced total included) and EMA (``ema[task]``), the cached
+        means (``fisher_cache``) and the store's groups (``store.rows[task]``,
+        ``store.whitening``, ...). Tensors in ``seen`` are not counted again (it is updated)."""
+        seen = set() if seen is None else seen
+        out: dict[str, int] = {}
+        for task, state in self._tasks.items():
+            out[f"fisher_sum[{task}]"] = tensor_bytes([state.fisher_sum, state.synced_sum], seen)
+            out[f"ema[{task}]"] = tensor_bytes(state.ema, seen)
+        out["fisher_cache"] = tensor_bytes(self._fisher_cache, seen)
+        for group, n in self.store.memory_ledger(seen).items():
+            out[f"store.{group}"] = n
+        return {k: v for k, v in out.items() if v}
 
     # ------------------------------------------------------------------ distributed
     def sync(self, tasks: Iterable[str] | None = None) -> None:

@@ -66,6 +66,7 @@ from torch import Tensor
 from ._rng import SeededGenerator
 from .functional.fisher_ops import ACCUM_DTYPE
 from .layouts import BLOCKS, AttentionLayout
+from .memory import attribute_ledger, tensor_bytes
 
 __all__ = [
     "DEFAULT_SKETCH_DIM",
@@ -223,6 +224,9 @@ class HeadMajor:
         out = torch.empty((self.shape[self.axis], t.shape[-1]), dtype=t.dtype, device=t.device)
         out.index_copy_(0, self.index.to(t.device), t)
         return out.movedim(0, self.axis).contiguous()
+
+
+_LEDGER_NAMES = {"white_views": "whitening_signed", "proj": "projections"}
 
 
 class GradientStore(ABC):
@@ -554,6 +558,17 @@ class GradientStore(ABC):
         return {"kind": self.kind}
 
     # ------------------------------------------------------------------ state
+    def memory_ledger(self, seen: set | None = None) -> dict[str, int]:
+        """``{group: bytes}``: the stored rows of each task (``rows[task]``, with their version
+        tags) and whatever else the store keeps (a sketch store: ``whitening``, its signed
+        per-slice copy ``whitening_signed`` and the row orders ``projections``)."""
+        seen = set() if seen is None else seen
+        out = {f"rows[{task}]": tensor_bytes(state, seen) for task, state in self._tasks.items()}
+        extra = attribute_ledger(self, seen, skip=("_tasks", "layout", "_rng"))
+        for name, n in extra.items():
+            out[_LEDGER_NAMES.get(name, name)] = n
+        return {k: v for k, v in out.items() if v}
+
     def state_dict(self, include_rows: bool = True) -> dict[str, Any]:
         """Rows, ids, reservoir counters and row versions per task; ``include_rows=False`` keeps
         the tasks but no rows (the reservoirs restart empty, ``seen`` 0: see

@@ -32,6 +32,7 @@ from ..losses import (
     reduction_scale,
     target_token_counts,
 )
+from ..memory import attribute_ledger, format_ledger, suite_ledger, total_mb, trainable_bytes
 from ..store import DEFAULT_SKETCH_DIM
 from ._boundary import BoundaryCallback
 from ._ranks import WarningRelay, distributed, log_agreed
@@ -315,6 +316,36 @@ class FisherMonitor(BoundaryCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.resolve(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.log_memory(trainer, pl_module)
+
+    def log_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int]:
+        """Log the suite's memory ledger (every attached monitor, a tensor counted once): a
+        table on the ``fisher_callbacks`` logger (INFO) and ``fisher/memory_mb`` to every
+        attached logger, at ``trainer.global_step``. Called once per fit, at train start (after
+        every monitor's ``on_fit_start``: the anchors and first probe results exist).
+
+        Returns:
+            the ledger ``{f"{Monitor}/{group}": bytes}``.
+        """
+        owners = [cb for cb in trainer.callbacks if isinstance(cb, BoundaryCallback)]
+        ledger = suite_ledger(owners, pl_module)
+        if trainer.is_global_zero:
+            log.info(
+                "fisher_callbacks memory ledger at step %d:\n%s",
+                trainer.global_step,
+                format_ledger(ledger, trainable_bytes(pl_module)),
+            )
+            value = {"fisher/memory_mb": total_mb(ledger)}
+            for logger in trainer.loggers:
+                try:
+                    logger.log_metrics(value, step=trainer.global_step)
+                except Exception as err:
+                    self._relay.warn(f"logging fisher/memory_mb to {type(logger).__name__} failed: {err!r}")
+        return ledger
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -692,6 +723,19 @@ class FisherMonitor(BoundaryCallback):
                 for name, g in res.summed.items():
                     total[name] = total[name] + g if name in total else g.clone()
                 n += res.losses.shape[0]
+
+    # ------------------------------------------------------------------ memory
+    @override
+    def memory_ledger(self, seen: set | None = None) -> dict[str, int]:
+        """``{group: bytes}``: the collector's groups (``collector.fisher_sum[task]``, ``.ema``,
+        ``.store.*``), the probe results (``probe``: per reference task its mean gradient over
+        the probed parameters and its losses) and the fixed probe batches (``probe_batches``)."""
+        seen = set() if seen is None else seen
+        out: dict[str, int] = {}
+        if self.collector is not None:
+            out.update({f"collector.{k}": v for k, v in self.collector.memory_ledger(seen).items()})
+        out.update(attribute_ledger(self, seen, skip=("collector",)))
+        return out
 
     # ------------------------------------------------------------------ state
     @override
