@@ -604,7 +604,7 @@ class FisherMonitor(BoundaryCallback):
             "step": step,
             "losses": local_losses,
             "loss": float(local_losses.mean()),
-            "grad": {name: g.detach() / n for name, g in grad_sum.items()},
+            "grad": {name: g.detach().div_(n) for name, g in grad_sum.items()},  # in place: no copy
             "n": n,
         }
 
@@ -644,7 +644,10 @@ class FisherMonitor(BoundaryCallback):
                     grads = torch.autograd.grad(per_sample.sum(), list(params.values()), allow_unused=True)
                     for (name, p), g in zip(params.items(), grads):
                         g = torch.zeros_like(p) if g is None else g.detach()
-                        total[name] = total[name] + g if name in total else g
+                        if name in total:
+                            total[name].add_(g)  # in place: one summed copy, never two
+                        else:
+                            total[name] = _owned(g)
                     losses.append(per_sample.detach().float().cpu())
         except Exception as err:
             if not distributed():
@@ -660,7 +663,7 @@ class FisherMonitor(BoundaryCallback):
             "step": step,
             "losses": all_losses,
             "loss": float(all_losses.mean()),
-            "grad": {name: g / n for name, g in grad_sum.items()},
+            "grad": {name: g.div_(n) for name, g in grad_sum.items()},  # in place: no copy
             "n": n,
         }
 
@@ -721,7 +724,10 @@ class FisherMonitor(BoundaryCallback):
                     self.collector.add_gradients(res.grads, task, ids)
                 losses.append(res.losses.float().cpu())
                 for name, g in res.summed.items():
-                    total[name] = total[name] + g if name in total else g.clone()
+                    if name in total:
+                        total[name].add_(g)  # in place: one summed copy, never two
+                    else:
+                        total[name] = _owned(g)
                 n += res.losses.shape[0]
 
     # ------------------------------------------------------------------ memory
@@ -807,6 +813,12 @@ def _reduce_probe(
         out[name] = flat[offset : offset + p.numel()].view(p.shape).to(p.device)
         offset += p.numel()
     return all_losses, out, int(all_losses.numel())
+
+
+def _owned(g: torch.Tensor) -> torch.Tensor:
+    """``g`` itself when it is a fresh, dense tensor (what autograd returns for a weight), so a
+    sum can grow in place without a copy; a copy when it is a view (e.g. an expanded gradient)."""
+    return g if g._base is None and g.is_contiguous() else g.clone()
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:
