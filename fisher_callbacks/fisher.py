@@ -28,6 +28,7 @@ The Fisher sums and the EMA are exact fp32 in both modes (never sketched).
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,11 @@ class _TaskState:
     ema: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32, not bias-corrected
     ema_steps: int = 0
     next_id: int = 0  # running counter for samples without ids
+
+
+class _FisherMeans(dict):
+    """``{name: I_task}`` as :meth:`FisherCollector.fisher` returns it (a dict that can be weakly
+    referenced, so the collector's cache never keeps it alive by itself)."""
 
 
 class Ingest:
@@ -273,7 +279,8 @@ class FisherCollector:
         self.param_shapes = {n: tuple(params[n].shape) for n in self.param_names}
         self.skipped_nonfinite = 0
         self._tasks: dict[str, _TaskState] = {}
-        self._fisher_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._fisher_cache: weakref.WeakValueDictionary[str, _FisherMeans] = weakref.WeakValueDictionary()
+        self._fisher_warned: dict[str, int] = {}  # task -> sample count of its last "few samples" warning
         self._rng = SeededGenerator(seed)  # picklable (ddp_spawn); the torch.Generator is lazy
         self._warned_budget = False
         self.seed = int(seed)
@@ -294,6 +301,15 @@ class FisherCollector:
     @property
     def _generator(self) -> torch.Generator:
         return self._rng.generator
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_fisher_cache"]  # weak references do not pickle; the cache refills on demand
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fisher_cache = weakref.WeakValueDictionary()
 
     # ------------------------------------------------------------------ budget
     @property
@@ -427,7 +443,7 @@ class FisherCollector:
     @property
     def needs_whitening(self) -> bool:
         """True for a sketch store without a whitening Fisher yet."""
-        return isinstance(self.store, SketchStore) and self.store.whitening is None
+        return isinstance(self.store, SketchStore) and not self.store.has_whitening
 
     def initial_whitening(self, sums: Mapping[str, torch.Tensor] | None, count: int) -> None:
         """Freeze the first whitening, identical on every DDP rank (collective).
@@ -620,24 +636,31 @@ class FisherCollector:
         return self._exact_store("get_gradient").get(task, sample_id)
 
     def fisher(self, task: str) -> dict[str, torch.Tensor]:
-        """Contribution Fisher ``I_task = mean_i g_i**2`` (fp32), cached until new samples arrive.
+        """Contribution Fisher ``I_task = mean_i g_i**2`` (fp32, ``{name: [*shape]}``).
 
-        ``{}`` (and a warning) for a task without samples; a warning below
-        ``min_samples_for_fisher`` samples.
+        Cached weakly until new samples arrive: while a caller holds the result (a boundary's
+        QK-OV maps, forgetting and trace logging), every call returns the same tensors; once
+        none does, the memory is freed (no persistent weight-sized copy per task) and the next
+        call divides the sums again. ``{}`` (and a warning) for a task without samples; a
+        warning below ``min_samples_for_fisher`` samples (once per sample count).
         """
+        cached = self._fisher_cache.get(task)
+        if cached is not None:
+            return cached
         sums, count = self.fisher_state(task)
         if count == 0:
             warnings.warn(f"no samples for task {task!r}: its Fisher is empty", stacklevel=2)
             return {}
-        if task not in self._fisher_cache:
-            if count < self.min_samples_for_fisher:
-                warnings.warn(
-                    f"Fisher of task {task!r} from only {count} sample(s) "
-                    f"(< min_samples_for_fisher={self.min_samples_for_fisher}): noisy estimate",
-                    stacklevel=2,
-                )
-            self._fisher_cache[task] = {n: s / float(count) for n, s in sums.items()}
-        return self._fisher_cache[task]
+        if count < self.min_samples_for_fisher and self._fisher_warned.get(task) != count:
+            self._fisher_warned[task] = count
+            warnings.warn(
+                f"Fisher of task {task!r} from only {count} sample(s) "
+                f"(< min_samples_for_fisher={self.min_samples_for_fisher}): noisy estimate",
+                stacklevel=2,
+            )
+        out = _FisherMeans((n, s / float(count)) for n, s in sums.items())
+        self._fisher_cache[task] = out
+        return out
 
     def fisher_state(self, task: str) -> tuple[dict[str, torch.Tensor], int]:
         """``(sum of C_i, count)`` behind :meth:`fisher` (synced total plus local since the sync)."""

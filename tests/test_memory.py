@@ -35,7 +35,7 @@ def test_collector_ledger_matches_its_tensors():
     batch = lm_batch(4, 10)
     col.collect(batch, "a")
     col.update_ema(batch, "a")
-    col.fisher("a")
+    held = col.fisher("a")
     ledger = col.memory_ledger()
     weight_bytes = sum(4 * torch.Size(s).numel() for s in col.param_shapes.values())
     assert ledger["fisher_sum[a]"] == weight_bytes
@@ -44,6 +44,10 @@ def test_collector_ledger_matches_its_tensors():
     rows = ledger["store.rows[a]"]
     assert rows >= 4 * weight_bytes  # 4 stored samples (capacity grows geometrically)
     assert rows == tensor_bytes(col.store._tasks["a"])
+    # the Fisher means are cached only while a caller holds them
+    assert col.fisher("a") is held
+    del held
+    assert "fisher_cache" not in col.memory_ledger()
 
 
 def test_sketch_store_ledger_names_the_whitening():
