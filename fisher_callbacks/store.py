@@ -226,7 +226,7 @@ class HeadMajor:
         return out.movedim(0, self.axis).contiguous()
 
 
-_LEDGER_NAMES = {"white_views": "whitening_signed", "proj": "projections"}
+_LEDGER_NAMES = {"white_views": "whitening", "white_plain": "whitening_uncovered", "proj": "projections"}
 
 
 class GradientStore(ABC):
@@ -725,8 +725,9 @@ class SketchStore(GradientStore):
                     self._by_param.setdefault(bias, []).append((group, True))
         self._group = {(g.layer, g.block): g for g in self.groups}
         self._proj: dict[str, Tensor] = {}  # (layer, block) key -> row orders [H, r]
-        self.whitening: dict[str, Tensor] | None = None  # name -> sqrt(D_w) [*shape] fp32
-        self._white_views: dict[tuple[str, bool], Tensor] = {}
+        self._has_white = False
+        self._white_views: dict[tuple[str, bool], Tensor] = {}  # the whitening (see ``whitening``)
+        self._white_plain: dict[str, Tensor] = {}  # parameters the views do not cover
         self._head_major: dict[str, HeadMajor | None] = {}
         self._segment: dict[str, int] = {}  # (layer, block) key -> its offset in head-major rows
 
@@ -757,32 +758,85 @@ class SketchStore(GradientStore):
         return order if order is not None else self.projection(group.layer, group.block)[0]
 
     # ------------------------------------------------------------------ whitening
+    @property
+    def has_whitening(self) -> bool:
+        """Whether a whitening is frozen (sketches can be made)."""
+        return self._has_white
+
+    @property
+    def whitening(self) -> dict[str, Tensor] | None:
+        """``{name: sqrt(D_w)}`` (``[*shape]`` fp32), or ``None`` before :meth:`set_whitening`.
+
+        The store keeps one copy of the whitening: the signed, row-ordered per-slice views the
+        sketches multiply by (``sign * sqrt(D_w)[pi]``, exact in fp32 since the signs are
+        +-1); this mapping is rebuilt from them on each access (``|view|`` scattered back), so
+        read it once (checkpoints, tests), not per step. Entries of a weight that no head
+        covers (none in the built-in layouts) are kept as they were given.
+        """
+        if not self._has_white:
+            return None
+        return {n: self._natural_white(n) for n in self.param_names}
+
     def set_whitening(self, fisher: Mapping[str, Tensor]) -> None:
         """Freeze ``D_w = 1 / (max(F_w, eps) + lambda)`` from ``{name: F_w}`` for the next sketches."""
         missing = [n for n in self.param_names if n not in fisher]
         if missing:
             raise KeyError(f"whitening Fisher misses {len(missing)} monitored parameter(s): {missing[:3]}")
-        self.whitening = {
-            n: (fisher[n].detach().to(ACCUM_DTYPE).clamp_min(self.epsilon) + self.ridge_lambda).rsqrt()
-            for n in self.param_names
-        }
+        self._set_white(
+            {
+                n: (fisher[n].detach().to(ACCUM_DTYPE).clamp_min(self.epsilon) + self.ridge_lambda).rsqrt()
+                for n in self.param_names
+            }
+        )
         self.version += 1
+
+    def _set_white(self, white: Mapping[str, Tensor]) -> None:
+        """Build every slice's view from ``{name: sqrt(D_w)}``, keeping a plain copy only of the
+        parameters whose entries the views do not cover; the plain tensors are then dropped."""
         self._white_views.clear()
+        self._white_plain = {}
+        for name in self.param_names:
+            t = white[name]
+            covered: Tensor | None = None  # [size of the head axis]: positions some view holds
+            for group, is_bias in self._by_param.get(name, ()):
+                self._white_views[(group.key, is_bias)] = self._make_view(group, is_bias, t)
+                spec = self.layout.spec(group.layer, group.block)
+                axis = 0 if is_bias else spec.axis
+                if covered is None:
+                    covered = torch.zeros(t.shape[axis], dtype=torch.bool)
+                covered[spec.index.reshape(-1).cpu()] = True  # a view holds whole rows / columns
+            if covered is None or not bool(covered.all()):
+                self._white_plain[name] = t
+        self._has_white = True
+
+    def _make_view(self, group: _SliceGroup, is_bias: bool, white: Tensor) -> Tensor:
+        if is_bias:
+            return self.layout.head_view(white, group.layer, group.block, bias=True)  # [H, r]
+        order, sign = self.projection(group.layer, group.block, white.device)
+        return self.layout.head_view(white, group.layer, group.block, order=order) * sign  # [H, r*c]
+
+    def _natural_white(self, name: str) -> Tensor:
+        """``sqrt(D_w)`` of ``name`` in its natural shape, from the views (see :attr:`whitening`)."""
+        plain = self._white_plain.get(name)
+        out = None if plain is None else plain.clone()
+        for group, is_bias in self._by_param.get(name, ()):
+            view = self._white_views[(group.key, is_bias)].abs()  # [H, per-head entries]
+            spec = self.layout.spec(group.layer, group.block)
+            axis = 0 if is_bias else spec.axis
+            idx = spec.index if is_bias else spec.index.gather(1, self._order(group).to(spec.index.device))
+            if out is None:
+                out = torch.empty(self.layout.param_shapes[name], dtype=view.dtype, device=view.device)
+            moved = out.movedim(axis, 0)  # a view: writes land in ``out``
+            moved.index_copy_(0, idx.reshape(-1).to(out.device), view.reshape(-1, *moved.shape[1:]))
+        return out
 
     def _white(self, group: _SliceGroup, is_bias: bool, device: torch.device) -> Tensor:
         """Head view of ``sqrt(D_w)``: ``[H, r]`` (bias) or, for the weight, in the sketch's row
         order and signed, ``[H, r * c]`` (``sign * sqrt(D_w)[pi]``)."""
         key = (group.key, is_bias)
-        w = self._white_views.get(key)
-        if w is None or w.device != device:
-            name = group.bias if is_bias else group.weight
-            white = self.whitening[name].to(device)
-            if is_bias:
-                w = self.layout.head_view(white, group.layer, group.block, bias=True)  # [H, r]
-            else:
-                order, sign = self.projection(group.layer, group.block, device)
-                w = self.layout.head_view(white, group.layer, group.block, order=order) * sign  # [H, r*c]
-            self._white_views[key] = w
+        w = self._white_views[key]
+        if w.device != device:
+            w = self._white_views[key] = w.to(device)
         return w
 
     # ------------------------------------------------------------------ ingest
@@ -814,7 +868,7 @@ class SketchStore(GradientStore):
         return hm
 
     def _write(self, staged: StagedRows, name: str, grad: Tensor, pos: Tensor) -> None:
-        if self.whitening is None:
+        if not self._has_white:
             raise RuntimeError("SketchStore.write before set_whitening: no whitening Fisher yet")
         m = grad.shape[0]
         for group, is_bias in self._by_param.get(name, ()):
@@ -860,7 +914,7 @@ class SketchStore(GradientStore):
             sketch_dim=self.sketch_dim,
             seed=self.seed,
             version=self.version,
-            whitening=None if self.whitening is None else {n: t.clone() for n, t in self.whitening.items()},
+            whitening=self.whitening,  # rebuilt from the views: a fresh copy
         )
         return out
 
@@ -875,8 +929,11 @@ class SketchStore(GradientStore):
         super().load_state_dict(state, device)
         self.version = int(state["version"])
         white = state.get("whitening")
-        self.whitening = None if white is None else {n: t.to(device, ACCUM_DTYPE) for n, t in white.items()}
         self._white_views.clear()
+        self._white_plain = {}
+        self._has_white = white is not None
+        if white is not None:
+            self._set_white({n: t.to(device, ACCUM_DTYPE) for n, t in white.items()})
 
 
 def make_store(
