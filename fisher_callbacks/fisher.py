@@ -64,6 +64,7 @@ class _TaskState:
     synced_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # global sum up to last sync
     synced_count: int = 0
     ema: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32, not bias-corrected
+    ema_trace: torch.Tensor | None = None  # 0-dim fp32: EMA of the trace (sum over entries)
     ema_steps: int = 0
     next_id: int = 0  # running counter for samples without ids
 
@@ -193,6 +194,7 @@ class Ingest:
         for task, rows in self.rows.items():
             state = collector._tasks[task]
             n_task = rows.numel()
+            trace = None
             if self.fisher or self.ema:
                 for name in collector.param_names:
                     c = self.sums[task].get(name)
@@ -208,11 +210,14 @@ class Ingest:
                         else:
                             state.fisher_sum[name] = c.clone()
                     if self.ema:
-                        collector._ema_step(state, name, c, n_task)
+                        trace = c.sum() if trace is None else trace + c.sum()
+                        if collector.ema_entries:
+                            collector._ema_step(state, name, c, n_task)
                 if self.fisher:
                     state.fisher_count += n_task
                     collector._fisher_cache.pop(task, None)
                 if self.ema:
+                    collector._ema_trace_step(state, trace, n_task)
                     state.ema_steps += 1
             if task in self.staged:
                 collector.store.commit(self.staged[task])
@@ -237,6 +242,10 @@ class FisherCollector:
         store: ``"auto"`` (default), ``"exact"`` or ``"sketch"`` (module docstring).
         sketch_dim: numbers per (layer, block, head) slice of a sketched sample.
         expected_tasks: tasks the ``"auto"`` rule plans for (FisherMonitor passes its count).
+        ema_entries: keep the EMA Fisher per weight entry (:meth:`fisher_ema`, one fp32 map of
+            the monitored weights per task with EMA steps); ``False`` keeps only its trace
+            (:meth:`fisher_ema_trace`, what the monitors log), exact in fp32 since the trace of
+            an EMA is the EMA of the traces.
     """
 
     def __init__(
@@ -254,6 +263,7 @@ class FisherCollector:
         store: str = "auto",
         sketch_dim: int = DEFAULT_SKETCH_DIM,
         expected_tasks: int = 2,
+        ema_entries: bool = True,
     ) -> None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
@@ -268,6 +278,7 @@ class FisherCollector:
         self.model = model
         self.layout = layout or AttentionLayout.from_model(model, trainable_only=True)
         self.ema_decay = float(ema_decay)
+        self.ema_entries = bool(ema_entries)
         self.storage_dtype = storage_dtype
         self.gradient_memory_mb = float(gradient_memory_mb)
         self.fisher_type = fisher_type
@@ -518,6 +529,13 @@ class FisherCollector:
         else:
             state.ema[name] = sum_c * ((1.0 - beta) / n)
 
+    def _ema_trace_step(self, state: _TaskState, sum_c: torch.Tensor | None, n: int) -> None:
+        """``F_tr <- beta F_tr + (1 - beta) sum_c / n`` with ``sum_c`` the batch's summed trace."""
+        if sum_c is None:
+            return
+        step = sum_c.detach().float() * ((1.0 - self.ema_decay) / n)
+        state.ema_trace = step if state.ema_trace is None else state.ema_trace * self.ema_decay + step
+
     def _check_grads(self, grads: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.param_names if n not in grads]
         if missing:
@@ -581,7 +599,8 @@ class FisherCollector:
         return True
 
     def fisher_ema(self, task: str) -> dict[str, torch.Tensor]:
-        """Bias-corrected EMA Fisher ``F_t / (1 - beta**t)``; ``{}`` before the first update."""
+        """Bias-corrected EMA Fisher ``F_t / (1 - beta**t)``; ``{}`` before the first update and
+        when the collector keeps the trace only (``ema_entries=False``)."""
         state = self._tasks.get(task)
         if state is None or state.ema_steps == 0:
             return {}
@@ -599,6 +618,14 @@ class FisherCollector:
 
     def num_stored(self, task: str) -> int:
         return self.store.num_stored(task)
+
+    def fisher_ema_trace(self, task: str) -> float:
+        """Bias-corrected trace of the EMA Fisher, ``sum_k F_t,k / (1 - beta**t)`` (0.0 before the
+        first update), kept whatever ``ema_entries``."""
+        state = self._tasks.get(task)
+        if state is None or state.ema_steps == 0 or state.ema_trace is None:
+            return 0.0
+        return float(state.ema_trace) / (1.0 - self.ema_decay**state.ema_steps)
 
     def ema_steps(self, task: str) -> int:
         state = self._tasks.get(task)
@@ -728,8 +755,15 @@ class FisherCollector:
         for task in sorted({t for names in gathered for t in (names or [])}):
             state = self._task(task)
             has_ema = float(state.ema_steps > 0)
-            count = torch.tensor([float(state.fisher_count), float(state.ema_steps), has_ema], device=device)
+            trace = float(state.ema_trace) if state.ema_trace is not None else 0.0
+            count = torch.tensor(
+                [float(state.fisher_count), float(state.ema_steps), has_ema, trace],
+                dtype=torch.float64,
+                device=device,
+            )
             dist.all_reduce(count)
+            if count[2] > 0:
+                state.ema_trace = torch.tensor(float(count[3] / count[2]))
             for name in self.param_names:
                 local = state.fisher_sum.get(name)
                 t = (
@@ -743,6 +777,8 @@ class FisherCollector:
                     home
                 )
                 state.fisher_sum[name] = torch.zeros_like(state.synced_sum[name])
+                if not self.ema_entries:
+                    continue
                 ema = state.ema.get(name)
                 e = ema.to(device) if ema is not None else torch.zeros(self.param_shapes[name], device=device)
                 dist.all_reduce(e)
@@ -796,6 +832,7 @@ class FisherCollector:
                 "synced_sum": {p: t.clone() for p, t in s.synced_sum.items()},
                 "synced_count": s.synced_count,
                 "ema": {p: t.clone() for p, t in s.ema.items()},
+                "ema_trace": None if s.ema_trace is None else float(s.ema_trace),
                 "ema_steps": s.ema_steps,
                 "next_id": s.next_id,
             }
@@ -821,10 +858,14 @@ class FisherCollector:
                 fisher_count=int(s["fisher_count"]),
                 synced_sum={p: v.float() for p, v in s.get("synced_sum", {}).items()},
                 synced_count=int(s.get("synced_count", 0)),
-                ema={p: v.float() for p, v in s["ema"].items()},
+                ema={p: v.float() for p, v in s["ema"].items()} if self.ema_entries else {},
                 ema_steps=int(s["ema_steps"]),
                 next_id=int(s["next_id"]),
             )
+            trace = s.get("ema_trace")
+            if trace is None and s["ema"]:  # a checkpoint from before the trace was kept
+                trace = sum(float(v.float().sum()) for v in s["ema"].values())
+            t.ema_trace = None if trace is None else torch.tensor(float(trace))
             self._tasks[name] = t
         store = state.get("store")
         if store is None:  # checkpoints of the first version: exact rows inside each task

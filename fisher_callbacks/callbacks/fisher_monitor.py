@@ -141,6 +141,10 @@ class FisherMonitor(BoundaryCallback):
             go to the exact Fisher sums and the rows that the store keeps are sketched (or
             copied) on the spot. ``None``: as many samples as fit, for the largest
             monitored weight (2 MB on CPU, 64 MB on an accelerator).
+        ema_entries: keep the EMA Fisher per weight entry (``collector.fisher_ema(task)``: an
+            fp32 copy of the monitored weights per training task). Default ``False``: only its
+            trace is kept (``collector.fisher_ema_trace``, the logged ``ema_trace``, the same
+            value), since no monitor of the suite reads the entries.
 
     What is monitored: the Q/K/V/O weights that train. On a ``peft`` LoRA model those are the
     adapters (``lora_B`` rows of Q/K/V and ``lora_A`` columns of O per head, the other factor
@@ -176,6 +180,7 @@ class FisherMonitor(BoundaryCallback):
         sketch_dim: int = DEFAULT_SKETCH_DIM,
         min_samples_for_fisher: int = 10,
         capture_chunk: int | None = None,
+        ema_entries: bool = False,
     ) -> None:
         if capture_every_n_steps < 0 or ema_samples_per_step < 0 or ema_every_n_steps < 1:
             raise ValueError(
@@ -211,6 +216,7 @@ class FisherMonitor(BoundaryCallback):
         if capture_chunk is not None and capture_chunk < 1:
             raise ValueError(f"capture_chunk must be >= 1 or None, got {capture_chunk}")
         self.capture_chunk = capture_chunk
+        self.ema_entries = ema_entries
 
         self.log_loss = True  # the probe losses are cross-entropies (False: a regression head's MSE)
         self.layout: AttentionLayout | None = None
@@ -290,6 +296,7 @@ class FisherMonitor(BoundaryCallback):
             sketch_dim=self.sketch_dim,
             min_samples_for_fisher=self.min_samples_for_fisher,
             expected_tasks=1 + len(self.reference_tasks),
+            ema_entries=self.ema_entries,
         )
         self.capture = PerSampleGradientCapture(pl_module, self.layout).attach()
 
@@ -496,8 +503,7 @@ class FisherMonitor(BoundaryCallback):
                 fisher = self.collector.fisher(task)
                 values[f"fisher/{task}/trace"] = sum(float(f.sum()) for f in fisher.values())
                 if self.collector.ema_steps(task) > 0:
-                    ema = self.collector.fisher_ema(task)
-                    values[f"fisher/{task}/ema_trace"] = sum(float(f.sum()) for f in ema.values())
+                    values[f"fisher/{task}/ema_trace"] = self.collector.fisher_ema_trace(task)
                 values[f"fisher/{task}/num_samples"] = float(self.collector.num_samples(task))
                 values[f"fisher/{task}/num_stored"] = float(self.collector.num_stored(task))
         values["fisher/skipped_steps"] = float(self.skipped_steps)
