@@ -198,6 +198,7 @@ class StagedRows:
     ids: list[SampleId]
     seen: int
     rows: dict[str, Tensor]
+    written: set[str] = field(default_factory=set)  # keys :meth:`GradientStore.write` filled
 
 
 @dataclass(frozen=True)
@@ -391,10 +392,7 @@ class GradientStore(ABC):
         lookup = torch.full((len(ids),), -1, dtype=torch.long)
         lookup[torch.tensor(src, dtype=torch.long)] = torch.arange(len(src))
         rows = (
-            {
-                key: torch.zeros((len(src), *shape), dtype=self.storage_dtype, device=device)
-                for key, shape in self._row_shapes().items()
-            }
+            {key: self._staging((len(src), *shape), device) for key, shape in self._row_shapes().items()}
             if src
             else {}
         )
@@ -407,6 +405,10 @@ class GradientStore(ABC):
             seen,
             rows,
         )
+
+    def _staging(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """Room for staged rows (zeros: a row that :meth:`write` fills in parts starts at 0)."""
+        return torch.zeros(shape, dtype=self.storage_dtype, device=device)
 
     def write(self, staged: StagedRows, name: str, grad: Tensor, batch_rows: Tensor) -> None:
         """Stage the rows of one parameter's per-sample gradients that got a slot.
@@ -427,10 +429,13 @@ class GradientStore(ABC):
         if take.numel() < grad.shape[0]:
             grad = grad.index_select(0, take.to(grad.device))
         self._write(staged, name, grad, pos[take])
+        staged.written.add(name)
 
     @abstractmethod
     def _write(self, staged: StagedRows, name: str, grad: Tensor, pos: Tensor) -> None:
         """Write ``grad`` (``[m, ...]``, see :meth:`write`) to the staged rows ``pos`` (``[m]``)."""
+
+    staged_uninitialised = False  # staged rows start as zeros (see ExactStore)
 
     def head_major(self, name: str) -> HeadMajor | None:
         """The layout :meth:`write` wants ``name``'s gradients in (``None``: natural ``[m, *shape]``).
@@ -449,6 +454,8 @@ class GradientStore(ABC):
         device = next(iter(staged.rows.values())).device
         self._ensure_rows(state, len(state.ids), device)
         for key, rows in staged.rows.items():
+            if self.staged_uninitialised and key not in staged.written:
+                rows.zero_()  # no gradient reached it this batch (FisherCollector warns): zeros
             target = state.rows[key]
             target.index_copy_(0, staged.dst.to(target.device), rows.to(target.device))
         state.versions[staged.dst] = self.version
@@ -617,6 +624,13 @@ class ExactStore(GradientStore):
 
     def row_shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(self.layout.param_shapes[n]) for n in self.param_names}
+
+    staged_uninitialised = True  # every staged row of a written parameter is overwritten whole
+
+    def _staging(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        # No zero fill: a captured step writes every staged row of every parameter (one
+        # weight-sized pass per sample saved); a parameter no gradient reached is zeroed at commit.
+        return torch.empty(shape, dtype=self.storage_dtype, device=device)
 
     def _write(self, staged: StagedRows, name: str, grad: Tensor, pos: Tensor) -> None:
         target = staged.rows[name]
