@@ -100,3 +100,19 @@ def test_suite_ledger_logged_at_train_start(tmp_path, caplog):
     assert sum(ledger.values()) <= separately
     table = format_ledger(ledger, trainable_bytes(model))
     assert "total" in table and "x trainable weights" in table
+
+
+def test_probe_gradients_kept_only_for_a_reader(tmp_path):
+    """Without a ForgettingRiskMonitor no probe pass keeps a weight-sized gradient; with one,
+    the gradient is there (and counted once although both monitors hold it)."""
+    fm = FisherMonitor(train_task="math", reference_tasks=["general"], capture_every_n_steps=2)
+    qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=10)
+    _fit(tmp_path / "a", [fm, qm])
+    assert fm.probe["general"]["grad"] == {}
+    assert fm.probe["general"]["n"] > 0
+    assert "probe" not in fm.memory_ledger() or fm.memory_ledger()["probe"] < 2**12
+    fm = FisherMonitor(train_task="math", reference_tasks=["general"], capture_every_n_steps=2)
+    rm = ForgettingRiskMonitor(fm, reference_tasks=["general"])
+    _, model = _fit(tmp_path / "b", [fm, rm])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(fm.probe["general"]["grad"]) == trainable

@@ -145,6 +145,11 @@ class FisherMonitor(BoundaryCallback):
             fp32 copy of the monitored weights per training task). Default ``False``: only its
             trace is kept (``collector.fisher_ema_trace``, the logged ``ema_trace``, the same
             value), since no monitor of the suite reads the entries.
+        probe_gradients: keep each probe pass's mean gradient (``probe[task]["grad"]``, over
+            every trainable parameter or ``probe_grad_names``: the forgetting prediction's
+            input). ``None`` (default): only when a ForgettingRiskMonitor is attached, the one
+            reader in the suite; without one a probe pass computes and keeps no weight-sized
+            gradient (0.54 GB per probe set for a 135M model, all parameters probed).
 
     What is monitored: the Q/K/V/O weights that train. On a ``peft`` LoRA model those are the
     adapters (``lora_B`` rows of Q/K/V and ``lora_A`` columns of O per head, the other factor
@@ -181,6 +186,7 @@ class FisherMonitor(BoundaryCallback):
         min_samples_for_fisher: int = 10,
         capture_chunk: int | None = None,
         ema_entries: bool = False,
+        probe_gradients: bool | None = None,
     ) -> None:
         if capture_every_n_steps < 0 or ema_samples_per_step < 0 or ema_every_n_steps < 1:
             raise ValueError(
@@ -217,6 +223,8 @@ class FisherMonitor(BoundaryCallback):
             raise ValueError(f"capture_chunk must be >= 1 or None, got {capture_chunk}")
         self.capture_chunk = capture_chunk
         self.ema_entries = ema_entries
+        self.probe_gradients = probe_gradients
+        self._keep_probe_grads = probe_gradients is not False  # resolved at setup
 
         self.log_loss = True  # the probe losses are cross-entropies (False: a regression head's MSE)
         self.layout: AttentionLayout | None = None
@@ -258,6 +266,10 @@ class FisherMonitor(BoundaryCallback):
     # ------------------------------------------------------------------ setup / teardown
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.probe_gradients is None:
+            from .forgetting_monitor import ForgettingRiskMonitor  # it imports this module
+
+            self._keep_probe_grads = any(isinstance(cb, ForgettingRiskMonitor) for cb in trainer.callbacks)
         for task, loader in self.reference_tasks.items():
             if loader is None:
                 self.reference_tasks[task] = _probe_loader(trainer, pl_module, task)
@@ -575,7 +587,8 @@ class FisherMonitor(BoundaryCallback):
         Returns:
             ``{"step", "loss" (mean of per-sample losses), "losses" [n], "grad"
             (``{name: mean gradient}`` over all trainable parameters, or over
-            ``probe_grad_names`` when a monitor restricted it), "n"}``, over all ranks.
+            ``probe_grad_names`` when a monitor restricted it; ``{}`` when no monitor reads it,
+            see ``probe_gradients``), "n"}``, over all ranks.
 
         Raises:
             ValueError: no probe sample on any rank.
@@ -584,6 +597,8 @@ class FisherMonitor(BoundaryCallback):
         params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         if self.probe_grad_names is not None:
             params = {n: p for n, p in params.items() if n in self.probe_grad_names}
+        if not self._keep_probe_grads:
+            params = {}  # no reader: no weight-sized gradient (see ``probe_gradients``)
         if sum_params is not None:
             params = dict(sum_params)
         losses: list[torch.Tensor] = []
@@ -806,6 +821,8 @@ def _reduce_probe(
     gathered: list[list[float] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, losses.tolist())
     all_losses = torch.tensor([v for rank in gathered for v in (rank or [])], dtype=torch.float32)
+    if not params:
+        return all_losses, {}, int(all_losses.numel())
     device = _collective_device()
     flat = torch.cat(
         [
