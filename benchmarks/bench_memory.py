@@ -104,8 +104,9 @@ def scaled(
     layout = AttentionLayout.from_model(model)
     trainable = sum(p.numel() * 4 for p in model.parameters())
     monitored = sum(model.get_parameter(n).numel() * 4 for n in layout.monitored_parameters())
-    collector = FisherCollector(model, layout, store="auto", expected_tasks=2, max_samples_per_task=64)
-    rows = collector.store.capacity_per_task(2) * collector.bytes_per_sample
+    collector = FisherCollector(model, layout, store="auto", expected_tasks=2)
+    per_task = min(collector.store.capacity_per_task(2), 64)  # FisherMonitor's max_samples_per_task
+    rows = per_task * collector.bytes_per_sample
     out, approx = {}, set()
     for group, n in base.items():
         if ".store.rows[" in group:
