@@ -137,6 +137,7 @@ def child(args: argparse.Namespace) -> None:
     from fisher_callbacks.memory import suite_ledger, trainable_bytes
 
     every, heat_every = CADENCES[args.cadence]
+    every = args.every or every
     steps = args.steps if args.cadence == "realistic" else args.demo_steps
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
@@ -194,7 +195,7 @@ def child(args: argparse.Namespace) -> None:
         )
         qm = fc.QKOVInterferenceMonitor(fm, pairs=[("general", "train")], every_n_validations=heat_every)
         rm = fc.ForgettingRiskMonitor(fm, reference_tasks=["general"])
-        callbacks = [fm, qm, rm]
+        callbacks = {"all": [fm, qm, rm], "fisher+qkov": [fm, qm], "fisher": [fm]}[args.suite]
         timer.monitor = fm
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
@@ -222,7 +223,7 @@ def child(args: argparse.Namespace) -> None:
         trainer.fit(model, train, val)
         wall = time.perf_counter() - t0
         cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-        mem = suite_ledger([fm, qm, rm], model) if fm is not None else {}
+        mem = suite_ledger(callbacks, model) if fm is not None else {}
     out = {
         "wall": wall,
         "peak_rss_mb": _peak_rss_mb(),
@@ -326,6 +327,10 @@ def run_one(args: argparse.Namespace, model: str, cadence: str, monitored: bool)
         args.dtype,
         "--threads",
         str(args.threads),
+        "--suite",
+        args.suite,
+        "--every",
+        str(args.every),
     ]
     if monitored:
         cmd.append("--monitored")
@@ -416,6 +421,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--suite",
+        default="all",
+        choices=["all", "fisher+qkov", "fisher"],
+        help="monitors attached (each monitor's share of the peak)",
+    )
+    parser.add_argument("--every", type=int, default=0, help="override the cadence's interval")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--monitored", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
