@@ -447,9 +447,14 @@ class FisherCollector:
         for t in names:
             sums, count = self.fisher_state(t)
             for n, s in sums.items():
-                v = s / float(count)
-                out[n] = out[n] + v if n in out else v.clone()
-        return {n: v / len(names) for n, v in out.items()}
+                if n in out:
+                    out[n].add_(s, alpha=1.0 / count)  # in place: one weight-sized result
+                else:
+                    out[n] = s / float(count)
+        if len(names) > 1:
+            for v in out.values():
+                v.div_(len(names))
+        return out
 
     @property
     def needs_whitening(self) -> bool:

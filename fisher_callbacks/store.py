@@ -796,21 +796,20 @@ class SketchStore(GradientStore):
         missing = [n for n in self.param_names if n not in fisher]
         if missing:
             raise KeyError(f"whitening Fisher misses {len(missing)} monitored parameter(s): {missing[:3]}")
-        self._set_white(
-            {
-                n: (fisher[n].detach().to(ACCUM_DTYPE).clamp_min(self.epsilon) + self.ridge_lambda).rsqrt()
-                for n in self.param_names
-            }
-        )
+        self._set_white(fisher, from_fisher=True)
         self.version += 1
 
-    def _set_white(self, white: Mapping[str, Tensor]) -> None:
-        """Build every slice's view from ``{name: sqrt(D_w)}``, keeping a plain copy only of the
-        parameters whose entries the views do not cover; the plain tensors are then dropped."""
+    def _set_white(self, white: Mapping[str, Tensor], from_fisher: bool = False) -> None:
+        """Build every slice's view from ``{name: sqrt(D_w)}`` (or from ``{name: F_w}`` with
+        ``from_fisher``), one parameter at a time, keeping a plain copy only of the parameters
+        whose entries the views do not cover: at most one parameter's plain whitening is alive
+        besides the views."""
         self._white_views.clear()
         self._white_plain = {}
         for name in self.param_names:
             t = white[name]
+            if from_fisher:
+                t = (t.detach().to(ACCUM_DTYPE).clamp_min(self.epsilon) + self.ridge_lambda).rsqrt()
             covered: Tensor | None = None  # [size of the head axis]: positions some view holds
             for group, is_bias in self._by_param.get(name, ()):
                 self._white_views[(group.key, is_bias)] = self._make_view(group, is_bias, t)
