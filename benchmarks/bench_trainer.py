@@ -185,7 +185,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--kinds", default="gpt2,llama")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (ratios vs a plain step)")
     for kind in args.kinds.split(","):
         run(kind, args.rounds, args.steps, args.every, args.batch, args.seq)

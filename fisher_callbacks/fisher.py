@@ -28,6 +28,7 @@ The Fisher sums and the EMA are exact fp32 in both modes (never sketched).
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ from ._rng import SeededGenerator
 from .capture import per_sample_gradients
 from .layouts import AttentionLayout
 from .losses import LossType
+from .memory import tensor_bytes
 from .store import (
     DEFAULT_SKETCH_DIM,
     ExactStore,
@@ -62,8 +64,14 @@ class _TaskState:
     synced_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # global sum up to last sync
     synced_count: int = 0
     ema: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32, not bias-corrected
+    ema_trace: torch.Tensor | None = None  # 0-dim fp32: EMA of the trace (sum over entries)
     ema_steps: int = 0
     next_id: int = 0  # running counter for samples without ids
+
+
+class _FisherMeans(dict):
+    """``{name: I_task}`` as :meth:`FisherCollector.fisher` returns it (a dict that can be weakly
+    referenced, so the collector's cache never keeps it alive by itself)."""
 
 
 class Ingest:
@@ -186,6 +194,7 @@ class Ingest:
         for task, rows in self.rows.items():
             state = collector._tasks[task]
             n_task = rows.numel()
+            trace = None
             if self.fisher or self.ema:
                 for name in collector.param_names:
                     c = self.sums[task].get(name)
@@ -201,11 +210,14 @@ class Ingest:
                         else:
                             state.fisher_sum[name] = c.clone()
                     if self.ema:
-                        collector._ema_step(state, name, c, n_task)
+                        trace = c.sum() if trace is None else trace + c.sum()
+                        if collector.ema_entries:
+                            collector._ema_step(state, name, c, n_task)
                 if self.fisher:
                     state.fisher_count += n_task
                     collector._fisher_cache.pop(task, None)
                 if self.ema:
+                    collector._ema_trace_step(state, trace, n_task)
                     state.ema_steps += 1
             if task in self.staged:
                 collector.store.commit(self.staged[task])
@@ -230,6 +242,10 @@ class FisherCollector:
         store: ``"auto"`` (default), ``"exact"`` or ``"sketch"`` (module docstring).
         sketch_dim: numbers per (layer, block, head) slice of a sketched sample.
         expected_tasks: tasks the ``"auto"`` rule plans for (FisherMonitor passes its count).
+        ema_entries: keep the EMA Fisher per weight entry (:meth:`fisher_ema`, one fp32 map of
+            the monitored weights per task with EMA steps); ``False`` keeps only its trace
+            (:meth:`fisher_ema_trace`, what the monitors log), exact in fp32 since the trace of
+            an EMA is the EMA of the traces.
     """
 
     def __init__(
@@ -247,6 +263,7 @@ class FisherCollector:
         store: str = "auto",
         sketch_dim: int = DEFAULT_SKETCH_DIM,
         expected_tasks: int = 2,
+        ema_entries: bool = True,
     ) -> None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
@@ -261,6 +278,7 @@ class FisherCollector:
         self.model = model
         self.layout = layout or AttentionLayout.from_model(model, trainable_only=True)
         self.ema_decay = float(ema_decay)
+        self.ema_entries = bool(ema_entries)
         self.storage_dtype = storage_dtype
         self.gradient_memory_mb = float(gradient_memory_mb)
         self.fisher_type = fisher_type
@@ -272,7 +290,8 @@ class FisherCollector:
         self.param_shapes = {n: tuple(params[n].shape) for n in self.param_names}
         self.skipped_nonfinite = 0
         self._tasks: dict[str, _TaskState] = {}
-        self._fisher_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._fisher_cache: weakref.WeakValueDictionary[str, _FisherMeans] = weakref.WeakValueDictionary()
+        self._fisher_warned: dict[str, int] = {}  # task -> sample count of its last "few samples" warning
         self._rng = SeededGenerator(seed)  # picklable (ddp_spawn); the torch.Generator is lazy
         self._warned_budget = False
         self.seed = int(seed)
@@ -293,6 +312,15 @@ class FisherCollector:
     @property
     def _generator(self) -> torch.Generator:
         return self._rng.generator
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_fisher_cache"]  # weak references do not pickle; the cache refills on demand
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fisher_cache = weakref.WeakValueDictionary()
 
     # ------------------------------------------------------------------ budget
     @property
@@ -419,14 +447,19 @@ class FisherCollector:
         for t in names:
             sums, count = self.fisher_state(t)
             for n, s in sums.items():
-                v = s / float(count)
-                out[n] = out[n] + v if n in out else v.clone()
-        return {n: v / len(names) for n, v in out.items()}
+                if n in out:
+                    out[n].add_(s, alpha=1.0 / count)  # in place: one weight-sized result
+                else:
+                    out[n] = s / float(count)
+        if len(names) > 1:
+            for v in out.values():
+                v.div_(len(names))
+        return out
 
     @property
     def needs_whitening(self) -> bool:
         """True for a sketch store without a whitening Fisher yet."""
-        return isinstance(self.store, SketchStore) and self.store.whitening is None
+        return isinstance(self.store, SketchStore) and not self.store.has_whitening
 
     def initial_whitening(self, sums: Mapping[str, torch.Tensor] | None, count: int) -> None:
         """Freeze the first whitening, identical on every DDP rank (collective).
@@ -501,6 +534,13 @@ class FisherCollector:
         else:
             state.ema[name] = sum_c * ((1.0 - beta) / n)
 
+    def _ema_trace_step(self, state: _TaskState, sum_c: torch.Tensor | None, n: int) -> None:
+        """``F_tr <- beta F_tr + (1 - beta) sum_c / n`` with ``sum_c`` the batch's summed trace."""
+        if sum_c is None:
+            return
+        step = sum_c.detach().float() * ((1.0 - self.ema_decay) / n)
+        state.ema_trace = step if state.ema_trace is None else state.ema_trace * self.ema_decay + step
+
     def _check_grads(self, grads: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.param_names if n not in grads]
         if missing:
@@ -564,7 +604,8 @@ class FisherCollector:
         return True
 
     def fisher_ema(self, task: str) -> dict[str, torch.Tensor]:
-        """Bias-corrected EMA Fisher ``F_t / (1 - beta**t)``; ``{}`` before the first update."""
+        """Bias-corrected EMA Fisher ``F_t / (1 - beta**t)``; ``{}`` before the first update and
+        when the collector keeps the trace only (``ema_entries=False``)."""
         state = self._tasks.get(task)
         if state is None or state.ema_steps == 0:
             return {}
@@ -582,6 +623,14 @@ class FisherCollector:
 
     def num_stored(self, task: str) -> int:
         return self.store.num_stored(task)
+
+    def fisher_ema_trace(self, task: str) -> float:
+        """Bias-corrected trace of the EMA Fisher, ``sum_k F_t,k / (1 - beta**t)`` (0.0 before the
+        first update), kept whatever ``ema_entries``."""
+        state = self._tasks.get(task)
+        if state is None or state.ema_steps == 0 or state.ema_trace is None:
+            return 0.0
+        return float(state.ema_trace) / (1.0 - self.ema_decay**state.ema_steps)
 
     def ema_steps(self, task: str) -> int:
         state = self._tasks.get(task)
@@ -619,24 +668,31 @@ class FisherCollector:
         return self._exact_store("get_gradient").get(task, sample_id)
 
     def fisher(self, task: str) -> dict[str, torch.Tensor]:
-        """Contribution Fisher ``I_task = mean_i g_i**2`` (fp32), cached until new samples arrive.
+        """Contribution Fisher ``I_task = mean_i g_i**2`` (fp32, ``{name: [*shape]}``).
 
-        ``{}`` (and a warning) for a task without samples; a warning below
-        ``min_samples_for_fisher`` samples.
+        Cached weakly until new samples arrive: while a caller holds the result (a boundary's
+        QK-OV maps, forgetting and trace logging), every call returns the same tensors; once
+        none does, the memory is freed (no persistent weight-sized copy per task) and the next
+        call divides the sums again. ``{}`` (and a warning) for a task without samples; a
+        warning below ``min_samples_for_fisher`` samples (once per sample count).
         """
+        cached = self._fisher_cache.get(task)
+        if cached is not None:
+            return cached
         sums, count = self.fisher_state(task)
         if count == 0:
             warnings.warn(f"no samples for task {task!r}: its Fisher is empty", stacklevel=2)
             return {}
-        if task not in self._fisher_cache:
-            if count < self.min_samples_for_fisher:
-                warnings.warn(
-                    f"Fisher of task {task!r} from only {count} sample(s) "
-                    f"(< min_samples_for_fisher={self.min_samples_for_fisher}): noisy estimate",
-                    stacklevel=2,
-                )
-            self._fisher_cache[task] = {n: s / float(count) for n, s in sums.items()}
-        return self._fisher_cache[task]
+        if count < self.min_samples_for_fisher and self._fisher_warned.get(task) != count:
+            self._fisher_warned[task] = count
+            warnings.warn(
+                f"Fisher of task {task!r} from only {count} sample(s) "
+                f"(< min_samples_for_fisher={self.min_samples_for_fisher}): noisy estimate",
+                stacklevel=2,
+            )
+        out = _FisherMeans((n, s / float(count)) for n, s in sums.items())
+        self._fisher_cache[task] = out
+        return out
 
     def fisher_state(self, task: str) -> tuple[dict[str, torch.Tensor], int]:
         """``(sum of C_i, count)`` behind :meth:`fisher` (synced total plus local since the sync)."""
@@ -665,6 +721,22 @@ class FisherCollector:
             }
         return out
 
+    # ------------------------------------------------------------------ memory
+    def memory_ledger(self, seen: set | None = None) -> dict[str, int]:
+        """``{group: bytes}`` of what the collector holds: per task the fp32 Fisher sums
+        (``fisher_sum[task]``, the synced total included) and EMA (``ema[task]``), the cached
+        means (``fisher_cache``) and the store's groups (``store.rows[task]``,
+        ``store.whitening``, ...). Tensors in ``seen`` are not counted again (it is updated)."""
+        seen = set() if seen is None else seen
+        out: dict[str, int] = {}
+        for task, state in self._tasks.items():
+            out[f"fisher_sum[{task}]"] = tensor_bytes([state.fisher_sum, state.synced_sum], seen)
+            out[f"ema[{task}]"] = tensor_bytes(state.ema, seen)
+        out["fisher_cache"] = tensor_bytes(self._fisher_cache, seen)
+        for group, n in self.store.memory_ledger(seen).items():
+            out[f"store.{group}"] = n
+        return {k: v for k, v in out.items() if v}
+
     # ------------------------------------------------------------------ distributed
     def sync(self, tasks: Iterable[str] | None = None) -> None:
         """Reduce the Fisher sums and counts across ``torch.distributed`` ranks (collective).
@@ -688,8 +760,15 @@ class FisherCollector:
         for task in sorted({t for names in gathered for t in (names or [])}):
             state = self._task(task)
             has_ema = float(state.ema_steps > 0)
-            count = torch.tensor([float(state.fisher_count), float(state.ema_steps), has_ema], device=device)
+            trace = float(state.ema_trace) if state.ema_trace is not None else 0.0
+            count = torch.tensor(
+                [float(state.fisher_count), float(state.ema_steps), has_ema, trace],
+                dtype=torch.float64,
+                device=device,
+            )
             dist.all_reduce(count)
+            if count[2] > 0:
+                state.ema_trace = torch.tensor(float(count[3] / count[2]))
             for name in self.param_names:
                 local = state.fisher_sum.get(name)
                 t = (
@@ -703,6 +782,8 @@ class FisherCollector:
                     home
                 )
                 state.fisher_sum[name] = torch.zeros_like(state.synced_sum[name])
+                if not self.ema_entries:
+                    continue
                 ema = state.ema.get(name)
                 e = ema.to(device) if ema is not None else torch.zeros(self.param_shapes[name], device=device)
                 dist.all_reduce(e)
@@ -756,6 +837,7 @@ class FisherCollector:
                 "synced_sum": {p: t.clone() for p, t in s.synced_sum.items()},
                 "synced_count": s.synced_count,
                 "ema": {p: t.clone() for p, t in s.ema.items()},
+                "ema_trace": None if s.ema_trace is None else float(s.ema_trace),
                 "ema_steps": s.ema_steps,
                 "next_id": s.next_id,
             }
@@ -781,10 +863,14 @@ class FisherCollector:
                 fisher_count=int(s["fisher_count"]),
                 synced_sum={p: v.float() for p, v in s.get("synced_sum", {}).items()},
                 synced_count=int(s.get("synced_count", 0)),
-                ema={p: v.float() for p, v in s["ema"].items()},
+                ema={p: v.float() for p, v in s["ema"].items()} if self.ema_entries else {},
                 ema_steps=int(s["ema_steps"]),
                 next_id=int(s["next_id"]),
             )
+            trace = s.get("ema_trace")
+            if trace is None and s["ema"]:  # a checkpoint from before the trace was kept
+                trace = sum(float(v.float().sum()) for v in s["ema"].values())
+            t.ema_trace = None if trace is None else torch.tensor(float(trace))
             self._tasks[name] = t
         store = state.get("store")
         if store is None:  # checkpoints of the first version: exact rows inside each task

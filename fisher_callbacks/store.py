@@ -66,6 +66,7 @@ from torch import Tensor
 from ._rng import SeededGenerator
 from .functional.fisher_ops import ACCUM_DTYPE
 from .layouts import BLOCKS, AttentionLayout
+from .memory import attribute_ledger, tensor_bytes
 
 __all__ = [
     "DEFAULT_SKETCH_DIM",
@@ -197,6 +198,7 @@ class StagedRows:
     ids: list[SampleId]
     seen: int
     rows: dict[str, Tensor]
+    written: set[str] = field(default_factory=set)  # keys :meth:`GradientStore.write` filled
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,9 @@ class HeadMajor:
         out = torch.empty((self.shape[self.axis], t.shape[-1]), dtype=t.dtype, device=t.device)
         out.index_copy_(0, self.index.to(t.device), t)
         return out.movedim(0, self.axis).contiguous()
+
+
+_LEDGER_NAMES = {"white_views": "whitening", "white_plain": "whitening_uncovered", "proj": "projections"}
 
 
 class GradientStore(ABC):
@@ -387,10 +392,7 @@ class GradientStore(ABC):
         lookup = torch.full((len(ids),), -1, dtype=torch.long)
         lookup[torch.tensor(src, dtype=torch.long)] = torch.arange(len(src))
         rows = (
-            {
-                key: torch.zeros((len(src), *shape), dtype=self.storage_dtype, device=device)
-                for key, shape in self._row_shapes().items()
-            }
+            {key: self._staging((len(src), *shape), device) for key, shape in self._row_shapes().items()}
             if src
             else {}
         )
@@ -403,6 +405,10 @@ class GradientStore(ABC):
             seen,
             rows,
         )
+
+    def _staging(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """Room for staged rows (zeros: a row that :meth:`write` fills in parts starts at 0)."""
+        return torch.zeros(shape, dtype=self.storage_dtype, device=device)
 
     def write(self, staged: StagedRows, name: str, grad: Tensor, batch_rows: Tensor) -> None:
         """Stage the rows of one parameter's per-sample gradients that got a slot.
@@ -423,10 +429,13 @@ class GradientStore(ABC):
         if take.numel() < grad.shape[0]:
             grad = grad.index_select(0, take.to(grad.device))
         self._write(staged, name, grad, pos[take])
+        staged.written.add(name)
 
     @abstractmethod
     def _write(self, staged: StagedRows, name: str, grad: Tensor, pos: Tensor) -> None:
         """Write ``grad`` (``[m, ...]``, see :meth:`write`) to the staged rows ``pos`` (``[m]``)."""
+
+    staged_uninitialised = False  # staged rows start as zeros (see ExactStore)
 
     def head_major(self, name: str) -> HeadMajor | None:
         """The layout :meth:`write` wants ``name``'s gradients in (``None``: natural ``[m, *shape]``).
@@ -445,6 +454,8 @@ class GradientStore(ABC):
         device = next(iter(staged.rows.values())).device
         self._ensure_rows(state, len(state.ids), device)
         for key, rows in staged.rows.items():
+            if self.staged_uninitialised and key not in staged.written:
+                rows.zero_()  # no gradient reached it this batch (FisherCollector warns): zeros
             target = state.rows[key]
             target.index_copy_(0, staged.dst.to(target.device), rows.to(target.device))
         state.versions[staged.dst] = self.version
@@ -554,6 +565,17 @@ class GradientStore(ABC):
         return {"kind": self.kind}
 
     # ------------------------------------------------------------------ state
+    def memory_ledger(self, seen: set | None = None) -> dict[str, int]:
+        """``{group: bytes}``: the stored rows of each task (``rows[task]``, with their version
+        tags) and whatever else the store keeps (a sketch store: ``whitening``, its signed
+        per-slice copy ``whitening_signed`` and the row orders ``projections``)."""
+        seen = set() if seen is None else seen
+        out = {f"rows[{task}]": tensor_bytes(state, seen) for task, state in self._tasks.items()}
+        extra = attribute_ledger(self, seen, skip=("_tasks", "layout", "_rng"))
+        for name, n in extra.items():
+            out[_LEDGER_NAMES.get(name, name)] = n
+        return {k: v for k, v in out.items() if v}
+
     def state_dict(self, include_rows: bool = True) -> dict[str, Any]:
         """Rows, ids, reservoir counters and row versions per task; ``include_rows=False`` keeps
         the tasks but no rows (the reservoirs restart empty, ``seen`` 0: see
@@ -602,6 +624,13 @@ class ExactStore(GradientStore):
 
     def row_shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(self.layout.param_shapes[n]) for n in self.param_names}
+
+    staged_uninitialised = True  # every staged row of a written parameter is overwritten whole
+
+    def _staging(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        # No zero fill: a captured step writes every staged row of every parameter (one
+        # weight-sized pass per sample saved); a parameter no gradient reached is zeroed at commit.
+        return torch.empty(shape, dtype=self.storage_dtype, device=device)
 
     def _write(self, staged: StagedRows, name: str, grad: Tensor, pos: Tensor) -> None:
         target = staged.rows[name]
@@ -710,8 +739,9 @@ class SketchStore(GradientStore):
                     self._by_param.setdefault(bias, []).append((group, True))
         self._group = {(g.layer, g.block): g for g in self.groups}
         self._proj: dict[str, Tensor] = {}  # (layer, block) key -> row orders [H, r]
-        self.whitening: dict[str, Tensor] | None = None  # name -> sqrt(D_w) [*shape] fp32
-        self._white_views: dict[tuple[str, bool], Tensor] = {}
+        self._has_white = False
+        self._white_views: dict[tuple[str, bool], Tensor] = {}  # the whitening (see ``whitening``)
+        self._white_plain: dict[str, Tensor] = {}  # parameters the views do not cover
         self._head_major: dict[str, HeadMajor | None] = {}
         self._segment: dict[str, int] = {}  # (layer, block) key -> its offset in head-major rows
 
@@ -742,32 +772,84 @@ class SketchStore(GradientStore):
         return order if order is not None else self.projection(group.layer, group.block)[0]
 
     # ------------------------------------------------------------------ whitening
+    @property
+    def has_whitening(self) -> bool:
+        """Whether a whitening is frozen (sketches can be made)."""
+        return self._has_white
+
+    @property
+    def whitening(self) -> dict[str, Tensor] | None:
+        """``{name: sqrt(D_w)}`` (``[*shape]`` fp32), or ``None`` before :meth:`set_whitening`.
+
+        The store keeps one copy of the whitening: the signed, row-ordered per-slice views the
+        sketches multiply by (``sign * sqrt(D_w)[pi]``, exact in fp32 since the signs are
+        +-1); this mapping is rebuilt from them on each access (``|view|`` scattered back), so
+        read it once (checkpoints, tests), not per step. Entries of a weight that no head
+        covers (none in the built-in layouts) are kept as they were given.
+        """
+        if not self._has_white:
+            return None
+        return {n: self._natural_white(n) for n in self.param_names}
+
     def set_whitening(self, fisher: Mapping[str, Tensor]) -> None:
         """Freeze ``D_w = 1 / (max(F_w, eps) + lambda)`` from ``{name: F_w}`` for the next sketches."""
         missing = [n for n in self.param_names if n not in fisher]
         if missing:
             raise KeyError(f"whitening Fisher misses {len(missing)} monitored parameter(s): {missing[:3]}")
-        self.whitening = {
-            n: (fisher[n].detach().to(ACCUM_DTYPE).clamp_min(self.epsilon) + self.ridge_lambda).rsqrt()
-            for n in self.param_names
-        }
+        self._set_white(fisher, from_fisher=True)
         self.version += 1
+
+    def _set_white(self, white: Mapping[str, Tensor], from_fisher: bool = False) -> None:
+        """Build every slice's view from ``{name: sqrt(D_w)}`` (or from ``{name: F_w}`` with
+        ``from_fisher``), one parameter at a time, keeping a plain copy only of the parameters
+        whose entries the views do not cover: at most one parameter's plain whitening is alive
+        besides the views."""
         self._white_views.clear()
+        self._white_plain = {}
+        for name in self.param_names:
+            t = white[name]
+            if from_fisher:
+                t = (t.detach().to(ACCUM_DTYPE).clamp_min(self.epsilon) + self.ridge_lambda).rsqrt()
+            covered: Tensor | None = None  # [size of the head axis]: positions some view holds
+            for group, is_bias in self._by_param.get(name, ()):
+                self._white_views[(group.key, is_bias)] = self._make_view(group, is_bias, t)
+                spec = self.layout.spec(group.layer, group.block)
+                axis = 0 if is_bias else spec.axis
+                if covered is None:
+                    covered = torch.zeros(t.shape[axis], dtype=torch.bool)
+                covered[spec.index.reshape(-1).cpu()] = True  # a view holds whole rows / columns
+            if covered is None or not bool(covered.all()):
+                self._white_plain[name] = t
+        self._has_white = True
+
+    def _make_view(self, group: _SliceGroup, is_bias: bool, white: Tensor) -> Tensor:
+        if is_bias:
+            return self.layout.head_view(white, group.layer, group.block, bias=True)  # [H, r]
+        order, sign = self.projection(group.layer, group.block, white.device)
+        return self.layout.head_view(white, group.layer, group.block, order=order) * sign  # [H, r*c]
+
+    def _natural_white(self, name: str) -> Tensor:
+        """``sqrt(D_w)`` of ``name`` in its natural shape, from the views (see :attr:`whitening`)."""
+        plain = self._white_plain.get(name)
+        out = None if plain is None else plain.clone()
+        for group, is_bias in self._by_param.get(name, ()):
+            view = self._white_views[(group.key, is_bias)].abs()  # [H, per-head entries]
+            spec = self.layout.spec(group.layer, group.block)
+            axis = 0 if is_bias else spec.axis
+            idx = spec.index if is_bias else spec.index.gather(1, self._order(group).to(spec.index.device))
+            if out is None:
+                out = torch.empty(self.layout.param_shapes[name], dtype=view.dtype, device=view.device)
+            moved = out.movedim(axis, 0)  # a view: writes land in ``out``
+            moved.index_copy_(0, idx.reshape(-1).to(out.device), view.reshape(-1, *moved.shape[1:]))
+        return out
 
     def _white(self, group: _SliceGroup, is_bias: bool, device: torch.device) -> Tensor:
         """Head view of ``sqrt(D_w)``: ``[H, r]`` (bias) or, for the weight, in the sketch's row
         order and signed, ``[H, r * c]`` (``sign * sqrt(D_w)[pi]``)."""
         key = (group.key, is_bias)
-        w = self._white_views.get(key)
-        if w is None or w.device != device:
-            name = group.bias if is_bias else group.weight
-            white = self.whitening[name].to(device)
-            if is_bias:
-                w = self.layout.head_view(white, group.layer, group.block, bias=True)  # [H, r]
-            else:
-                order, sign = self.projection(group.layer, group.block, device)
-                w = self.layout.head_view(white, group.layer, group.block, order=order) * sign  # [H, r*c]
-            self._white_views[key] = w
+        w = self._white_views[key]
+        if w.device != device:
+            w = self._white_views[key] = w.to(device)
         return w
 
     # ------------------------------------------------------------------ ingest
@@ -799,7 +881,7 @@ class SketchStore(GradientStore):
         return hm
 
     def _write(self, staged: StagedRows, name: str, grad: Tensor, pos: Tensor) -> None:
-        if self.whitening is None:
+        if not self._has_white:
             raise RuntimeError("SketchStore.write before set_whitening: no whitening Fisher yet")
         m = grad.shape[0]
         for group, is_bias in self._by_param.get(name, ()):
@@ -845,7 +927,7 @@ class SketchStore(GradientStore):
             sketch_dim=self.sketch_dim,
             seed=self.seed,
             version=self.version,
-            whitening=None if self.whitening is None else {n: t.clone() for n, t in self.whitening.items()},
+            whitening=self.whitening,  # rebuilt from the views: a fresh copy
         )
         return out
 
@@ -860,8 +942,11 @@ class SketchStore(GradientStore):
         super().load_state_dict(state, device)
         self.version = int(state["version"])
         white = state.get("whitening")
-        self.whitening = None if white is None else {n: t.to(device, ACCUM_DTYPE) for n, t in white.items()}
         self._white_views.clear()
+        self._white_plain = {}
+        self._has_white = white is not None
+        if white is not None:
+            self._set_white({n: t.to(device, ACCUM_DTYPE) for n, t in white.items()})
 
 
 def make_store(

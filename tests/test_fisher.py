@@ -91,6 +91,30 @@ def test_ema_bias_corrected_against_direct_formula(model):
         assert torch.allclose(f, means[0][name], rtol=1e-5)
 
 
+def test_ema_trace_only_matches_the_trace_of_the_entries(model):
+    """``ema_entries=False`` keeps no weight-sized EMA, and its trace equals the trace of the
+    per-entry fp32 EMA (bias-corrected), through a state_dict round trip too."""
+    beta = 0.9
+    full = fc.FisherCollector(model, ema_decay=beta)
+    lean = fc.FisherCollector(model, ema_decay=beta, ema_entries=False)
+    assert lean.fisher_ema_trace("t") == 0.0
+    for s in range(3):
+        b = lm_batch(batch=3, seed=s)
+        full.update_ema(b, "t")
+        lean.update_ema(b, "t")
+    reference = sum(float(f.double().sum()) for f in full.fisher_ema("t").values())
+    assert lean.fisher_ema("t") == {}
+    assert "ema[t]" not in lean.memory_ledger() or lean.memory_ledger()["ema[t]"] < 64
+    assert lean.fisher_ema_trace("t") == pytest.approx(reference, rel=1e-5)
+    assert full.fisher_ema_trace("t") == pytest.approx(reference, rel=1e-5)
+    restored = fc.FisherCollector(model, ema_decay=beta, ema_entries=False)
+    old = full.state_dict()
+    del old["tasks"]["t"]["ema_trace"]  # a checkpoint from before the trace: from its entries
+    restored.load_state_dict(old)
+    assert restored.fisher_ema_trace("t") == pytest.approx(reference, rel=1e-5)
+    assert restored.fisher_ema("t") == {}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_storage_dtype(model, dtype):
     collector = fc.FisherCollector(model, storage_dtype=dtype)

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from .._rng import isolated_rng
+from ..memory import attribute_ledger
 
 _WARNED: weakref.WeakSet[pl.Trainer] = weakref.WeakSet()  # trainers told "no validation" this fit
 
@@ -173,6 +174,13 @@ class BoundaryCallback(Callback, ABC):
         if isinstance(state, dict):
             due = validation_due(trainer) and self._boundary_step != trainer.global_step
             state["pending_boundary"] = trainer.global_step if due else None
+
+    def memory_ledger(self, seen: set | None = None) -> dict[str, int]:
+        """``{group: bytes}`` of the tensors this monitor holds, one group per attribute (generic:
+        it walks the attributes, so it follows the monitor's state as that changes); tensors in
+        ``seen`` (already counted elsewhere, e.g. the model's own parameters) are left out. See
+        :mod:`fisher_callbacks.memory`."""
+        return attribute_ledger(self, seen)
 
     def _boundary_state(self) -> dict[str, Any]:
         return {"boundary_step": self._boundary_step}

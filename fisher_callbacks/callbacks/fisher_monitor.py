@@ -36,6 +36,7 @@ from ..losses import (
     reduction_scale,
     target_token_counts,
 )
+from ..memory import attribute_ledger, format_ledger, suite_ledger, total_mb, trainable_bytes
 from ..store import DEFAULT_SKETCH_DIM, STORE_KINDS
 from ._boundary import BoundaryCallback
 from ._ranks import WarningRelay, distributed, log_agreed
@@ -144,6 +145,15 @@ class FisherMonitor(BoundaryCallback):
             go to the exact Fisher sums and the rows that the store keeps are sketched (or
             copied) on the spot. ``None``: as many samples as fit, for the largest
             monitored weight (2 MB on CPU, 64 MB on an accelerator).
+        ema_entries: keep the EMA Fisher per weight entry (``collector.fisher_ema(task)``: an
+            fp32 copy of the monitored weights per training task). Default ``False``: only its
+            trace is kept (``collector.fisher_ema_trace``, the logged ``ema_trace``, the same
+            value), since no monitor of the suite reads the entries.
+        probe_gradients: keep each probe pass's mean gradient (``probe[task]["grad"]``, over
+            every trainable parameter or ``probe_grad_names``: the forgetting prediction's
+            input). ``None`` (default): only when a ForgettingRiskMonitor is attached, the one
+            reader in the suite; without one a probe pass computes and keeps no weight-sized
+            gradient (0.54 GB per probe set for a 135M model, all parameters probed).
         required: ``False`` (what the ``FISHER_CALLBACKS=1`` entry point uses): a model whose
             attention cannot be mapped, or a probe set without a loader, is one warning at
             setup and the suite stays out of the fit (no hooks, no key logged) instead of an
@@ -198,6 +208,8 @@ class FisherMonitor(BoundaryCallback):
         capture_chunk: int | None = None,
         required: bool = True,
         check_loss: bool = True,
+        ema_entries: bool = False,
+        probe_gradients: bool | None = None,
     ) -> None:
         _check_arguments(locals())
         self._keep_arguments(FisherMonitor, locals())
@@ -232,6 +244,9 @@ class FisherMonitor(BoundaryCallback):
         self._loss_check: LossCheck | None = None
         self._captured: CapturedSum | None = None  # this step's captured sums, for the .grad check
         self._grad_checked = False  # the .grad check runs once per fit
+        self.ema_entries = ema_entries
+        self.probe_gradients = probe_gradients
+        self._keep_probe_grads = probe_gradients is not False  # resolved at setup
 
         self.log_loss = True  # the probe losses are cross-entropies (False: a regression head's MSE)
         self.layout: AttentionLayout | None = None
@@ -274,6 +289,10 @@ class FisherMonitor(BoundaryCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._begin_fit(stage)
+        if self.probe_gradients is None:
+            from .forgetting_monitor import ForgettingRiskMonitor  # it imports this module
+
+            self._keep_probe_grads = any(isinstance(cb, ForgettingRiskMonitor) for cb in trainer.callbacks)
         if self.collector is not None:
             self.capture.attach()
             return
@@ -333,6 +352,7 @@ class FisherMonitor(BoundaryCallback):
             sketch_dim=self.sketch_dim,
             min_samples_for_fisher=self.min_samples_for_fisher,
             expected_tasks=1 + len(self.reference_tasks),
+            ema_entries=self.ema_entries,
         )
         self.capture = PerSampleGradientCapture(pl_module, self.layout).attach()
 
@@ -359,6 +379,36 @@ class FisherMonitor(BoundaryCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.resolve(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.log_memory(trainer, pl_module)
+
+    def log_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int]:
+        """Log the suite's memory ledger (every attached monitor, a tensor counted once): a
+        table on the ``fisher_callbacks`` logger (INFO) and ``fisher/memory_mb`` to every
+        attached logger, at ``trainer.global_step``. Called once per fit, at train start (after
+        every monitor's ``on_fit_start``: the anchors and first probe results exist).
+
+        Returns:
+            the ledger ``{f"{Monitor}/{group}": bytes}``.
+        """
+        owners = [cb for cb in trainer.callbacks if isinstance(cb, BoundaryCallback)]
+        ledger = suite_ledger(owners, pl_module)
+        if trainer.is_global_zero:
+            log.info(
+                "fisher_callbacks memory ledger at step %d:\n%s",
+                trainer.global_step,
+                format_ledger(ledger, trainable_bytes(pl_module)),
+            )
+            value = {"fisher/memory_mb": total_mb(ledger)}
+            for logger in trainer.loggers:
+                try:
+                    logger.log_metrics(value, step=trainer.global_step)
+                except Exception as err:
+                    self._relay.warn(f"logging fisher/memory_mb to {type(logger).__name__} failed: {err!r}")
+        return ledger
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -587,8 +637,7 @@ class FisherMonitor(BoundaryCallback):
                 fisher = self.collector.fisher(task)
                 values[f"fisher/{task}/trace"] = sum(float(f.sum()) for f in fisher.values())
                 if self.collector.ema_steps(task) > 0:
-                    ema = self.collector.fisher_ema(task)
-                    values[f"fisher/{task}/ema_trace"] = sum(float(f.sum()) for f in ema.values())
+                    values[f"fisher/{task}/ema_trace"] = self.collector.fisher_ema_trace(task)
                 values[f"fisher/{task}/num_samples"] = float(self.collector.num_samples(task))
                 values[f"fisher/{task}/num_stored"] = float(self.collector.num_stored(task))
         values["fisher/skipped_steps"] = float(self.skipped_steps)
@@ -661,7 +710,8 @@ class FisherMonitor(BoundaryCallback):
         Returns:
             ``{"step", "loss" (mean of per-sample losses), "losses" [n], "grad"
             (``{name: mean gradient}`` over all trainable parameters, or over
-            ``probe_grad_names`` when a monitor restricted it), "n"}``, over all ranks.
+            ``probe_grad_names`` when a monitor restricted it; ``{}`` when no monitor reads it,
+            see ``probe_gradients``), "n"}``, over all ranks.
 
         Raises:
             ValueError: no probe sample on any rank.
@@ -670,6 +720,8 @@ class FisherMonitor(BoundaryCallback):
         params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         if self.probe_grad_names is not None:
             params = {n: p for n, p in params.items() if n in self.probe_grad_names}
+        if not self._keep_probe_grads:
+            params = {}  # no reader: no weight-sized gradient (see ``probe_gradients``)
         if sum_params is not None:
             params = dict(sum_params)
         losses: list[torch.Tensor] = []
@@ -696,7 +748,7 @@ class FisherMonitor(BoundaryCallback):
             "step": step,
             "losses": local_losses,
             "loss": float(local_losses.mean()),
-            "grad": {name: g.detach() / n for name, g in grad_sum.items()},
+            "grad": {name: g.detach().div_(n) for name, g in grad_sum.items()},  # in place: no copy
             "n": n,
         }
 
@@ -737,7 +789,10 @@ class FisherMonitor(BoundaryCallback):
                     grads = torch.autograd.grad(per_sample.sum(), list(params.values()), allow_unused=True)
                     for (name, p), g in zip(params.items(), grads):
                         g = torch.zeros_like(p) if g is None else g.detach()
-                        total[name] = total[name] + g if name in total else g
+                        if name in total:
+                            total[name].add_(g)  # in place: one summed copy, never two
+                        else:
+                            total[name] = _owned(g)
                     losses.append(per_sample.detach().float().cpu())
         except Exception as err:
             if not distributed():
@@ -753,7 +808,7 @@ class FisherMonitor(BoundaryCallback):
             "step": step,
             "losses": all_losses,
             "loss": float(all_losses.mean()),
-            "grad": {name: g / n for name, g in grad_sum.items()},
+            "grad": {name: g.div_(n) for name, g in grad_sum.items()},  # in place: no copy
             "n": n,
         }
 
@@ -814,8 +869,24 @@ class FisherMonitor(BoundaryCallback):
                     self.collector.add_gradients(res.grads, task, ids)
                 losses.append(res.losses.float().cpu())
                 for name, g in res.summed.items():
-                    total[name] = total[name] + g if name in total else g.clone()
+                    if name in total:
+                        total[name].add_(g)  # in place: one summed copy, never two
+                    else:
+                        total[name] = _owned(g)
                 n += res.losses.shape[0]
+
+    # ------------------------------------------------------------------ memory
+    @override
+    def memory_ledger(self, seen: set | None = None) -> dict[str, int]:
+        """``{group: bytes}``: the collector's groups (``collector.fisher_sum[task]``, ``.ema``,
+        ``.store.*``), the probe results (``probe``: per reference task its mean gradient over
+        the probed parameters and its losses) and the fixed probe batches (``probe_batches``)."""
+        seen = set() if seen is None else seen
+        out: dict[str, int] = {}
+        if self.collector is not None:
+            out.update({f"collector.{k}": v for k, v in self.collector.memory_ledger(seen).items()})
+        out.update(attribute_ledger(self, seen, skip=("collector",)))
+        return out
 
     # ------------------------------------------------------------------ state
     @override
@@ -907,6 +978,8 @@ def _reduce_probe(
     gathered: list[list[float] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, losses.tolist())
     all_losses = torch.tensor([v for rank in gathered for v in (rank or [])], dtype=torch.float32)
+    if not params:
+        return all_losses, {}, int(all_losses.numel())
     device = _collective_device()
     flat = torch.cat(
         [
@@ -920,6 +993,12 @@ def _reduce_probe(
         out[name] = flat[offset : offset + p.numel()].view(p.shape).to(p.device)
         offset += p.numel()
     return all_losses, out, int(all_losses.numel())
+
+
+def _owned(g: torch.Tensor) -> torch.Tensor:
+    """``g`` itself when it is a fresh, dense tensor (what autograd returns for a weight), so a
+    sum can grow in place without a copy; a copy when it is a view (e.g. an expanded gradient)."""
+    return g if g._base is None and g.is_contiguous() else g.clone()
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:
