@@ -98,12 +98,12 @@ def write_summary(trainer) -> str:
         for task, hist in rm.history.items():
             lines.append(f"## Forgetting of '{task}' (probe loss change from the fit start, nats)")
             lines.append("")
-            lines.append("| step | measured | predicted (first order) | warning |")
+            lines.append("| step | measured | predicted (first order) | warning active |")
             lines.append("|---:|---:|---:|:---:|")
             warned = [a for a in rm.alerts if a["task"] == task]
-            warn_steps = {a["step"] for a in warned}
-            for s, m, p in zip(hist["step"], hist["measured"], hist["predicted"]):
-                lines.append(f"| {s} | {m:+.4f} | {p:+.4f} | {'yes' if s in warn_steps else ''} |")
+            active = hist.get("warning", [0.0] * len(hist["step"]))
+            for s, m, p, on in zip(hist["step"], hist["measured"], hist["predicted"], active):
+                lines.append(f"| {s} | {m:+.4f} | {p:+.4f} | {'yes' if on else ''} |")
             lines.append("")
             if warned:
                 first = warned[0]

@@ -585,6 +585,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
             f"{prefix}/threshold": self._in_nats(task, self.warn_threshold),
         }
         self._apply(trainer, task, step, self._decide(task, None), "boundary", measured, values)
+        hist.setdefault("warning", []).append(float(self._active[task]))  # the state at each boundary
         values.update(self._damage(task, fisher_a, grad_now, prefix))
         self._to_log.update(values)  # logged once every rank has its values (log_agreed)
         if trainer.is_global_zero:
@@ -610,7 +611,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
             numeric = all(v is None or isinstance(v, (int, float)) for v in values)
             if (
                 name not in labels
-                and name not in ("step", "ewc_quadratic", "forecast_step", "forecast", *_BAND_KEYS)
+                and name not in ("step", "ewc_quadratic", "forecast_step", "forecast", "warning", *_BAND_KEYS)
                 and numeric
                 and len(values) == len(steps)
             ):
@@ -794,12 +795,12 @@ _BAND_KEYS = ("band_step", "band_low", "band_high")
 
 
 def _new_history() -> dict[str, list]:
-    """``history[task]``: boundaries (``step``, ``measured``, ``predicted``), the per-step
-    forecast (``forecast_step``, ``forecast``; every optimizer step, nats) and the band of every
-    decision (``band_step``, ``band_low``, ``band_high``, nats)."""
-    return {"step": [], "measured": [], "predicted": [], "forecast_step": [], "forecast": []} | {
-        k: [] for k in _BAND_KEYS
-    }
+    """``history[task]``: boundaries (``step``, ``measured``, ``predicted``, ``warning``: the
+    latched state there, 0/1), the per-step forecast (``forecast_step``, ``forecast``; every
+    optimizer step, nats) and the band of every decision (``band_step``, ``band_low``,
+    ``band_high``, nats)."""
+    keys = ("step", "measured", "predicted", "warning", "forecast_step", "forecast", *_BAND_KEYS)
+    return {k: [] for k in keys}
 
 
 def _flat_views(
