@@ -662,6 +662,13 @@ class FisherMonitor(BoundaryCallback):
             except Exception as err:
                 self._fail_once(f"probe pass on {task!r} failed: {err!r}", keep_capturing=True)
 
+    def share_probe_gradient(self, task: str, grad: dict[str, torch.Tensor]) -> None:
+        """Keep ``grad``, an equal copy held by a reader (e.g. the forgetting monitor's flat
+        buffer), as ``probe[task]["grad"]`` instead of this pass's own tensors, so that one copy
+        of the weight-sized gradient stays until the next boundary, not two."""
+        if task in self.probe and self.probe[task].get("grad") is not None:
+            self.probe[task]["grad"] = grad
+
     def probe_batches(self, task: str) -> list[dict[str, Any]]:
         """The fixed probe batches of ``task``: drawn from its loader once, then reused.
 

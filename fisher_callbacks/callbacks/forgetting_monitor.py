@@ -518,7 +518,9 @@ class ForgettingRiskMonitor(BoundaryCallback):
             self._interval = float(step - self._last_eval_step)
         self._last_eval_step = step
         self._early_done = True
-        self._move_base(pl_module, now)
+        self._move_base(pl_module, now)  # copies the probe gradients into the forecast's rows
+        for task in self._fc_tasks:  # ... which the FisherMonitor keeps instead of its own
+            self.fisher_monitor.share_probe_gradient(task, self._prev_grad[task])
         if self.stop_threshold is not None:
             self._maybe_stop(trainer, stop, step, "measured")
         if trainer.is_global_zero:
