@@ -233,6 +233,8 @@ def verdict(r: LeadTime) -> str:
     """TP (warned, crossed), FP (warned, never crossed), FN (crossed, not warned), TN; and
     'late' for a TP that missed the lead goal (>= 1 interval before a crossing after the first)."""
     warned, crossed = r.warn_step is not None, r.crossing_step is not None
+    if warned and crossed and r.warn_step > r.crossing_step:
+        return "FN (warned after the crossing)"
     if warned and crossed:
         return "TP" if r.goal_met else "TP late"
     if warned:
@@ -245,7 +247,7 @@ def verdict(r: LeadTime) -> str:
 def totals(rows: list[LeadTime]) -> dict[str, float]:
     v = [verdict(r) for r in rows]
     tp = sum(x.startswith("TP") for x in v)
-    fp, fn = v.count("FP"), v.count("FN")
+    fp, fn = v.count("FP"), sum(x.startswith("FN") for x in v)
     tn = sum(x.startswith("TN") for x in v)
     on_time = v.count("TP")
     leads = [r.lead_steps for r in rows if r.lead_steps is not None]
