@@ -514,7 +514,9 @@ def test_between_measurements_the_forecast_is_the_level_now() -> None:
     assert d.level == 0.7
     assert d.low == pytest.approx(0.7 * (22 / 14) ** 2.0)
     low = early_warning(steps, drifts, 5.0, horizon_steps=8, now=(14, -0.1))  # it fell since
-    assert not low.warn and low.low < 0
+    assert not low.warn and low.low < 0 and low.steps_to_threshold is None
+    zero = early_warning(steps, drifts, 5.0, horizon_steps=8, now=(14, 0.0))
+    assert not zero.warn and zero.low == 0.0 and zero.steps_to_threshold is None
     with pytest.raises(ValueError, match="before the last measurement"):
         early_warning(steps, drifts, 5.0, horizon_steps=8, now=(11, 0.7))
 

@@ -479,7 +479,7 @@ class WarningDecision:
         falling: The last two measured rates are < 0 (releases a latched warning below the
             threshold, see :func:`warning_active`).
         steps_to_threshold: Steps until ``level`` reaches the threshold on the slow side of the
-            band; 0.0 when reached, None when nothing is projected.
+            band; 0.0 when reached, None when nothing is projected or the level is <= 0.
     """
 
     warn: bool
@@ -596,7 +596,10 @@ def early_warning(
     reach = min(float(horizon_steps), MAX_REACH * (t - origin))
     grow = (t + reach - origin) / (t - origin)
     low, high = level * grow**p_lo, level * grow**p_hi
-    to_go = (t - origin) * ((thr / level) ** (1.0 / p_lo) - 1.0) if level < thr else 0.0
+    if level >= thr:
+        to_go: float | None = 0.0
+    else:  # a forecast at or below the anchor never reaches the threshold along the band
+        to_go = (t - origin) * ((thr / level) ** (1.0 / p_lo) - 1.0) if level > 0 else None
     band = f"band {low:.4g}..{high:.4g} within {reach:g} steps (drift ~ steps^{p_lo:.2g}..{p_hi:.2g})"
     if low >= thr * (1.0 - _HORIZON_RTOL) or level >= thr:
         why = f"drift {level:.4g} rising: {band} reaches the threshold {thr:.4g}"
