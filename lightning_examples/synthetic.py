@@ -113,11 +113,11 @@ class PhasedTasks(SyntheticTasks):
         for k, (task, batches) in enumerate(phases):
             n = batches * h.batch_size
             if task == "mixed":
-                half = [
+                by_task = [
                     SyntheticTask(t, n, h.seq_len, h.modulus, h.seed + 10 * k + i)
                     for i, t in enumerate(("general", "math"))
                 ]
-                parts.append([half[1][j // 4] if j % 4 == 3 else half[0][j] for j in range(n)])
+                parts.append([by_task[1][j // 4] if j % 4 == 3 else by_task[0][j] for j in range(n)])
             else:
                 data = SyntheticTask(task, n, h.seq_len, h.modulus, h.seed + 10 * k)
                 parts.append([data[j] for j in range(n)])

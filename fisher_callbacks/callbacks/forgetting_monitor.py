@@ -181,14 +181,14 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._active: dict[str, bool] = {}  # the latched warning state per task
         self._changed = False  # a warning state changed at this step: its row is logged at once
         # per-step forecast: flat fp32 theta_b [N] and g_A(theta_b) [n_tasks, N], the live
-        # parameters with their columns of the rows, rows . theta_b, the drift measured at b
+        # parameters with their columns of the rows, rows . theta_b (the drift measured at b is
+        # the last of ``_points``)
         self._fc_base: torch.Tensor | None = None
         self._fc_grads: torch.Tensor | None = None
         self._fc_slices: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._fc_at_base: torch.Tensor | None = None  # [n_params, n_tasks] fp64 (host)
         self._fc_dots: torch.Tensor | None = None  # [n_params, n_tasks] fp32 scratch
         self._fc_tasks: list[str] = []
-        self._fc_anchor: dict[str, float] = {}
         self._fc_step: int | None = None  # optimizer step of the last forecast
         self._fc_failed = False
         self._early_done = False  # no early probe is due any more (a boundary came, or the one asked)
@@ -285,7 +285,6 @@ class ForgettingRiskMonitor(BoundaryCallback):
             self._anchor_fisher[task] = {n: f.clone() for n, f in fisher0.items()}
             self._prev_grad[task] = probe["grad"]
             self.history[task] = _new_history()
-            self._fc_anchor[task] = 0.0
             self._points[task] = [(step, 0.0)]
             self._active[task] = False
 
@@ -359,7 +358,6 @@ class ForgettingRiskMonitor(BoundaryCallback):
             )
             self._prev_grad[task] = grad
             measured = probe["loss"] - self._baseline[task]
-            self._fc_anchor[task] = measured
             stop |= self._forecast_task(trainer, task, step, measured, rows, measured=True)
         self._move_base(pl_module, now)
         return stop
@@ -375,7 +373,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         for i, (param, rows) in enumerate(self._fc_slices):
             torch.mv(rows, param.detach().reshape(-1).float(), out=dots[i])
         first = (dots.cpu().double() - self._fc_at_base).sum(0).tolist()
-        return [self._fc_anchor[task] + f for task, f in zip(self._fc_tasks, first)]
+        return [self._points[task][-1][1] + f for task, f in zip(self._fc_tasks, first)]
 
     def _forecast_task(
         self,
@@ -573,7 +571,6 @@ class ForgettingRiskMonitor(BoundaryCallback):
         hist["measured"].append(measured)
         hist["predicted"].append(predicted)
         hist.setdefault("ewc_quadratic", []).append(ewc)
-        self._fc_anchor[task] = measured
         points = self._points.setdefault(task, [(self._anchor_step or 0, 0.0)])
         if points[-1][0] == step:  # an early probe measured this very step
             points[-1] = (step, measured)
@@ -699,7 +696,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         """A new warning of ``task`` at ``step``: an entry in ``alerts``, one log line, a W&B alert
         and the alerts table (rank zero)."""
         hist = self.history[task]
-        measured = hist["measured"][-1] if hist["measured"] else self._fc_anchor.get(task, 0.0)
+        measured = hist["measured"][-1] if hist["measured"] else self._points[task][-1][1]
         predicted = hist["predicted"][-1] if hist["predicted"] else 0.0
         reason = decision.reason
         alert = {
@@ -734,7 +731,6 @@ class ForgettingRiskMonitor(BoundaryCallback):
             "alerts": self.alerts,
             "accumulators": {t: a.state_dict() for t, a in self._acc.items()},
             "forecast": {
-                "anchor": self._fc_anchor,
                 "points": self._points,
                 "active": self._active,
                 "step": self._fc_step,
@@ -758,7 +754,6 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self.alerts = list(state_dict.get("alerts", []))
         self._acc_state = dict(state_dict.get("accumulators", {}))
         fc = state_dict.get("forecast", {})
-        self._fc_anchor = dict(fc.get("anchor", {}))
         self._fc_step = fc.get("step")
         self._interval = fc.get("interval")
         self._last_eval_step = fc.get("last_eval_step")
