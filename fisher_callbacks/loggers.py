@@ -1,10 +1,11 @@
-"""Send scalars, figures, tables, arrays and alerts to every logger attached to a Trainer.
+"""Lightning's loggers as sinks, and the monitors' scalars at ``trainer.global_step``.
 
-One adapter per logger family: W&B (``wandb.Image``, ``wandb.Table``, ``wandb.alert``),
-TensorBoard (``add_figure``, ``add_custom_scalars``), CSV (PNG, CSV and NPZ files beside
-``metrics.csv``). A logger that fails (offline store gone, disk full, an API change) gets ONE
-warning per kind of call and the training goes on: monitoring never stops a run. Call these on
-global rank zero only (:func:`log_metrics` takes care of that itself).
+Each Lightning logger maps to a :class:`~fisher_callbacks.sinks.Sink` (:func:`sink_of`): W&B to
+a :class:`~fisher_callbacks.sinks.WandbSink` on its run, TensorBoard to a
+:class:`~fisher_callbacks.sinks.TensorBoardSink` on its writer, CSV to a
+:class:`~fisher_callbacks.sinks.FolderSink` beside ``metrics.csv`` (PNG, CSV and NPZ files). A
+logger that fails gets ONE warning per kind of call and the training goes on: monitoring never
+stops a run. Call these on global rank zero only (:func:`log_metrics` takes care of that itself).
 
 **One step convention.** Everything the monitors log carries ``trainer.global_step`` at the
 validation boundary (optimizer steps done): scalars, figures, tables, alerts, log lines. Lightning
@@ -17,48 +18,61 @@ only for ``callback_metrics`` (EarlyStopping, ModelCheckpoint).
 
 from __future__ import annotations
 
-import csv
-import logging
 import re
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
-from .plots import save_figure
+from .sinks import (
+    AlertSender,
+    FolderSink,
+    Sink,
+    TensorBoardSink,
+    WandbSink,
+    send_arrays,
+    send_custom_scalars,
+    send_figure,
+    send_table,
+    warn_once,
+)
 
-log = logging.getLogger("fisher_callbacks")
-_warned: set[tuple[str, str]] = set()
+__all__ = [
+    "AlertSender",
+    "forgetting_dashboard_layout",
+    "log_custom_scalars",
+    "log_figure",
+    "log_metrics",
+    "log_table",
+    "save_arrays",
+    "sink_of",
+    "sinks_of",
+]
 
 
-def _warn_once(logger: Logger, what: str, err: BaseException) -> None:
-    key = (type(logger).__name__, what)
-    if key in _warned:
-        return
-    _warned.add(key)
-    log.warning(
-        "fisher_callbacks: %s could not %s (%s: %s); training continues, later failures of this "
-        "kind are not reported",
-        type(logger).__name__,
-        what,
-        type(err).__name__,
-        err,
-    )
+def sink_of(logger: Logger) -> Sink | None:
+    """The sink of one Lightning logger (None for a kind the monitors do not write to beyond
+    its ``log_metrics``). Its scalars keep going through the logger itself (:func:`log_metrics`),
+    so the sink writes figures, tables, arrays and alerts only."""
+    sink: Sink
+    if isinstance(logger, WandbLogger):
+        sink = WandbSink(lambda: logger.experiment, "trainer/global_step", log_scalars=False)
+    elif isinstance(logger, TensorBoardLogger):
+        sink = TensorBoardSink(lambda: logger.experiment, log_scalars=False)
+    elif isinstance(logger, CSVLogger):
+        sink = FolderSink(lambda: logger.log_dir)
+    else:
+        return None
+    sink.name = type(logger).__name__
+    return sink
 
 
-def _file_stem(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_")
-
-
-def _csv_dir(logger: CSVLogger, sub: str) -> Path:
-    path = Path(logger.log_dir) / sub
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def sinks_of(loggers: Sequence[Logger]) -> list[Sink]:
+    """The sinks of ``trainer.loggers``."""
+    return [s for s in map(sink_of, loggers) if s is not None]
 
 
 def log_metrics(
@@ -99,7 +113,7 @@ def log_metrics(
         try:
             logger.log_metrics(values, step=trainer.global_step)
         except Exception as err:
-            _warn_once(logger, "log scalars", err)
+            warn_once(logger, "log scalars", err)
 
 
 def forgetting_dashboard_layout(tasks: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
@@ -133,95 +147,22 @@ def log_custom_scalars(loggers: Sequence[Logger], layout: Mapping[str, Mapping[s
 
     TensorBoard keeps one layout per run (the last written), so call it once, at fit start.
     """
-    for logger in loggers:
-        if not isinstance(logger, TensorBoardLogger):
-            continue
-        try:
-            logger.experiment.add_custom_scalars({k: dict(v) for k, v in layout.items()})
-        except Exception as err:
-            _warn_once(logger, "write a custom-scalars layout", err)
+    send_custom_scalars(sinks_of(loggers), layout)
 
 
 def log_figure(loggers: Sequence[Logger], key: str, fig: Figure, step: int) -> list[Path]:
     """Log ``fig`` under ``key`` to every logger; returns the PNG paths written (CSV loggers)."""
-    written: list[Path] = []
-    for logger in loggers:
-        try:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                logger.experiment.log({key: wandb.Image(fig), "trainer/global_step": step})
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(key, fig, global_step=step, close=False)
-            elif isinstance(logger, CSVLogger):
-                path = _csv_dir(logger, "figures") / f"{_file_stem(key)}_step{step:07d}.png"
-                written.append(save_figure(fig, path))
-        except Exception as err:
-            _warn_once(logger, "log a figure", err)
-    return written
+    return send_figure(sinks_of(loggers), key, fig, step)
 
 
 def log_table(
     loggers: Sequence[Logger], key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int
 ) -> None:
-    """A table (top conflicts, alerts): ``wandb.Table`` on W&B, a CSV file beside ``metrics.csv``."""
-    for logger in loggers:
-        try:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                table = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
-                logger.experiment.log({key: table, "trainer/global_step": step})
-            elif isinstance(logger, CSVLogger):
-                path = _csv_dir(logger, "tables") / f"{_file_stem(key)}_step{step:07d}.csv"
-                with path.open("w", newline="") as fh:
-                    writer = csv.writer(fh)
-                    writer.writerow(columns)
-                    writer.writerows(rows)
-            elif isinstance(logger, TensorBoardLogger):
-                lines = [" | ".join(map(str, columns))] + [" | ".join(map(str, r)) for r in rows]
-                logger.experiment.add_text(key, "\n\n".join(lines), global_step=step)
-        except Exception as err:
-            _warn_once(logger, "log a table", err)
+    """A table (top conflicts, alerts): ``wandb.Table`` on W&B, a CSV file beside ``metrics.csv``,
+    text on TensorBoard."""
+    send_table(sinks_of(loggers), key, columns, rows, step)
 
 
 def save_arrays(loggers: Sequence[Logger], key: str, arrays: Mapping[str, Any], step: int) -> list[Path]:
     """Raw arrays as ``.npz`` beside ``metrics.csv`` (CSV loggers) for offline analysis."""
-    written = []
-    for logger in loggers:
-        if not isinstance(logger, CSVLogger):
-            continue
-        try:
-            path = _csv_dir(logger, "arrays") / f"{_file_stem(key)}_step{step:07d}.npz"
-            np.savez_compressed(path, **{k: np.asarray(v) for k, v in arrays.items()})
-            written.append(path)
-        except Exception as err:
-            _warn_once(logger, "save arrays", err)
-    return written
-
-
-class AlertSender:
-    """``wandb.alert`` through every attached W&B logger, at most once per ``wait_seconds`` per title."""
-
-    def __init__(self, wait_seconds: float = 600.0) -> None:
-        self.wait_seconds = float(wait_seconds)
-        self._last: dict[str, float] = {}
-
-    def __call__(self, loggers: Sequence[Logger], title: str, text: str, level: str = "WARN") -> bool:
-        now = time.monotonic()
-        if title in self._last and now - self._last[title] < self.wait_seconds:
-            return False
-        sent = False
-        for logger in loggers:
-            if not isinstance(logger, WandbLogger):
-                continue
-            try:
-                import wandb
-
-                logger.experiment.alert(title=title, text=text, level=getattr(wandb.AlertLevel, level, level))
-                sent = True
-            except Exception as err:
-                _warn_once(logger, "send an alert", err)
-        if sent:
-            self._last[title] = now
-        return sent
+    return send_arrays(sinks_of(loggers), key, arrays, step)

@@ -21,6 +21,7 @@ from typing_extensions import override
 from .._rng import SeededGenerator, isolated_rng
 from .._validate import check_choice, check_number
 from ..capture import PerSampleGradientCapture, ProbeResult, probe_pass
+from ..engine.ranks import WarningRelay, distributed, log_agreed
 from ..fisher import FisherCollector, _collective_device
 from ..layouts import AttentionLayout, canonical_name
 from ..layouts.base import frozen_message
@@ -39,7 +40,7 @@ from ..losses import (
 from ..memory import attribute_ledger, format_ledger, suite_ledger, total_mb, trainable_bytes
 from ..store import DEFAULT_SKETCH_DIM, STORE_KINDS
 from ._boundary import BoundaryCallback
-from ._ranks import WarningRelay, distributed, log_agreed
+from ._host import LightningHost
 
 log = logging.getLogger("fisher_callbacks")
 
@@ -641,7 +642,7 @@ class FisherMonitor(BoundaryCallback):
                 values[f"fisher/{task}/num_samples"] = float(self.collector.num_samples(task))
                 values[f"fisher/{task}/num_stored"] = float(self.collector.num_stored(task))
         values["fisher/skipped_steps"] = float(self.skipped_steps)
-        log_agreed(trainer, pl_module, values, self._relay)
+        log_agreed(LightningHost(trainer, pl_module), values, self._relay)
 
     def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run the probe passes and sync the Fisher across ranks, once per global step.

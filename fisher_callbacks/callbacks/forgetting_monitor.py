@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from .._validate import check_choice, check_number
+from ..engine.ranks import WarningRelay, log_agreed
 from ..functional.forgetting import (
     FirstOrderForgettingAccumulator,
     WarningDecision,
@@ -34,7 +35,7 @@ from ..loggers import (
 )
 from ..plots import NOT_MONITORED_LABEL, plot_forgetting_timeline, plot_layer_head_heatmaps
 from ._boundary import BoundaryCallback, validation_due
-from ._ranks import WarningRelay, log_agreed
+from ._host import LightningHost
 from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
 log = logging.getLogger("fisher_callbacks")
@@ -510,7 +511,8 @@ class ForgettingRiskMonitor(BoundaryCallback):
             except Exception as err:
                 self._relay.warn(f"{task} failed at step {step}: {err!r}")
         # the same keys on every rank, or sync_dist would run a collective on some ranks only
-        log_agreed(trainer, pl_module, self._to_log, self._relay, sync_dist=trainer.world_size > 1)
+        host = LightningHost(trainer, pl_module)
+        log_agreed(host, self._to_log, self._relay, sync_dist=trainer.world_size > 1)
         self._to_log = {}
         if self._last_eval_step is not None and step > self._last_eval_step:
             self._interval = float(step - self._last_eval_step)

@@ -15,12 +15,12 @@ from matplotlib.figure import Figure
 from typing_extensions import override
 
 from .._validate import check_number
+from ..engine.ranks import WarningRelay, gather
 from ..interference import HEAD_MAPS, QKOVInterferenceMetric, check_metric_options
 from ..layouts import BLOCKS
 from ..loggers import log_figure, log_metrics, log_table, save_arrays
 from ..plots import NOT_MONITORED_LABEL, plot_layer_head_heatmaps
 from ._boundary import BoundaryCallback
-from ._ranks import WarningRelay, gather
 from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
 _SCORE_UNITS = {

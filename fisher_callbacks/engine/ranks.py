@@ -4,7 +4,7 @@
   whichever rank raised it (under DDP the messages of all ranks are gathered and shown on global
   rank zero, naming the ranks);
 - :func:`agreed_keys`: the metric names every rank can log (their intersection), so that
-  ``pl_module.log(..., sync_dist=True)`` never runs a collective on some ranks only.
+  a trainer-side ``sync_dist`` reduction never runs a collective on some ranks only.
 
 Outside an initialised process group (one process) everything is local and nothing blocks.
 """
@@ -18,10 +18,12 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..loggers import log_metrics
+if TYPE_CHECKING:
+    from .host import Host
 
 
 def distributed() -> bool:
@@ -166,9 +168,9 @@ def _caller_level() -> int:
     return level
 
 
-def log_agreed(trainer, pl_module, values: dict[str, float], relay: WarningRelay, **log_kwargs) -> list[str]:
-    """:func:`~fisher_callbacks.loggers.log_metrics` of the finite ``values`` whose keys every
-    rank has; warn about the others.
+def log_agreed(host: Host, values: dict[str, float], relay: WarningRelay, **log_kwargs) -> list[str]:
+    """:meth:`Host.log_scalars` of the finite ``values`` whose keys every rank has; warn about
+    the others.
 
     A non-finite value is never logged (a warning says so); a key that some rank lacks (its probe
     or its computation failed there) is logged by no rank, so ``sync_dist=True`` stays a
@@ -184,7 +186,7 @@ def log_agreed(trainer, pl_module, values: dict[str, float], relay: WarningRelay
     for key in finite.keys() - common:
         relay.warn(f"{key} is missing on some rank; not logged on any rank")
     logged = {k: v for k, v in finite.items() if k in common}
-    log_metrics(trainer, pl_module, logged, **log_kwargs)
+    host.log_scalars(logged, **log_kwargs)
     return list(logged)
 
 
