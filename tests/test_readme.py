@@ -1,11 +1,13 @@
-"""The README's promises: it starts with the two commands, and its quick-start runs as it is."""
+"""The README's promises: it starts with the two commands, its quick-start runs as it is, and its
+links (and those of the pages under docs/) lead to files and headings that exist."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
 def _quickstart() -> str:
@@ -39,3 +41,31 @@ def test_readme_quickstart_runs_as_written(tmp_path, monkeypatch):
     ):
         assert name in metrics, name
     assert namespace["monitor"].collector.num_samples("skip") > 0
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # no headings inside code blocks
+    return {_slug(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_readme_and_docs_links_resolve():
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) > 1
+    checked = 0
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s) and other schemes
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.exists(), f"{page.name}: link to {target} leads nowhere"
+            if anchor:
+                assert anchor in _anchors(dest), f"{page.name}: no heading #{anchor} in {dest.name}"
+            checked += 1
+    assert checked >= 10  # the README points to every docs page

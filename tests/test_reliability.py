@@ -183,9 +183,9 @@ def _tensor_bytes(tree) -> int:
     return 0
 
 
-def test_checkpoint_switches_and_the_readme_overhead_formula(tmp_path):
+def test_checkpoint_switches_and_the_overhead_formula(tmp_path):
     """Item 7. Before: no way to keep the store and the parameter copies out of checkpoints. The
-    README formula gives the callback state's tensor bytes; resume without them still works."""
+    formula of docs/costs.md gives the callback state's tensor bytes; resume without them still works."""
     sizes, paths = {}, {}
     for light in (False, True):
         ckpt = ModelCheckpoint(dirpath=tmp_path / f"ckpt{light}", every_n_train_steps=8, save_top_k=-1)
@@ -204,7 +204,7 @@ def test_checkpoint_switches_and_the_readme_overhead_formula(tmp_path):
         paths[light] = next((tmp_path / f"ckpt{light}").glob("*.ckpt"))
         state = torch.load(paths[light], weights_only=False)["callbacks"]
         sizes[light] = {"fm": _tensor_bytes(state[fm.state_key]), "rm": _tensor_bytes(state[rm.state_key])}
-        # README: sum over tasks of n_stored * P_mon * itemsize + P_mon * 4 * (1 + has_ema [+ synced])
+        # docs/costs.md: sum over tasks of n_stored * P_mon * itemsize + P_mon * 4 * (1 + has_ema [+ synced])
         p_mon = sum(math.prod(s) for s in fm.collector.param_shapes.values())
         p_all = sum(p.numel() for p in model.parameters() if p.requires_grad)
         c = fm.collector

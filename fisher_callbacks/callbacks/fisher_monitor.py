@@ -134,8 +134,8 @@ class FisherMonitor(BoundaryCallback):
         sketch_dim: numbers per (layer, block, head) slice of a sketched sample.
         min_samples_for_fisher: the collector's threshold (also the ``"auto"`` rule's).
         checkpoint_store: keep the stored per-sample gradients (rows and ids) in checkpoints.
-            ``False`` saves ``n_stored * P * itemsize`` bytes per task (see the README's
-            checkpoint-overhead formula); a resumed run keeps every Fisher sum, count and EMA but
+            ``False`` saves ``n_stored * P * itemsize`` bytes per task (see the checkpoint-overhead
+            formula in ``docs/costs.md``); a resumed run keeps every Fisher sum, count and EMA but
             starts with an empty store, which refills from the next flagged step (heatmaps and
             top conflicts then see only samples captured after the resume).
         include_bias: monitor the Q/K/V biases too (``None``: what the layout's builder chose,

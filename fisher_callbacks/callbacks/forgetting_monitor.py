@@ -112,7 +112,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
             less memory on large models; misses the MLP/embedding share of forgetting).
         checkpoint_params: keep in checkpoints the copy of the predicted-on parameters at the last
             boundary and each task's probe gradient there (``(1 + R) * P_pred`` numbers, see the
-            README's checkpoint-overhead formula). ``False`` leaves them out: a resumed run
+            checkpoint-overhead formula in ``docs/costs.md``). ``False`` leaves them out: a resumed run
             restarts the first-order prediction from the resumed weights (one probe pass at fit
             start), so ``predicted`` misses the steps between the last boundary before the
             checkpoint and the checkpoint; the anchor, measured forgetting, EWC and the history
