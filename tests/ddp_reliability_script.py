@@ -48,7 +48,7 @@ class Dump(pl.Callback):
             {
                 "keys": sorted(trainer.callback_metrics),
                 "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-                "probe_n": {t: p["n"] for t, p in self.fm.probe.items()},
+                "probe_n": {t: p.n for t, p in self.fm.probe.items()},
                 "num_samples": {t: c.num_samples(t) for t in c.tasks},
                 "global_step": trainer.global_step,
             },

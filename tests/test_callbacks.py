@@ -296,6 +296,6 @@ def test_predict_on_monitored_weights_only(tmp_path):
     _fit(tmp_path, 3e-3, [fm, rm], max_steps=8)
     names = set(fm.layout.monitored_parameters())
     assert set(rm._prev) == names
-    assert set(fm.probe["general"]["grad"]) == names
+    assert set(fm.probe["general"].grad) == names
     hist = rm.history["general"]
     assert len(hist["predicted"]) == 2 and all(math.isfinite(p) for p in hist["predicted"])

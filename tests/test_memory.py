@@ -108,11 +108,11 @@ def test_probe_gradients_kept_only_for_a_reader(tmp_path):
     fm = FisherMonitor(train_task="math", reference_tasks=["general"], capture_every_n_steps=2)
     qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=10)
     _fit(tmp_path / "a", [fm, qm])
-    assert fm.probe["general"]["grad"] == {}
-    assert fm.probe["general"]["n"] > 0
+    assert fm.probe["general"].grad == {}
+    assert fm.probe["general"].n > 0
     assert "probe" not in fm.memory_ledger() or fm.memory_ledger()["probe"] < 2**12
     fm = FisherMonitor(train_task="math", reference_tasks=["general"], capture_every_n_steps=2)
     rm = ForgettingRiskMonitor(fm, reference_tasks=["general"])
     _, model = _fit(tmp_path / "b", [fm, rm])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert set(fm.probe["general"]["grad"]) == trainable
+    assert set(fm.probe["general"].grad) == trainable

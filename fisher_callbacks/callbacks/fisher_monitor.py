@@ -22,6 +22,7 @@ from .._rng import SeededGenerator, isolated_rng
 from .._validate import check_choice, check_number
 from ..capture import PerSampleGradientCapture, ProbeResult, probe_pass
 from ..engine.ranks import WarningRelay, distributed, log_agreed
+from ..engine.readings import ProbeReading
 from ..fisher import FisherCollector, _collective_device
 from ..layouts import AttentionLayout, canonical_name
 from ..layouts.base import frozen_message
@@ -150,7 +151,7 @@ class FisherMonitor(BoundaryCallback):
             fp32 copy of the monitored weights per training task). Default ``False``: only its
             trace is kept (``collector.fisher_ema_trace``, the logged ``ema_trace``, the same
             value), since no monitor of the suite reads the entries.
-        probe_gradients: keep each probe pass's mean gradient (``probe[task]["grad"]``, over
+        probe_gradients: keep each probe pass's mean gradient (``probe[task].grad``, over
             every trainable parameter or ``probe_grad_names``: the forgetting prediction's
             input). ``None`` (default): only when a ForgettingRiskMonitor is attached, the one
             reader in the suite; without one a probe pass computes and keeps no weight-sized
@@ -256,7 +257,7 @@ class FisherMonitor(BoundaryCallback):
         self.skipped_steps = 0
         self.captured_steps = 0
         self.ema_updates = 0
-        self.probe: dict[str, dict[str, Any]] = {}  # task -> {"step", "loss", "grad", ...}
+        self.probe: dict[str, ProbeReading] = {}  # the latest pass of each reference task
         self._probe_step: int | None = None
         self._pending: dict[str, Any] | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -665,10 +666,10 @@ class FisherMonitor(BoundaryCallback):
 
     def share_probe_gradient(self, task: str, grad: dict[str, torch.Tensor]) -> None:
         """Keep ``grad``, an equal copy held by a reader (e.g. the forgetting monitor's flat
-        buffer), as ``probe[task]["grad"]`` instead of this pass's own tensors, so that one copy
+        buffer), as ``probe[task].grad`` instead of this pass's own tensors, so that one copy
         of the weight-sized gradient stays until the next boundary, not two."""
-        if task in self.probe and self.probe[task].get("grad") is not None:
-            self.probe[task]["grad"] = grad
+        if task in self.probe and self.probe[task].grad:
+            self.probe[task].grad = grad
 
     def probe_batches(self, task: str) -> list[dict[str, Any]]:
         """The fixed probe batches of ``task``: drawn from its loader once, then reused.
@@ -701,7 +702,7 @@ class FisherMonitor(BoundaryCallback):
         loader: DataLoader | Sequence[Mapping[str, Any]] | None,
         step: int,
         sum_params: Mapping[str, torch.Tensor] | None = None,
-    ) -> dict[str, Any]:
+    ) -> ProbeReading:
         """Per-sample probe pass over ``loader``: refreshes ``task`` in the collector.
 
         ``loader=None`` probes the task's fixed probe batches (:meth:`probe_batches`), what the
@@ -716,10 +717,9 @@ class FisherMonitor(BoundaryCallback):
         ``world_size`` times the set, every mean (loss, gradient, Fisher) is that of the set.
 
         Returns:
-            ``{"step", "loss" (mean of per-sample losses), "losses" [n], "grad"
-            (``{name: mean gradient}`` over all trainable parameters, or over
-            ``probe_grad_names`` when a monitor restricted it; ``{}`` when no monitor reads it,
-            see ``probe_gradients``), "n"}``, over all ranks.
+            a :class:`~fisher_callbacks.engine.readings.ProbeReading` over all ranks, its
+            ``grad`` over all trainable parameters, or over ``probe_grad_names`` when a monitor
+            restricted it (``{}`` when no monitor reads it, see ``probe_gradients``).
 
         Raises:
             ValueError: no probe sample on any rank.
@@ -752,16 +752,16 @@ class FisherMonitor(BoundaryCallback):
         if n == 0:
             where = " on every rank" if distributed() else ""
             raise ValueError(f"probe set {task!r} is empty{where}")
-        return {
-            "step": step,
-            "losses": local_losses,
-            "loss": float(local_losses.mean()),
-            "grad": {name: g.detach().div_(n) for name, g in grad_sum.items()},  # in place: no copy
-            "n": n,
-        }
+        return ProbeReading(
+            step=step,
+            loss=float(local_losses.mean()),
+            losses=local_losses,
+            grad={name: g.detach().div_(n) for name, g in grad_sum.items()},  # in place: no copy
+            n=n,
+        )
 
     @isolated_rng()  # iterating a probe loader draws from the global RNG: not the run's
-    def probe_gradient(self, pl_module: pl.LightningModule, task: str, step: int) -> dict[str, Any]:
+    def probe_gradient(self, pl_module: pl.LightningModule, task: str, step: int) -> ProbeReading:
         """Mean probe loss and gradient of ``task`` on its fixed probe batches, with one plain
         batched backward per batch: no per-sample capture, the collector is left as it is.
 
@@ -771,7 +771,7 @@ class FisherMonitor(BoundaryCallback):
         of :meth:`run_probe` (``probe_grad_names`` when a monitor restricted them).
 
         Returns:
-            ``{"step", "loss", "losses" [n], "grad" ({name: mean gradient}), "n"}``.
+            a :class:`~fisher_callbacks.engine.readings.ProbeReading` over all ranks.
 
         Raises:
             ValueError: no probe sample with a target on any rank.
@@ -812,13 +812,13 @@ class FisherMonitor(BoundaryCallback):
         all_losses, grad_sum, n = _reduce_probe(local, total, params)
         if n == 0:
             raise ValueError(f"probe set {task!r} has no sample with a target")
-        return {
-            "step": step,
-            "losses": all_losses,
-            "loss": float(all_losses.mean()),
-            "grad": {name: g.div_(n) for name, g in grad_sum.items()},  # in place: no copy
-            "n": n,
-        }
+        return ProbeReading(
+            step=step,
+            loss=float(all_losses.mean()),
+            losses=all_losses,
+            grad={name: g.div_(n) for name, g in grad_sum.items()},  # in place: no copy
+            n=n,
+        )
 
     def _probe_local(
         self,

@@ -256,7 +256,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
                     except Exception as err:
                         self._relay.warn(f"no probe gradient for {task!r} at resume ({err!r})")
                         continue
-                    self._prev_grad[task] = probe["grad"]
+                    self._prev_grad[task] = probe.grad
             added = [t for t in self.reference_tasks if t not in self._baseline]
             if added:  # watched since this resume: the others keep their anchors and history
                 self._relay.warn(f"{added} added at the resume: anchored there, not at the original anchor")
@@ -280,11 +280,11 @@ class ForgettingRiskMonitor(BoundaryCallback):
             except Exception as err:
                 self._relay.warn(f"no anchor for {task!r} ({err!r}); not watched")
                 continue
-            self._baseline[task] = probe["loss"]
+            self._baseline[task] = probe.loss
             with self._relay.catch(f"{task}: "):
                 fisher0 = self.fisher_monitor.collector.fisher(task)
             self._anchor_fisher[task] = {n: f.clone() for n, f in fisher0.items()}
-            self._prev_grad[task] = probe["grad"]
+            self._prev_grad[task] = probe.grad
             self.history[task] = _new_history()
             self._points[task] = [(step, 0.0)]
             self._active[task] = False
@@ -350,7 +350,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         delta = {n: now[n] - self._prev[n] for n in now if n in self._prev}
         stop = False
         for task, probe in probes.items():
-            prev, grad = self._prev_grad[task], probe["grad"]
+            prev, grad = self._prev_grad[task], probe.grad
             names = [n for n in delta if n in prev and n in grad]
             self._acc[task].update(
                 {n: prev[n] for n in names},
@@ -358,7 +358,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
                 grad_a_end={n: grad[n] for n in names},
             )
             self._prev_grad[task] = grad
-            measured = probe["loss"] - self._baseline[task]
+            measured = probe.loss - self._baseline[task]
             stop |= self._forecast_task(trainer, task, step, measured, rows, measured=True)
         self._move_base(pl_module, now)
         return stop
@@ -504,7 +504,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         self._to_log = {}
         for task in self.reference_tasks:
             probe = self.fisher_monitor.probe.get(task)
-            if probe is None or probe["step"] != step:
+            if probe is None or probe.step != step:
                 continue
             try:
                 stop |= self._evaluate(trainer, pl_module, task, probe, delta, step)
@@ -550,7 +550,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
         hist = self.history.setdefault(task, _new_history())
         if task not in self._baseline or (hist["step"] and step <= hist["step"][-1]):
             return False  # no anchor, or this step was evaluated already (two boundaries, one step)
-        grad_now = probe["grad"]
+        grad_now = probe.grad
         acc = self._acc[task]
         prev = self._prev_grad.get(task, grad_now)
         names = [n for n in delta if n in prev and n in grad_now]
@@ -560,7 +560,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
             grad_a_end={n: grad_now[n] for n in names},
         )
         self._prev_grad[task] = grad_now
-        measured = probe["loss"] - self._baseline[task]
+        measured = probe.loss - self._baseline[task]
         predicted = acc.total
         collector = self.fisher_monitor.collector
         params = dict(pl_module.named_parameters())
