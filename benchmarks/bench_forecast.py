@@ -72,9 +72,9 @@ def _fit(
     if fm is not None:  # the early probes' steps (1, 2, 4, ... of the first interval): timed apart
         probe_gradient = fm.probe_gradient
 
-        def probed(pl_module, task, step):
-            timer.probed.add(step)
-            return probe_gradient(pl_module, task, step)
+        def probed(host, task):
+            timer.probed.add(host.step)
+            return probe_gradient(host, task)
 
         fm.probe_gradient = probed
     trainer = pl.Trainer(

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fisher_callbacks.callbacks import FisherMonitor, QKOVInterferenceMonitor
+from fisher_callbacks.callbacks._host import LightningHost
 from lightning_examples.synthetic import SyntheticTasks, TinyGPT
 
 
@@ -27,7 +28,7 @@ class Dump(pl.Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking:
             return
-        self.fm.refresh(trainer, pl_module)
+        self.fm.refresh(LightningHost(trainer, pl_module))
         ids = self.fm.collector.sample_ids("math")
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, ids)

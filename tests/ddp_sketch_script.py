@@ -16,6 +16,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fisher_callbacks.callbacks import FisherMonitor
+from fisher_callbacks.callbacks._host import LightningHost
 from lightning_examples.synthetic import SyntheticTasks, TinyGPT
 
 
@@ -33,7 +34,7 @@ class Dump(pl.Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking:
             return
-        self.fm.refresh(trainer, pl_module)
+        self.fm.refresh(LightningHost(trainer, pl_module))
         store = self.fm.collector.store
         state = store.state_dict()["tasks"]["math"]
         gathered = [None] * dist.get_world_size()

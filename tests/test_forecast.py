@@ -199,9 +199,9 @@ def test_early_probes_come_at_steps_1_2_4_of_the_first_interval(tmp_path, settin
     steps = []
     real = fm.probe_gradient
 
-    def spy(pl_module, task, step):
-        steps.append(step)
-        return real(pl_module, task, step)
+    def spy(host, task):
+        steps.append(host.step)
+        return real(host, task)
 
     fm.probe_gradient = spy
     trainer = _trainer(tmp_path, [fm, rm], max_steps=12, val_every=8)

@@ -147,7 +147,7 @@ def test_probe_cap_cuts_string_ids_and_integer_task_tags_are_tasks(tmp_path):
     messages = [str(w.message) for w in caught]
     assert not any("failed" in m for m in messages), messages
     assert fm.collector.sample_ids("general") == ["g0", "g1", "g2", "g3"]
-    assert fm.probe["general"]["n"] == 4 and rm.history["general"]["step"] == [4, 8]
+    assert fm.probe["general"].n == 4 and rm.history["general"]["step"] == [4, 8]
     assert not fm._failed and fm.captured_steps == 4
     assert fm.collector.num_samples("3") == 32  # 4 flagged steps x 8 samples tagged 3
 

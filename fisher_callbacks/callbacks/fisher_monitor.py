@@ -21,6 +21,7 @@ from typing_extensions import override
 from .._rng import SeededGenerator, isolated_rng
 from .._validate import check_choice, check_number
 from ..capture import PerSampleGradientCapture, ProbeResult, probe_pass
+from ..engine.host import Host
 from ..engine.ranks import WarningRelay, distributed, log_agreed
 from ..engine.readings import ProbeReading
 from ..fisher import FisherCollector, _collective_device
@@ -313,6 +314,16 @@ class FisherMonitor(BoundaryCallback):
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
+
+    @property
+    def relay(self) -> WarningRelay:
+        """The suite's warning record: the other monitors take a :meth:`WarningRelay.view` of it,
+        so every warning of the suite reaches the user once, from rank zero."""
+        return self._relay
+
+    def restrict_probe_gradients(self, names: set[str] | None) -> None:
+        """Probe gradients over ``names`` only (``None``: every trainable parameter)."""
+        self.probe_grad_names = None if names is None else set(names)
 
     @property
     def active(self) -> bool:
@@ -618,7 +629,7 @@ class FisherMonitor(BoundaryCallback):
 
     # ------------------------------------------------------------------ validation boundary
     def _boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.refresh(trainer, pl_module)
+        self.refresh(LightningHost(trainer, pl_module))
         self._log_scalars(trainer, pl_module)
         self._relay.flush()
 
@@ -645,22 +656,22 @@ class FisherMonitor(BoundaryCallback):
         values["fisher/skipped_steps"] = float(self.skipped_steps)
         log_agreed(LightningHost(trainer, pl_module), values, self._relay)
 
-    def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def refresh(self, host: Host) -> None:
         """Run the probe passes and sync the Fisher across ranks, once per global step.
 
         Idempotent within a step, so the other monitors call it whatever the callback order.
         Every rank takes the same path (the probe results are reduced), so under DDP the probe
         sets succeed or fail together.
         """
-        if self.collector is None or self._probe_step == trainer.global_step:
+        if self.collector is None or self._probe_step == host.step:
             return
-        self.resolve(pl_module)
-        self._probe_step = trainer.global_step
+        self.resolve(host.module)
+        self._probe_step = host.step
         self.collector.sync([t for t in self.collector.tasks if t not in self.reference_tasks])
         self.collector.freeze_whitening()  # sketch store: the probe sets use this boundary's Fisher
         for task in self.reference_tasks:
             try:
-                self.probe[task] = self.run_probe(pl_module, task, None, trainer.global_step)
+                self.probe[task] = self.run_probe(host, task)
             except Exception as err:
                 self._fail_once(f"probe pass on {task!r} failed: {err!r}", keep_capturing=True)
 
@@ -697,10 +708,9 @@ class FisherMonitor(BoundaryCallback):
     @isolated_rng()  # iterating a probe loader draws from the global RNG: not the run's
     def run_probe(
         self,
-        pl_module: pl.LightningModule,
+        host: Host,
         task: str,
-        loader: DataLoader | Sequence[Mapping[str, Any]] | None,
-        step: int,
+        loader: DataLoader | Sequence[Mapping[str, Any]] | None = None,
         sum_params: Mapping[str, torch.Tensor] | None = None,
     ) -> ProbeReading:
         """Per-sample probe pass over ``loader``: refreshes ``task`` in the collector.
@@ -724,6 +734,7 @@ class FisherMonitor(BoundaryCallback):
         Raises:
             ValueError: no probe sample on any rank.
         """
+        pl_module, step = host.module, host.step
         self.collector.reset(task)
         params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         if self.probe_grad_names is not None:
@@ -738,7 +749,7 @@ class FisherMonitor(BoundaryCallback):
             # The fixed batches are drawn inside the try: a rank whose loader fails still joins
             # the reduction below (a collective), contributing nothing.
             source = self.probe_batches(task) if loader is None else loader
-            self._probe_local(pl_module, task, source, params, losses, total)
+            self._probe_local(host, task, source, params, losses, total)
         except Exception as err:
             if not distributed():
                 raise
@@ -761,7 +772,7 @@ class FisherMonitor(BoundaryCallback):
         )
 
     @isolated_rng()  # iterating a probe loader draws from the global RNG: not the run's
-    def probe_gradient(self, pl_module: pl.LightningModule, task: str, step: int) -> ProbeReading:
+    def probe_gradient(self, host: Host, task: str) -> ProbeReading:
         """Mean probe loss and gradient of ``task`` on its fixed probe batches, with one plain
         batched backward per batch: no per-sample capture, the collector is left as it is.
 
@@ -776,13 +787,14 @@ class FisherMonitor(BoundaryCallback):
         Raises:
             ValueError: no probe sample with a target on any rank.
         """
+        pl_module, step = host.module, host.step
         self.resolve(pl_module)
         params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         if self.probe_grad_names is not None:
             params = {n: p for n, p in params.items() if n in self.probe_grad_names}
         losses: list[torch.Tensor] = []
         total: dict[str, torch.Tensor] = {}
-        forward = _forward_module(pl_module)
+        forward = host.forward_module
         loss_type = self.loss_type or infer_loss_type(forward)
         try:
             with _probe_mode(pl_module):
@@ -822,7 +834,7 @@ class FisherMonitor(BoundaryCallback):
 
     def _probe_local(
         self,
-        pl_module: pl.LightningModule,
+        host: Host,
         task: str,
         loader: DataLoader,
         params: Mapping[str, torch.Tensor],
@@ -831,7 +843,7 @@ class FisherMonitor(BoundaryCallback):
     ) -> None:
         """This rank's probe pass: per-sample gradients into the collector under ``task``,
         per-sample losses appended to ``losses`` and the summed gradients into ``total``."""
-        n = 0
+        n, pl_module = 0, host.module
         with _probe_mode(pl_module):
             for batch in loader:
                 if self.probe_max_samples is not None and n >= self.probe_max_samples:
@@ -856,7 +868,7 @@ class FisherMonitor(BoundaryCallback):
                     fisher_type=self.fisher_type,
                     generator=self.collector._generator,
                     sum_params=params,
-                    forward_model=_forward_module(pl_module),
+                    forward_model=host.forward_module,
                     capture=self.capture if self.capture.attached else None,
                     sink=ingest,
                     chunk=None if ingest is None else self._chunk(size),
@@ -1082,19 +1094,6 @@ def _probe_mode(pl_module: pl.LightningModule) -> Iterator[None]:
             yield
     finally:
         pl_module.train(was_training)
-
-
-def _forward_module(pl_module: pl.LightningModule) -> torch.nn.Module:
-    """``pl_module`` if it defines ``forward``, else the Hugging Face model inside it."""
-    if type(pl_module).forward is not pl.LightningModule.forward:
-        return pl_module
-    for module in pl_module.modules():
-        if module is not pl_module and getattr(getattr(module, "config", None), "model_type", None):
-            return module
-    raise TypeError(
-        f"{type(pl_module).__name__} defines no forward and wraps no Hugging Face model: probe "
-        "passes need one of them to compute logits"
-    )
 
 
 def find_fisher_monitor(trainer: pl.Trainer, given: FisherMonitor | None, who: str) -> FisherMonitor:

@@ -201,12 +201,14 @@ class ForgettingRiskMonitor(BoundaryCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._begin_fit(stage)
         self.fisher_monitor = find_fisher_monitor(trainer, self.fisher_monitor, type(self).__name__)
-        self._relay = self.fisher_monitor._relay.view("ForgettingRiskMonitor")  # one record for the suite
+        self._relay = self.fisher_monitor.relay.view("ForgettingRiskMonitor")  # one record for the suite
         self._restrict_probe_grads()
 
     def _restrict_probe_grads(self) -> None:
         if self.predict_on == "monitored" and self.fisher_monitor.layout is not None:
-            self.fisher_monitor.probe_grad_names = set(self.fisher_monitor.layout.monitored_parameters())
+            self.fisher_monitor.restrict_probe_gradients(
+                set(self.fisher_monitor.layout.monitored_parameters())
+            )
 
     @property
     def state_key(self) -> str:
@@ -252,7 +254,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
                 self._prev = self._snapshot(pl_module)
                 for task in self.reference_tasks:
                     try:
-                        probe = self.fisher_monitor.run_probe(pl_module, task, None, trainer.global_step)
+                        probe = self.fisher_monitor.run_probe(LightningHost(trainer, pl_module), task)
                     except Exception as err:
                         self._relay.warn(f"no probe gradient for {task!r} at resume ({err!r})")
                         continue
@@ -260,23 +262,23 @@ class ForgettingRiskMonitor(BoundaryCallback):
             added = [t for t in self.reference_tasks if t not in self._baseline]
             if added:  # watched since this resume: the others keep their anchors and history
                 self._relay.warn(f"{added} added at the resume: anchored there, not at the original anchor")
-                self._anchor_tasks(pl_module, added, trainer.global_step)
+                self._anchor_tasks(LightningHost(trainer, pl_module), added)
             self._build_forecast(pl_module)
             self._relay.flush()
             return
         params = dict(pl_module.named_parameters())
         self._anchor = {n: params[n].detach().clone() for n in layout.monitored_parameters()}
         self._prev = self._snapshot(pl_module)
-        self._anchor_tasks(pl_module, self.reference_tasks, trainer.global_step)
+        self._anchor_tasks(LightningHost(trainer, pl_module), self.reference_tasks)
         self._relay.flush()
         self._last_eval_step = self._anchor_step = trainer.global_step
         self._build_forecast(pl_module)
 
-    def _anchor_tasks(self, pl_module: pl.LightningModule, tasks: Sequence[str], step: int) -> None:
+    def _anchor_tasks(self, host: LightningHost, tasks: Sequence[str]) -> None:
         """Baseline loss, anchor Fisher, probe gradient and a new history of each of ``tasks``."""
         for task in tasks:
             try:
-                probe = self.fisher_monitor.run_probe(pl_module, task, None, step)
+                probe = self.fisher_monitor.run_probe(host, task)
             except Exception as err:
                 self._relay.warn(f"no anchor for {task!r} ({err!r}); not watched")
                 continue
@@ -286,7 +288,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
             self._anchor_fisher[task] = {n: f.clone() for n, f in fisher0.items()}
             self._prev_grad[task] = probe.grad
             self.history[task] = _new_history()
-            self._points[task] = [(step, 0.0)]
+            self._points[task] = [(host.step, 0.0)]
             self._active[task] = False
 
     @override
@@ -340,7 +342,8 @@ class ForgettingRiskMonitor(BoundaryCallback):
         forecast's new base. Returns whether the measured drift asks for a stop."""
         self._early_done = self.early_probe_step != "auto"  # "auto" ends at the first boundary
         try:
-            probes = {t: self.fisher_monitor.probe_gradient(pl_module, t, step) for t in self._fc_tasks}
+            host = LightningHost(trainer, pl_module)
+            probes = {t: self.fisher_monitor.probe_gradient(host, t) for t in self._fc_tasks}
         except Exception as err:
             self._relay.warn(
                 f"no early probe at step {step} ({err!r}); the band waits for the first boundary"
@@ -496,7 +499,7 @@ class ForgettingRiskMonitor(BoundaryCallback):
     def _boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._anchor is None:
             return
-        self.fisher_monitor.refresh(trainer, pl_module)
+        self.fisher_monitor.refresh(LightningHost(trainer, pl_module))
         step = trainer.global_step
         now = self._snapshot(pl_module)
         delta = {n: now[n] - self._prev[n] for n in now if n in self._prev}

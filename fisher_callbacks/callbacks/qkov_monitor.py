@@ -21,6 +21,7 @@ from ..layouts import BLOCKS
 from ..loggers import log_figure, log_metrics, log_table, save_arrays
 from ..plots import NOT_MONITORED_LABEL, plot_layer_head_heatmaps
 from ._boundary import BoundaryCallback
+from ._host import LightningHost
 from .fisher_monitor import FisherMonitor, find_fisher_monitor
 
 _SCORE_UNITS = {
@@ -142,7 +143,7 @@ class QKOVInterferenceMonitor(BoundaryCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._begin_fit(stage)
         self.fisher_monitor = find_fisher_monitor(trainer, self.fisher_monitor, type(self).__name__)
-        self._relay = self.fisher_monitor._relay.view("QKOVInterferenceMonitor")  # one record for the suite
+        self._relay = self.fisher_monitor.relay.view("QKOVInterferenceMonitor")  # one record for the suite
 
     @property
     def state_key(self) -> str:
@@ -152,7 +153,7 @@ class QKOVInterferenceMonitor(BoundaryCallback):
         self._validations += 1
         if (self._validations - 1) % self.every_n_validations:
             return
-        self.fisher_monitor.refresh(trainer, pl_module)
+        self.fisher_monitor.refresh(LightningHost(trainer, pl_module))
         collector = self.fisher_monitor.collector
         if collector is None:
             return
