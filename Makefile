@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	# torch first and pinned: pip takes the local CPU wheel, never gigabytes of CUDA packages.
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install torch==2.13.0 -e ".[dev,peft]"
+	$(PY) -m pip install torch==2.13.0 -e ".[dev,peft,trl]"
 	touch $(STAMP)
 
 install: $(STAMP)
