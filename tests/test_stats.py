@@ -167,6 +167,18 @@ def test_fdr_matches_slow_reference(p: list[float]) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=1, max_size=60))
+def test_fdr_matches_scipy(p: list[float]) -> None:
+    """SciPy's ``false_discovery_control`` (BH and BY) as the independent reference."""
+    from scipy.stats import false_discovery_control
+
+    t = torch.tensor(p, dtype=torch.float64)
+    for method, fn in (("bh", benjamini_hochberg), ("by", benjamini_yekutieli)):
+        expected = torch.from_numpy(false_discovery_control(p, method=method))
+        torch.testing.assert_close(fn(t), expected, rtol=1e-12, atol=1e-15)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=1, max_size=60))
 def test_fdr_properties(p: list[float]) -> None:
     t = torch.tensor(p, dtype=torch.float64)
     bh, by = benjamini_hochberg(t), benjamini_yekutieli(t)
