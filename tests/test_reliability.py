@@ -111,7 +111,7 @@ def test_typo_in_a_pair_is_an_error_and_every_distinct_warning_reaches_the_user(
     relayed = [str(w.message) for w in caught if str(w.message).startswith("QKOVInterferenceMonitor")]
     # each points at the monitor's line that caught it, not at contextlib's exit
     where = {Path(w.filename).name for w in caught if str(w.message).startswith("QKOVInterferenceMonitor")}
-    assert where == {"qkov_monitor.py"}, where
+    assert where == {"qkov.py"}, where  # the engine's line
     # first boundary: both Fishers are small (4 probe samples; 8 math samples from step 0), two
     # distinct warnings of one heatmap; later boundaries repeat the probe one: shown once
     general = [m for m in relayed if "the Fisher of task 'general' comes from 4 sample(s)" in m]
