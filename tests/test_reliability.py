@@ -165,10 +165,10 @@ def test_monitor_and_collector_pickle_with_their_rng_state():
     assert torch.equal(torch.randperm(9, generator=clone._rng.generator), expected)
     assert isinstance(fm._rng.__getstate__()["state"], bytes)
     collector = FisherCollector(TinyGPT(**TINY), seed=5)
-    torch.rand(4, generator=collector._generator)
+    torch.rand(4, generator=collector.generator)
     clone = pickle.loads(ForkingPickler.dumps(collector))
-    expected = torch.rand(6, generator=collector._generator)
-    assert torch.equal(torch.rand(6, generator=clone._generator), expected)
+    expected = torch.rand(6, generator=collector.generator)
+    assert torch.equal(torch.rand(6, generator=clone.generator), expected)
     state = collector.state_dict()["generator"]
     assert state.dtype == torch.uint8 and state.device.type == "cpu"
 
