@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +46,6 @@ from .store import (
     ExactStore,
     GradientStore,
     HeadMajor,
-    SketchStore,
     StagedRows,
     make_store,
     resolve_store_kind,
@@ -119,12 +118,12 @@ class Ingest:
             pos[r] = torch.arange(r.numel())
             self._pos[t] = pos
         for t in self.rows:
-            collector._task(t)
+            collector.ensure_task(t)
         self.staged: dict[str, StagedRows] = {}
         if store and not collector.needs_whitening:
-            device = collector._device
+            device = collector.device
             for t, r in rows.items():
-                task_ids = collector._resolve_ids(t, None if ids is None else [ids[i] for i in r], len(r))
+                task_ids = collector.resolve_ids(t, None if ids is None else [ids[i] for i in r], len(r))
                 self.staged[t] = collector.store.stage(t, task_ids, device)
         self.sums: dict[str, dict[str, torch.Tensor]] = {t: {} for t in self.rows}
         self._layout: dict[str, HeadMajor | None] = {}
@@ -192,36 +191,26 @@ class Ingest:
             )
         total: dict[str, torch.Tensor] = {}
         for task, rows in self.rows.items():
-            state = collector._tasks[task]
-            n_task = rows.numel()
-            trace = None
             if self.fisher or self.ema:
-                for name in collector.param_names:
-                    c = self.sums[task].get(name)
-                    layout = self._layout.get(name)
-                    if c is None:
-                        c = torch.zeros(collector.param_shapes[name], device=collector._device)
-                    elif layout is not None:
-                        c = layout.to_natural(c)
-                    total[name] = total[name] + c if name in total else c
-                    if self.fisher:
-                        if name in state.fisher_sum:
-                            state.fisher_sum[name] += c
-                        else:
-                            state.fisher_sum[name] = c.clone()
-                    if self.ema:
-                        trace = c.sum() if trace is None else trace + c.sum()
-                        if collector.ema_entries:
-                            collector._ema_step(state, name, c, n_task)
-                if self.fisher:
-                    state.fisher_count += n_task
-                    collector._fisher_cache.pop(task, None)
-                if self.ema:
-                    collector._ema_trace_step(state, trace, n_task)
-                    state.ema_steps += 1
+                squares = self._natural_sums(task, total)
+                collector.add_squares(task, squares, rows.numel(), fisher=self.fisher, ema=self.ema)
             if task in self.staged:
                 collector.store.commit(self.staged[task])
         return total
+
+    def _natural_sums(self, task: str, total: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, sum of g**2 over the task's samples)`` per monitored parameter, natural shape
+        (zeros where no gradient reached it), one at a time; each is also added into ``total``."""
+        collector = self.collector
+        for name in collector.param_names:
+            c = self.sums[task].get(name)
+            layout = self._layout.get(name)
+            if c is None:
+                c = torch.zeros(collector.param_shapes[name], device=collector.device)
+            elif layout is not None:
+                c = layout.to_natural(c)
+            total[name] = total[name] + c if name in total else c
+            yield name, c
 
 
 class FisherCollector:
@@ -310,8 +299,12 @@ class FisherCollector:
         )
 
     @property
-    def _generator(self) -> torch.Generator:
+    def generator(self) -> torch.Generator:
+        """The collector's ``torch.Generator`` (reservoir draws, true-Fisher labels), in its
+        ``state_dict``."""
         return self._rng.generator
+
+    _generator = generator  # the name FisherMonitor reads
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -332,6 +325,11 @@ class FisherCollector:
     def stored_bytes(self) -> int:
         """Bytes allocated for stored per-sample rows (never above the budget)."""
         return self.store.stored_bytes
+
+    def ensure_task(self, task: str) -> None:
+        """Register ``task`` (its Fisher state and a reservoir; every task's capacity shrinks to
+        an equal share). No-op for a known task."""
+        self._task(task)
 
     def _task(self, task: str) -> _TaskState:
         if not isinstance(task, str) or not task:
@@ -392,7 +390,7 @@ class FisherCollector:
         """
         self._check_grads(grads)
         n = next(iter(grads.values())).shape[0]
-        ids = self._resolve_ids(task, sample_ids, n)
+        ids = self.resolve_ids(task, sample_ids, n)
         self._task(task)
         keep = self._finite_rows(grads, n, task, ids) if check_finite else None
         if keep is not None and keep.numel() == 0:
@@ -433,8 +431,45 @@ class FisherCollector:
         return Ingest(self, tasks, ids, fisher=fisher, ema=ema, store=store)
 
     @property
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
+        """The device of the monitored parameters (where Fisher sums and staged rows live)."""
         return self.model.get_parameter(self.param_names[0]).device
+
+    _device = device  # the name FisherMonitor reads
+
+    def add_squares(
+        self,
+        task: str,
+        squares: Iterable[tuple[str, torch.Tensor]],
+        n: int,
+        *,
+        fisher: bool = True,
+        ema: bool = False,
+    ) -> None:
+        """File one batch of ``task``: ``squares`` yields ``(name, sum of g**2)`` over its ``n``
+        samples (natural shape, fp32) for every monitored parameter, consumed one at a time.
+
+        ``fisher``: add them to the contribution Fisher sum and count the ``n`` samples; ``ema``:
+        one EMA step of the task (per entry when ``ema_entries``, and of the trace).
+        """
+        state = self._tasks[task]
+        trace = None
+        for name, c in squares:
+            if fisher:
+                if name in state.fisher_sum:
+                    state.fisher_sum[name] += c
+                else:
+                    state.fisher_sum[name] = c.clone()
+            if ema:
+                trace = c.sum() if trace is None else trace + c.sum()
+                if self.ema_entries:
+                    self._ema_step(state, name, c, n)
+        if fisher:
+            state.fisher_count += n
+            self._fisher_cache.pop(task, None)
+        if ema:
+            self._ema_trace_step(state, trace, n)
+            state.ema_steps += 1
 
     # ------------------------------------------------------------------ whitening (sketch store)
     def whitening_fisher(self, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -459,7 +494,7 @@ class FisherCollector:
     @property
     def needs_whitening(self) -> bool:
         """True for a sketch store without a whitening Fisher yet."""
-        return isinstance(self.store, SketchStore) and not self.store.has_whitening
+        return self.store.needs_whitening
 
     def initial_whitening(self, sums: Mapping[str, torch.Tensor] | None, count: int) -> None:
         """Freeze the first whitening, identical on every DDP rank (collective).
@@ -471,7 +506,7 @@ class FisherCollector:
         """
         if not self.needs_whitening:
             return
-        device = self._device
+        device = self.device
         total = {}
         for name in self.param_names:
             if sums is None or count == 0 or name not in sums:
@@ -496,7 +531,7 @@ class FisherCollector:
         """Freeze the whitening of the next sketches: ``fisher`` (``{name: F_w}``) or
         :meth:`whitening_fisher`. No-op for the exact store (it whitens at compute time) and when
         no task has samples yet."""
-        if not isinstance(self.store, SketchStore):
+        if not self.store.whitened:
             return
         fisher = dict(fisher) if fisher is not None else self.whitening_fisher()
         if fisher:
@@ -555,9 +590,11 @@ class FisherCollector:
                     f"[B, {', '.join(map(str, self.param_shapes[name]))}]"
                 )
 
-    def _resolve_ids(
+    def resolve_ids(
         self, task: str, sample_ids: Sequence[SampleId] | torch.Tensor | None, n: int
     ) -> list[SampleId]:
+        """``n`` TRUE ids of ``task``'s samples: ``sample_ids`` as a list, or the next ``n`` of the
+        task's running counter when it is None."""
         if sample_ids is None:
             state = self._task(task)
             ids = list(range(state.next_id, state.next_id + n))
@@ -582,7 +619,7 @@ class FisherCollector:
             self.layout,
             loss_type=self.loss_type,
             fisher_type=self.fisher_type,
-            generator=self._generator,
+            generator=self.generator,
         )
 
     def update_ema_from_gradients(
@@ -845,7 +882,7 @@ class FisherCollector:
             "tasks": tasks,
             "store": self.store.state_dict(include_rows=include_store),
             "skipped_nonfinite": self.skipped_nonfinite,
-            "generator": self._generator.get_state(),
+            "generator": self.generator.get_state(),
             "ema_decay": self.ema_decay,
         }
 

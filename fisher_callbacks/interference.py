@@ -58,6 +58,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -209,6 +210,82 @@ def check_metric_options(
     check_number("min_conflict_effect_size", min_conflict_effect_size)  # -inf: the filter off
     check_number("top_k", top_k, low=0, integer=True)
     check_number("max_chunk_elements", max_chunk_elements, low=1, integer=True)
+
+
+@dataclass
+class _Pair:
+    """The two tasks of one heatmap: TRUE ids of the stored rows used and their Fishers."""
+
+    task_a: str
+    task_b: str
+    ids_a: list
+    ids_b: list
+    fisher_a: dict[str, Tensor]  # {} without samples
+    fisher_b: dict[str, Tensor]
+
+    @property
+    def sides(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        """``((task_a, n_a), (task_b, n_b))``: the first ``n`` stored rows of each task are used."""
+        return (self.task_a, len(self.ids_a)), (self.task_b, len(self.ids_b))
+
+    @property
+    def empty(self) -> bool:
+        """A task has no stored sample: zero maps, no test."""
+        return not self.ids_a or not self.ids_b
+
+
+@dataclass
+class _BlockMaps:
+    """The maps of one block as :meth:`QKOVInterferenceMetric._fill_layer` fills them, one layer
+    (row ``li``) at a time. ``p_values`` 1, ``effect`` 0, ``extreme`` 0 mean untested."""
+
+    block: str
+    hsel: Tensor  # [Hb] block heads
+    scores: Tensor  # [n_a, n_b, L, Hb] fp32 on the computation device
+    overlap: Tensor  # [L, Hb] fp32
+    cosine: Tensor  # [L, Hb] fp32
+    p_values: Tensor  # [L, Hb] float64
+    effect: Tensor  # [L, Hb] float64
+    extreme: Tensor  # [L, Hb] long: permutations at least as extreme
+
+    @classmethod
+    def zeros(
+        cls, block: str, block_heads: list[int], pair: _Pair, n_layers: int, device: torch.device
+    ) -> _BlockMaps:
+        (_, n_a), (_, n_b) = pair.sides
+        n_h = len(block_heads)
+        return cls(
+            block=block,
+            hsel=torch.tensor(block_heads, dtype=torch.long),
+            scores=torch.zeros(n_a, n_b, n_layers, n_h, dtype=ACCUM_DTYPE, device=device),
+            overlap=torch.zeros(n_layers, n_h, dtype=ACCUM_DTYPE),
+            cosine=torch.zeros(n_layers, n_h, dtype=ACCUM_DTYPE),
+            p_values=torch.ones(n_layers, n_h, dtype=torch.float64),
+            effect=torch.zeros(n_layers, n_h, dtype=torch.float64),
+            extreme=torch.zeros(n_layers, n_h, dtype=torch.long),
+        )
+
+    def not_monitored(self, li: int) -> None:
+        """Row ``li`` is a block without adapter or frozen: NaN everywhere, untested."""
+        for t in (
+            self.scores[:, :, li],
+            self.overlap[li],
+            self.cosine[li],
+            self.p_values[li],
+            self.effect[li],
+        ):
+            t.fill_(math.nan)
+
+
+@dataclass
+class _TestFamily:
+    """Every (layer, head, block) conflict test of one heatmap, for one FDR over all of them."""
+
+    # (block, p [L, Hb], effect [L, Hb], n_extreme [L, Hb]) per block
+    parts: list[tuple[str, Tensor, Tensor, Tensor]] = field(default_factory=list)
+    # refinement candidates (block, li, heads [c], Gram [c, n, n]) of p_value="adaptive"
+    refine: list[tuple[str, int, Tensor, Tensor]] = field(default_factory=list)
+    num_degenerate: int = 0
 
 
 class QKOVInterferenceMetric:
@@ -475,92 +552,23 @@ class QKOVInterferenceMetric:
         layout = self.layout
         layers = self._check_layers(layers)
         heads = self._check_heads(heads)
-        block_heads = {b: sorted({layout.block_head(h, b) for h in heads}) for b in BLOCKS}
         store = self._require_store()
         ids_a, ids_b = self._stored(task_a, max_samples), self._stored(task_b, max_samples)
-        n_a, n_b = len(ids_a), len(ids_b)
-        fisher_a = self._fisher(task_a)
-        fisher_b = self._fisher(task_b)
-        empty = n_a == 0 or n_b == 0
-        if empty:
+        pair = _Pair(task_a, task_b, ids_a, ids_b, self._fisher(task_a), self._fisher(task_b))
+        if pair.empty:
             warnings.warn(
                 f"QK-OV heatmap {task_a!r} vs {task_b!r}: no stored samples for "
-                f"{' and '.join(repr(t) for t, n in ((task_a, n_a), (task_b, n_b)) if n == 0)}; "
-                "returning zero maps",
+                f"{' and '.join(repr(t) for t, n in pair.sides if n == 0)}; returning zero maps",
                 stacklevel=2,
             )
-        dev = self.device
-        n_layers = len(layers)
-        blocks: dict[str, dict[str, Any]] = {}
-        stats_parts: list[tuple[str, Tensor, Tensor, Tensor]] = []  # (block, p, effect, n_extreme)
-        refine: list[tuple[str, int, Tensor, Tensor]] = []  # (block, li, heads [c], Gram [c, n, n])
-        num_degenerate = 0
-        for block in BLOCKS:
-            hsel = torch.tensor(block_heads[block], dtype=torch.long)
-            n_h = len(block_heads[block])
-            scores = torch.zeros(n_a, n_b, n_layers, n_h, dtype=ACCUM_DTYPE, device=dev)
-            overlap = torch.zeros(n_layers, n_h, dtype=ACCUM_DTYPE)
-            cosine = torch.zeros(n_layers, n_h, dtype=ACCUM_DTYPE)
-            p_vals = torch.ones(n_layers, n_h, dtype=torch.float64)
-            effect = torch.zeros(n_layers, n_h, dtype=torch.float64)
-            extreme = torch.zeros(n_layers, n_h, dtype=torch.long)
-            for li, layer in enumerate(layers):
-                if not layout.is_monitored(layer, block):  # no adapter / frozen: NaN, untested
-                    for t in (scores[:, :, li], overlap[li], cosine[li], p_vals[li], effect[li]):
-                        t.fill_(math.nan)
-                    continue
-                fa = fb = None
-                if fisher_a and fisher_b:
-                    fa = self.index.gather(fisher_a, layer, block, hsel, owner=f"task {task_a!r}")  # [Hb, k]
-                    fb = self.index.gather(fisher_b, layer, block, hsel, owner=f"task {task_b!r}")  # [Hb, k]
-                    overlap[li] = fisher_overlap_tensor(fa, fb, dim=-1).cpu()
-                if empty:
-                    continue
-                if fa is None or fb is None:
-                    raise RuntimeError(
-                        f"tasks {task_a!r}/{task_b!r} have stored samples but no Fisher "
-                        "(the collector's num_samples/fisher disagree with its store)"
-                    )
-                inv_pooled = inverse_fisher(pooled_fisher(fa, fb), self.epsilon, self.ridge_lambda).to(dev)
-                inv_scores = (
-                    inverse_fisher(fa, self.epsilon, self.ridge_lambda).to(dev)
-                    if self.fisher_source == "task_a"
-                    else inv_pooled
-                )
-                sides = ((task_a, n_a), (task_b, n_b))
-                pair, views = self._pair_scores(store, sides, layer, block, hsel, inv_scores)
-                scores[:, :, li] = pair  # [n_a, n_b, Hb]
-                if inv_scores is not inv_pooled:
-                    views = None  # the maps and tests whiten with the pooled Fisher
-                c, p, e, ext, n_deg, cand = self._maps_and_test(
-                    store, sides, layer, block, hsel, inv_pooled, views
-                )
-                cosine[li] = c
-                if self.run_stats:
-                    p_vals[li], effect[li], extreme[li] = p, e, ext
-                    num_degenerate += n_deg
-                    refine.extend((block, li, heads_c, gram_c) for heads_c, gram_c in cand)
-            scores = scores.cpu()
-            res: dict[str, Any] = {
-                "scores": scores,
-                "layer_head_avg": (
-                    scores.mean(dim=(0, 1))
-                    if not empty
-                    else torch.zeros(n_layers, n_h).masked_fill(_unmonitored(layout, layers, block), math.nan)
-                ),
-                "top_conflicts": self._top_conflicts(scores, ids_a, ids_b, layers, block, hsel),
-                "sample_ids_a": list(ids_a),
-                "sample_ids_b": list(ids_b),
-                "layers": list(layers),
-                "heads": list(block_heads[block]),
-                "fisher_overlap": overlap,
-                "conflict_cosine": cosine,
-            }
-            blocks[block] = res
-            stats_parts.append((block, p_vals, effect, extreme))
-        stats_info = None
-        if self.run_stats:
-            stats_info = self._significance(blocks, stats_parts, empty, num_degenerate, refine, n_a)
+        tests = _TestFamily()
+        blocks = {
+            block: self._block_heatmap(
+                store, pair, layers, block, sorted({layout.block_head(h, block) for h in heads}), tests
+            )
+            for block in BLOCKS
+        }
+        stats_info = self._significance(blocks, tests, pair.empty, len(ids_a)) if self.run_stats else None
         return QKOVHeatmap(
             blocks,
             task_a=task_a,
@@ -574,6 +582,85 @@ class QKOVInterferenceMetric:
             stats=stats_info,
             store=store.describe(task_a, task_b),
         )
+
+    def _block_heatmap(
+        self,
+        store: GradientStore,
+        pair: _Pair,
+        layers: list[int],
+        block: str,
+        block_heads: list[int],
+        tests: _TestFamily,
+    ) -> dict[str, Any]:
+        """One block's entry of the heatmap (see :class:`QKOVHeatmap`), layer by layer; its
+        tests join ``tests``."""
+        maps = _BlockMaps.zeros(block, block_heads, pair, len(layers), self.device)
+        for li, layer in enumerate(layers):
+            if self.layout.is_monitored(layer, block):
+                self._fill_layer(store, pair, maps, li, layer, tests)
+            else:  # no adapter / frozen: NaN, untested
+                maps.not_monitored(li)
+        tests.parts.append((block, maps.p_values, maps.effect, maps.extreme))
+        scores = maps.scores.cpu()
+        if pair.empty:
+            avg = torch.zeros(len(layers), len(block_heads))
+            avg = avg.masked_fill(_unmonitored(self.layout, layers, block), math.nan)
+        else:
+            avg = scores.mean(dim=(0, 1))
+        return {
+            "scores": scores,
+            "layer_head_avg": avg,
+            "top_conflicts": self._top_conflicts(scores, pair.ids_a, pair.ids_b, layers, block, maps.hsel),
+            "sample_ids_a": list(pair.ids_a),
+            "sample_ids_b": list(pair.ids_b),
+            "layers": list(layers),
+            "heads": list(block_heads),
+            "fisher_overlap": maps.overlap,
+            "conflict_cosine": maps.cosine,
+        }
+
+    def _fill_layer(
+        self,
+        store: GradientStore,
+        pair: _Pair,
+        maps: _BlockMaps,
+        li: int,
+        layer: int,
+        tests: _TestFamily,
+    ) -> None:
+        """Row ``li`` (``layer``) of ``maps``: scores, Fisher overlap, conflict cosine and tests of
+        one monitored (layer, block); the tests join ``tests``."""
+        block, hsel = maps.block, maps.hsel
+        fa = fb = None  # [Hb, k] Fishers of the block heads
+        if pair.fisher_a and pair.fisher_b:
+            fa = self.index.gather(pair.fisher_a, layer, block, hsel, owner=f"task {pair.task_a!r}")
+            fb = self.index.gather(pair.fisher_b, layer, block, hsel, owner=f"task {pair.task_b!r}")
+            maps.overlap[li] = fisher_overlap_tensor(fa, fb, dim=-1).cpu()
+        if pair.empty:
+            return
+        if fa is None or fb is None:
+            raise RuntimeError(
+                f"tasks {pair.task_a!r}/{pair.task_b!r} have stored samples but no Fisher "
+                "(the collector's num_samples/fisher disagree with its store)"
+            )
+        inv_pooled = inverse_fisher(pooled_fisher(fa, fb), self.epsilon, self.ridge_lambda).to(self.device)
+        inv_scores = (
+            inverse_fisher(fa, self.epsilon, self.ridge_lambda).to(self.device)
+            if self.fisher_source == "task_a"
+            else inv_pooled
+        )
+        scores, views = self._pair_scores(store, pair.sides, layer, block, hsel, inv_scores)
+        maps.scores[:, :, li] = scores  # [n_a, n_b, Hb]
+        if inv_scores is not inv_pooled:
+            views = None  # the maps and tests whiten with the pooled Fisher
+        c, p, e, ext, n_deg, cand = self._maps_and_test(
+            store, pair.sides, layer, block, hsel, inv_pooled, views
+        )
+        maps.cosine[li] = c
+        if self.run_stats:
+            maps.p_values[li], maps.effect[li], maps.extreme[li] = p, e, ext
+            tests.num_degenerate += n_deg
+            tests.refine.extend((block, li, heads_c, gram_c) for heads_c, gram_c in cand)
 
     # ------------------------------------------------------------------ pieces
     def _chunk_rows(self, per_row: int) -> int:
@@ -718,10 +805,8 @@ class QKOVInterferenceMetric:
     def _significance(
         self,
         blocks: dict[str, dict[str, Any]],
-        parts: list[tuple[str, Tensor, Tensor, Tensor]],
+        tests: _TestFamily,
         empty: bool,
-        num_degenerate: int,
-        refine: list[tuple[str, int, Tensor, Tensor]],
         n_a: int,
     ) -> dict[str, Any]:
         """FDR over all (layer, head, block) tests of the call; fills the per-block stats maps.
@@ -729,6 +814,7 @@ class QKOVInterferenceMetric:
         With ``p_value="adaptive"`` the candidates' p-values are first refined by
         :func:`~fisher_callbacks.stats.refine_p_values` over the whole family of tests.
         """
+        parts, refine, num_degenerate = tests.parts, tests.refine, tests.num_degenerate
         flat_p = torch.cat([p.reshape(-1) for _, p, _, _ in parts])
         flat_e = torch.cat([e.reshape(-1) for _, _, e, _ in parts])
         flat_x = torch.cat([x.reshape(-1) for _, _, _, x in parts])

@@ -250,6 +250,18 @@ class GradientStore(ABC):
     kind: str = ""
     entrywise: bool = False
     """True when per-entry gradients are kept (the directional/symmetric variants need them)."""
+    whitened: bool = False
+    """True when rows are made under a frozen Fisher whitening (:meth:`set_whitening`), as
+    sketches are; a store of raw gradients whitens at compute time instead."""
+
+    @property
+    def needs_whitening(self) -> bool:
+        """True while a :attr:`whitened` store has no whitening yet (it cannot make a row)."""
+        return False
+
+    def set_whitening(self, fisher: Mapping[str, Tensor]) -> None:
+        """Freeze the whitening of the next rows from ``{name: F_w}`` (:attr:`whitened` stores)."""
+        raise TypeError(f"a {self.kind!r} store keeps raw gradients: it takes no whitening")
 
     def __init__(
         self,
@@ -697,6 +709,7 @@ class SketchStore(GradientStore):
 
     kind = "sketch"
     entrywise = False
+    whitened = True
 
     def __init__(
         self,
@@ -776,6 +789,10 @@ class SketchStore(GradientStore):
     def has_whitening(self) -> bool:
         """Whether a whitening is frozen (sketches can be made)."""
         return self._has_white
+
+    @property
+    def needs_whitening(self) -> bool:
+        return not self._has_white
 
     @property
     def whitening(self) -> dict[str, Tensor] | None:
