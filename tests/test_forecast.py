@@ -327,7 +327,8 @@ def test_resume_from_a_checkpoint_before_its_validation_gives_the_uninterrupted_
     ]
     assert resumed[1]._validations == whole[1]._validations == 3
     # the measured points, the warning state and the band carry over too
-    assert [p[0] for p in resumed[2].warnings.points["general"]] == [p[0] for p in whole[2].warnings.points["general"]]
+    points = [[p[0] for p in run[2].warnings.points["general"]] for run in (resumed, whole)]
+    assert points[0] == points[1]
     assert resumed[2].warnings.active == whole[2].warnings.active
     assert b["band_step"] == a["band_step"]
     assert b["band_low"] == pytest.approx(a["band_low"], rel=1e-3, abs=1e-6)

@@ -141,8 +141,7 @@ class ForgettingReport:
     def __init__(self, alert_wait_seconds: float) -> None:
         self.alert_sender = AlertSender(alert_wait_seconds)
 
-    @staticmethod
-    def dashboard(host: Host, tasks: Sequence[str]) -> None:
+    def dashboard(self, host: Host, tasks: Sequence[str]) -> None:
         """The TensorBoard custom-scalars layout of ``tasks`` (once per fit, rank zero)."""
         if host.is_global_zero:
             send_custom_scalars(host.sinks, forgetting_dashboard_layout(tasks))
@@ -159,8 +158,7 @@ class ForgettingReport:
         rows = [[a[c] for c in ALERT_COLUMNS] for a in alerts]
         send_table(host.sinks, f"forgetting/{task}/alerts", ALERT_COLUMNS, rows, step)
 
-    @staticmethod
-    def attribution(host: Host, reading: ForgettingReading, where: str, partial: bool) -> None:
+    def attribution(self, host: Host, reading: ForgettingReading, where: str, partial: bool) -> None:
         """The figure ``forgetting/{task}/attribution``: the first-order prediction by
         layer/head/block (``where``: the parameters the prediction covers; ``partial``: the layout
         leaves blocks unmonitored, drawn as NaN cells)."""
@@ -181,14 +179,12 @@ class ForgettingReport:
         send_figure(host.sinks, f"forgetting/{reading.task}/attribution", fig, reading.step)
         fig.clf()
 
-    @staticmethod
-    def timeline(host: Host, task: str, fig, step: int) -> None:
+    def timeline(self, host: Host, task: str, fig, step: int) -> None:
         """The figure ``forgetting/{task}/timeline`` at ``step``."""
         send_figure(host.sinks, f"forgetting/{task}/timeline", fig, step)
         fig.clf()
 
-    @staticmethod
-    def stopping(host: Host, step: int, what: str) -> None:
+    def stopping(self, host: Host, step: int, what: str) -> None:
         """The one log line of an agreed stop (rank zero)."""
         if host.is_global_zero:
             log.warning(
