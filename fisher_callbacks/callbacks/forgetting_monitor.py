@@ -143,7 +143,8 @@ class ForgettingRiskMonitor(ForgettingEngine, BoundaryCallback):
         return self.fisher
 
     @property
-    def _anchor(self) -> dict | None:  # the name checkpoints of earlier versions were read back by
+    def _anchor(self) -> dict | None:
+        """:attr:`anchor` under its former name (tests/test_checkpoint_fixture.py reads it)."""
         return self.anchor
 
     @override
