@@ -91,6 +91,7 @@ def instrument(ledger: Ledger) -> None:
     """Wrap the suite's named pieces of work (in the namespaces the callbacks call them from)."""
     from fisher_callbacks import interference
     from fisher_callbacks.callbacks import fisher_monitor, forgetting_monitor, qkov_monitor
+    from fisher_callbacks.engine import forgetting, forgetting_report
     from fisher_callbacks.fisher import FisherCollector
 
     fm, qm = fisher_monitor.FisherMonitor, qkov_monitor.QKOVInterferenceMonitor
@@ -105,7 +106,8 @@ def instrument(ledger: Ledger) -> None:
         (interference.QKOVInterferenceMetric, "_significance", "boundary: permutation tests"),
         (interference, "gram_conflict_test", "boundary: permutation tests"),
         (qm, "_log_figures", "boundary: figures"),
-        (rm, "_log_figures", "boundary: figures"),
+        (forgetting_report.ForgettingReport, "attribution", "boundary: figures"),
+        (forgetting_report.ForgettingReport, "timeline", "boundary: figures"),
         (rm, "_boundary", "boundary: forgetting monitor"),
         (rm, "on_train_batch_end", "forecast"),
         (rm, "_early_probe", "early probes"),
@@ -114,8 +116,8 @@ def instrument(ledger: Ledger) -> None:
     ]:
         if hasattr(owner, attr):
             ledger.wrap(owner, attr, label)
-    for module in (fisher_monitor, qkov_monitor, forgetting_monitor):
-        for attr in ("log_metrics", "log_agreed", "log_figure", "log_table", "save_arrays"):
+    for module in (fisher_monitor, qkov_monitor, forgetting, forgetting_report):
+        for attr in ("log_metrics", "log_agreed", "log_figure", "log_table", "save_arrays", "send_table"):
             if hasattr(module, attr):
                 label = "boundary: figures" if attr in ("log_figure", "save_arrays") else "boundary: logging"
                 ledger.wrap(module, attr, label)

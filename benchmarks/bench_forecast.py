@@ -136,7 +136,7 @@ def run(kind: str, rounds: int, steps: int, every: int, batch: int, seq: int) ->
     _, rm, model = _fit(kind, 0, 4, every, batch, seq, True)
     for _ in range(50):  # the forecast alone, on the last fitted monitor
         t0 = time.perf_counter()
-        rm._forecast_values()
+        rm.forecaster.step({t: rm.warnings.last_drift(t) for t in rm.forecaster.tasks})
         direct.append(time.perf_counter() - t0)
     base = statistics.median(times["plain"])
     with_fc = statistics.median(times["forecast"]) / base
@@ -149,8 +149,8 @@ def run(kind: str, rounds: int, steps: int, every: int, batch: int, seq: int) ->
     alone = statistics.median(direct) / base
     ema = statistics.median(paired)
     q1, _, q3 = statistics.quantiles(paired, n=4)
-    n = rm._fc_base.numel()
-    fc_mb = (rm._fc_base.numel() + rm._fc_grads.numel()) * 4 / 2**20
+    n = rm.forecaster.flat_base.numel()
+    fc_mb = (n + rm.forecaster.flat_grads.numel()) * 4 / 2**20
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     print(
         f"\n{kind}: B={batch}, T={seq}, {rounds} rounds x {steps} steps, capture every {every}; "

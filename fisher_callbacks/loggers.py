@@ -18,7 +18,6 @@ only for ``callback_metrics`` (EarlyStopping, ModelCheckpoint).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
+from .engine.forgetting_report import forgetting_dashboard_layout
 from .sinks import (
     AlertSender,
     FolderSink,
@@ -114,32 +114,6 @@ def log_metrics(
             logger.log_metrics(values, step=trainer.global_step)
         except Exception as err:
             warn_once(logger, "log scalars", err)
-
-
-def forgetting_dashboard_layout(tasks: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
-    """TensorBoard custom-scalars layout: one forgetting chart per reference task.
-
-    Chart ``"{task}: drift vs threshold (nats)"`` overlays ``forgetting/{task}/measured``,
-    ``/predicted``, ``/forecast`` (when logged) and ``/threshold``; chart ``"{task}: risk and
-    warning"`` overlays ``/risk`` and ``/warning``. Tags are anchored regular expressions (a task
-    name is escaped), the form ``SummaryWriter.add_custom_scalars`` takes.
-
-    Args:
-        tasks: reference task names.
-
-    Returns:
-        ``{"forgetting": {chart title: ["Multiline", [tag regex, ...]]}}``.
-    """
-
-    def tags(task: str, names: Sequence[str]) -> list[str]:
-        return [f"^{re.escape(f'forgetting/{task}/{n}')}$" for n in names]
-
-    charts: dict[str, list[Any]] = {}
-    for task in tasks:
-        drift = ("measured", "predicted", "forecast", "threshold")
-        charts[f"{task}: drift vs threshold (nats)"] = ["Multiline", tags(task, drift)]
-        charts[f"{task}: risk and warning"] = ["Multiline", tags(task, ("risk", "warning"))]
-    return {"forgetting": charts}
 
 
 def log_custom_scalars(loggers: Sequence[Logger], layout: Mapping[str, Mapping[str, list[Any]]]) -> None:

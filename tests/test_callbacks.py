@@ -137,13 +137,13 @@ def test_resume_continues_ema_store_and_original_anchor(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
     fm, qm, rm = _suite()
     _fit(tmp_path, 3e-3, [fm, rm], max_steps=8, extra=[ckpt])
-    anchor = {n: t.clone() for n, t in rm._anchor.items()}
+    anchor = {n: t.clone() for n, t in rm.anchor.items()}
     ema_steps = fm.collector.ema_steps("math")
     ids = fm.collector.sample_ids("math")
     path = next((tmp_path / "ckpt").glob("*.ckpt"))
     fm2, qm2, rm2 = _suite()
     _fit(tmp_path, 3e-3, [fm2, rm2], max_steps=12, ckpt_path=str(path))
-    assert all(torch.equal(anchor[n], rm2._anchor[n]) for n in anchor)
+    assert all(torch.equal(anchor[n], rm2.anchor[n]) for n in anchor)
     assert fm2.collector.ema_steps("math") == ema_steps + 1  # step 8 (EMA every 4 steps)
     assert len(ids) == 16  # the stored reservoir came back and kept filling within its cap
     assert fm2.collector.num_stored("math") == 16
@@ -295,7 +295,7 @@ def test_predict_on_monitored_weights_only(tmp_path):
     fm, qm, rm = _suite(predict_on="monitored")
     _fit(tmp_path, 3e-3, [fm, rm], max_steps=8)
     names = set(fm.layout.monitored_parameters())
-    assert set(rm._prev) == names
+    assert set(rm.forecaster.base) == names
     assert set(fm.probe["general"].grad) == names
     hist = rm.history["general"]
     assert len(hist["predicted"]) == 2 and all(math.isfinite(p) for p in hist["predicted"])

@@ -89,7 +89,7 @@ def test_one_step_convention_in_csv_tensorboard_wandb_and_history(run):
     ):
         expected = steps
         if name == "forgetting/general/measured":  # the early probes' measurements too
-            expected = [s for s, _ in run["rm"]._points["general"][1:]]
+            expected = [s for s, _ in run["rm"].warnings.points["general"][1:]]
         if name == "forgetting/general/warning":
             # the per-step rows carry the flag too, at trainer.global_step (every logged step and
             # every change of the warning state), with the boundaries' among them

@@ -123,7 +123,7 @@ def test_forecast_follows_its_formula_and_restarts_from_each_measurement(tmp_pat
     theta, grads = rec.params, rec.grads
     drift = {k: rec.losses[k] - rec.losses[0] for k in (0, 2, 4, 8)}
     assert hist["measured"] == pytest.approx([drift[4], drift[8]], rel=1e-4, abs=1e-6)
-    assert [s for s, _ in rm._points["general"]] == [0, 2, 4, 8]  # anchor, early probe, boundaries
+    assert [s for s, _ in rm.warnings.points["general"]] == [0, 2, 4, 8]  # anchor, early probe, boundaries
 
     def move(a, b):
         return {n: theta[b][n] - theta[a][n] for n in theta[0]}
@@ -162,7 +162,7 @@ def test_forecast_follows_its_formula_and_restarts_from_each_measurement(tmp_pat
 
 
 def _drift_series(rm) -> list[float]:
-    return [d for _, d in rm._points["general"]]
+    return [d for _, d in rm.warnings.points["general"]]
 
 
 @pytest.mark.parametrize(
@@ -208,7 +208,7 @@ def test_early_probes_come_at_steps_1_2_4_of_the_first_interval(tmp_path, settin
     trainer.fit(TinyGPT(lr=1e-3, **SMALL), datamodule=_data())
     assert steps == probed  # none after the first boundary (8)
     assert rm.history["general"]["step"] == [8]
-    assert [s for s, _ in rm._points["general"]] == [0, *probed, 8] and rm._early_done
+    assert [s for s, _ in rm.warnings.points["general"]] == [0, *probed, 8] and rm.early_done
 
 
 def test_lead_time_verdicts_judge_a_warning_on_its_horizon():
@@ -245,7 +245,7 @@ def test_non_finite_drift_and_forecast_are_risk_one_warnings_and_stop(tmp_path):
     rm = cbs[1]
     # one alert: the non-finite forecast at step 5 turns the warning on; it stays on (latched)
     assert [(a["step"], a["source"]) for a in rm.alerts] == [(5, "forecast")]
-    assert "probe loss is not finite" in rm.alerts[0]["reason"] and rm._active["general"]
+    assert "probe loss is not finite" in rm.alerts[0]["reason"] and rm.warnings.active["general"]
     assert math.isnan(rm.history["general"]["measured"][-1])
     with open(Path(logger.log_dir) / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -327,7 +327,8 @@ def test_resume_from_a_checkpoint_before_its_validation_gives_the_uninterrupted_
     ]
     assert resumed[1]._validations == whole[1]._validations == 3
     # the measured points, the warning state and the band carry over too
-    assert [p[0] for p in resumed[2]._points["general"]] == [p[0] for p in whole[2]._points["general"]]
-    assert resumed[2]._active == whole[2]._active
+    points = [[p[0] for p in run[2].warnings.points["general"]] for run in (resumed, whole)]
+    assert points[0] == points[1]
+    assert resumed[2].warnings.active == whole[2].warnings.active
     assert b["band_step"] == a["band_step"]
     assert b["band_low"] == pytest.approx(a["band_low"], rel=1e-3, abs=1e-6)

@@ -214,7 +214,7 @@ def test_lora_model_fit_monitors_adapters_and_maps_missing_blocks_as_not_monitor
     # the forgetting prediction runs over every trainable parameter (MLP adapters too)
     assert math.isfinite(rm.history["general"]["predicted"][-1])
     assert rm.history["general"]["predicted"][-1] != 0.0
-    attribution = rm._acc["general"].per_block_head()
+    attribution = rm.tracker.accumulators["general"].per_block_head()
     assert torch.isnan(attribution["V"]).all() and torch.isfinite(attribution["O"]).all()
     figs = sorted(Path(tmp_path / "csv").rglob("figures/qkov_*fisher_overlap*.png"))
     assert figs

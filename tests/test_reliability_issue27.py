@@ -210,7 +210,7 @@ def test_callbacks_reused_for_a_new_fit_rebind_to_the_new_model_and_restart(tmp_
     rm = ForgettingRiskMonitor(fm, reference_tasks=["general"])
     first, second = TinyGPT(**TINY), TinyGPT(**TINY, seed=1)
     _trainer(tmp_path, [fm, qm, rm]).fit(first, datamodule=dm)
-    once = (fm.captured_steps, list(rm.history["general"]["step"]), rm._baseline["general"])
+    once = (fm.captured_steps, list(rm.history["general"]["step"]), rm.tracker.baseline["general"])
     assert once[:2] == (4, [4, 8])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -219,7 +219,7 @@ def test_callbacks_reused_for_a_new_fit_rebind_to_the_new_model_and_restart(tmp_
     assert not [m for m in _relayed(caught) if "strictly increasing" in m or "no samples" in m]
     assert fm.collector.model is second and fm.captured_steps == 4  # this fit's steps only
     assert rm.history["general"]["step"] == [4, 8] and len(rm.history["general"]["measured"]) == 2
-    assert rm._baseline["general"] != once[2]  # anchored on the new model
+    assert rm.tracker.baseline["general"] != once[2]  # anchored on the new model
     assert set(qm.latest) == {("general", "math")}
     assert fm.collector.num_samples("math") == 4 * 8
     assert not any(m._forward_hooks for m in first.modules())  # nothing left on the old model
@@ -273,12 +273,12 @@ def test_adding_a_reference_task_on_resume_keeps_the_others_anchor_and_history(t
     trainer.fit(model, datamodule=dm)
     ckpt = tmp_path / "run.ckpt"
     trainer.save_checkpoint(ckpt)
-    baseline, steps = rm._baseline["general"], list(rm.history["general"]["step"])
+    baseline, steps = rm.tracker.baseline["general"], list(rm.history["general"]["step"])
     measured = list(rm.history["general"]["measured"])
 
     fm2, rm2 = _suite(["general", "math"])
     _trainer(tmp_path, [fm2, rm2], max_steps=12).fit(TinyGPT(**TINY), datamodule=dm, ckpt_path=ckpt)
-    assert rm2._baseline["general"] == baseline
+    assert rm2.tracker.baseline["general"] == baseline
     assert rm2.history["general"]["step"] == [*steps, 12]
     assert rm2.history["general"]["measured"][:2] == measured
     assert rm2.history["math"]["step"] == [12]  # the added task, anchored at the resume (step 8)
@@ -291,7 +291,7 @@ def test_adding_a_reference_task_on_resume_keeps_the_others_anchor_and_history(t
     torch.save(state, old)
     fm3, rm3 = _suite(["general"])
     _trainer(tmp_path, [fm3, rm3], max_steps=12).fit(TinyGPT(**TINY), datamodule=dm, ckpt_path=old)
-    assert rm3._baseline["general"] == baseline
+    assert rm3.tracker.baseline["general"] == baseline
     assert rm3.history["general"]["step"] == [*steps, 12]
 
 

@@ -24,7 +24,7 @@ class LightningHost(Host):
         self.world_size = trainer.world_size
         self.accumulate = trainer.accumulate_grad_batches
         self.automatic_optimization = pl_module.automatic_optimization
-        self.log_every_n_steps = max(int(trainer.log_every_n_steps or 1), 1)
+        self.log_every_n_steps = max(int(trainer.log_every_n_steps or 0), 0)  # 0: no cadence
 
     @property
     def sinks(self) -> list:

@@ -35,7 +35,7 @@ class Host(ABC):
         automatic_optimization: ``.grad`` of the first micro-batch holds that backward alone.
         sinks: where scalars, figures, tables and alerts go (rank zero's are used).
         log_every_n_steps: the trainer's logging cadence (per-step rows between boundaries
-            follow it, unless something changed at that step).
+            follow it, unless something changed at that step; 0: only those rows).
     """
 
     module: torch.nn.Module

@@ -1,0 +1,132 @@
+"""The per-step forecast of forgetting between two measurements.
+
+``forecast_t = measured_b + g_A(theta_b) . (theta_t - theta_b)``: the drift measured at the last
+measurement ``b`` (early probe or boundary) extended by the first-order change since, for every
+reference task A, after every optimizer step. One matrix-vector product per parameter and step
+over the predicted parameters, no forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+TensorDict = dict[str, torch.Tensor]
+
+
+class Forecaster:
+    """theta_b and every task's probe gradient there, and the forecast from them.
+
+    Attributes:
+        base: theta_b, ``{name: tensor}`` of the predicted-on parameters (once built: views into
+            one flat fp32 buffer ``[N]``); None before the anchor.
+        grads: g_A(theta_b) per task, ``{task: {name: tensor}}`` (once built: views into the rows
+            of one ``[n_tasks, N]`` matrix, which the FisherMonitor keeps instead of its own copy).
+        tasks: the tasks with a row, in the order of the rows.
+        last_step: optimizer step of the last per-step call (None: none yet).
+        failed: a forecast failed; no forecast for the rest of the fit.
+    """
+
+    def __init__(self) -> None:
+        self.base: TensorDict | None = None
+        self.grads: dict[str, TensorDict] = {}
+        self.flat_base: torch.Tensor | None = None  # [N] fp32
+        self.flat_grads: torch.Tensor | None = None  # [n_tasks, N] fp32
+        # the live parameters with their column blocks of the rows, and rows . theta_b
+        self._slices: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._at_base: torch.Tensor | None = None  # [n_params, n_tasks] fp64 (host)
+        self._dots: torch.Tensor | None = None  # [n_params, n_tasks] fp32 scratch
+        self.tasks: list[str] = []
+        self.last_step: int | None = None
+        self.failed = False
+
+    @property
+    def ready(self) -> bool:
+        """A forecast can be taken: built, and none failed."""
+        return self.flat_base is not None and not self.failed
+
+    def move(
+        self, params: Mapping[str, torch.Tensor], tasks: Sequence[str], base: TensorDict | None = None
+    ) -> None:
+        """theta_b becomes ``base`` (when given) and the flat copies are rebuilt from :attr:`base`
+        and :attr:`grads` (``params``: the module's named parameters; ``tasks``: those to forecast,
+        each with a gradient in :attr:`grads`).
+
+        :attr:`base` and :attr:`grads` become views into one flat fp32 copy of theta_b ``[N]`` and
+        the matrix ``[n_tasks, N]`` (no second copy), over the parameters every task has a
+        gradient of. Raises ``ValueError`` when no flat copy can be made (no parameter, or
+        parameters on several devices): the forecast is then off until the next move.
+        """
+        if base is not None:
+            self.base = base
+        self.flat_base = self.flat_grads = None
+        if self.base is None:
+            return
+        tasks = list(tasks)
+        names = [n for n in self.base if n in params and all(n in self.grads[t] for t in tasks)]
+        flat, self.base = _flat_views({n: self.base[n] for n in names})
+        matrix = flat.new_empty(len(tasks), flat.numel())
+        for row, task in zip(matrix, tasks):
+            self.grads[task] = _flat_views({n: self.grads[task][n] for n in names}, row)[1]
+        self._slices, offset = [], 0
+        self._dots = matrix.new_empty(len(names), len(tasks))
+        for i, n in enumerate(names):
+            k = params[n].numel()
+            rows = matrix[:, offset : offset + k]
+            self._slices.append((params[n], rows))
+            torch.mv(rows, flat[offset : offset + k], out=self._dots[i])
+            offset += k
+        self._at_base = self._dots.cpu().double()
+        self.tasks = tasks
+        self.flat_base = flat
+        self.flat_grads = matrix
+
+    def step(self, drift_at_base: Mapping[str, float]) -> dict[str, float]:
+        """The forecast of every task at the parameters' current values: ``{task: drift_at_base
+        + g_A(theta_b) . (theta_t - theta_b)}`` (nats).
+
+        ``g_A . (theta_t - theta_b)`` is ``rows . theta_t - rows . theta_b`` per parameter (strided
+        column blocks of the rows into one scratch, no copy of theta_t), ``rows . theta_b`` taken
+        once when the base moved; the difference and the sum in fp64 on the host."""
+        dots = self._dots
+        for i, (param, rows) in enumerate(self._slices):
+            torch.mv(rows, param.detach().reshape(-1).float(), out=dots[i])
+        first = (dots.cpu().double() - self._at_base).sum(0).tolist()
+        return {task: drift_at_base[task] + f for task, f in zip(self.tasks, first)}
+
+    def to(self, device: torch.device) -> None:
+        """Bring a restored (CPU) theta_b and its gradients to ``device``."""
+        self.base = _to(self.base, device)
+        self.grads = {t: _to(g, device) for t, g in self.grads.items()}
+
+    def state_dict(self, keep_params: bool) -> dict[str, Any]:
+        """``prev`` (theta_b) and ``prev_grad`` (g_A(theta_b)); left out unless ``keep_params``."""
+        return {"prev": self.base if keep_params else None, "prev_grad": self.grads if keep_params else {}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.base = state.get("prev")
+        self.grads = state.get("prev_grad", {})
+
+
+def _flat_views(tensors: TensorDict, out: torch.Tensor | None = None) -> tuple[torch.Tensor, TensorDict]:
+    """One flat fp32 copy of ``tensors`` (``[N]``, N = total entries; written into ``out`` when
+    given) and views of it per name. All on one device, else ``ValueError``."""
+    if not tensors:
+        raise ValueError("no predicted parameter has a probe gradient")
+    first = next(iter(tensors.values()))
+    if any(t.device != first.device for t in tensors.values()):
+        raise ValueError("the predicted parameters are on several devices")
+    total = sum(t.numel() for t in tensors.values())
+    flat = torch.empty(total, dtype=torch.float32, device=first.device) if out is None else out
+    views, offset = {}, 0
+    for name, t in tensors.items():
+        views[name] = flat[offset : offset + t.numel()].view(t.shape)
+        views[name].copy_(t.detach())
+        offset += t.numel()
+    return flat, views
+
+
+def _to(tensors: TensorDict | None, device: torch.device) -> TensorDict | None:
+    return None if tensors is None else {n: t.to(device) for n, t in tensors.items()}
