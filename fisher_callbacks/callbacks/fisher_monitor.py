@@ -80,8 +80,68 @@ class FisherMonitor(FisherEngine, BoundaryCallback):
     use ``strategy="ddp"``. FSDP works the same way for the hooks (they see the local shard of the
     batch and the full, unsharded activations of each projection) but is not tested here.
 
-    Constructor arguments: those of :class:`~fisher_callbacks.engine.fisher.FisherEngine` (the
-    trainer-neutral engine this callback drives), with the same names, defaults and checks.
+    Args:
+        train_task: task name of training samples without a ``task_key`` entry.
+        reference_tasks: ``{task: DataLoader}`` probe sets, or task names whose loaders come from
+            ``probe_dataloader(task)`` of the datamodule (or the LightningModule) at setup (the
+            form a LightningCLI YAML can give).
+        capture_every_n_steps: flag every n-th optimizer step (step 0 included); 0 disables.
+        ema_decay, storage_dtype, gradient_memory_mb, fisher_type: see
+            :class:`~fisher_callbacks.fisher.FisherCollector`.
+        max_samples_per_task: stored samples per task (reservoir size cap).
+        task_key, sample_id_key: batch keys of the task tags and true sample ids.
+        loss_reduction: how the training loss reduces per-sample losses (``"token_mean"``, the
+            Hugging Face default, ``"sample_mean"``, ``"sum"`` or ``"token_sum"``).
+        ema_samples_per_step: samples captured for the EMA on non-flagged steps (0: no EMA).
+        ema_every_n_steps: EMA update period in optimizer steps (default 4; 1: every step).
+        probe_max_samples: cap on samples per probe set and boundary.
+        loss_type: per-sample loss (inferred from the model head when ``None``).
+        seed: seeds subsampling, reservoirs, true-Fisher labels and sketch projections.
+        store: ``"auto"`` (default: ``"sketch"`` when the exact store cannot keep
+            ``min_samples_for_fisher`` samples per task, for the training task plus the reference
+            tasks, within ``gradient_memory_mb``), ``"exact"`` or ``"sketch"``; see
+            :class:`~fisher_callbacks.store.SketchStore`. With sketches, the whitening Fisher is
+            frozen from the first captured step (all-reduced over DDP ranks) and refreshed at
+            every validation boundary after the Fisher sync, before the probe passes.
+        sketch_dim: numbers per (layer, block, head) slice of a sketched sample.
+        min_samples_for_fisher: the collector's threshold (also the ``"auto"`` rule's).
+        checkpoint_store: keep the stored per-sample gradients (rows and ids) in checkpoints.
+            ``False`` saves ``n_stored * P * itemsize`` bytes per task (see the checkpoint-overhead
+            formula in ``docs/costs.md``); a resumed run keeps every Fisher sum, count and EMA but
+            starts with an empty store, which refills from the next flagged step (heatmaps and
+            top conflicts then see only samples captured after the resume).
+        include_bias: monitor the Q/K/V biases too (``None``: what the layout's builder chose,
+            no biases for the built-in layouts).
+        capture_chunk: samples whose per-sample gradients the hooks make at a time, per
+            projection: the transient memory of a captured step is one projection x
+            ``capture_chunk`` samples (fp32), never ``[B, all monitored weights]``; the squares
+            go to the exact Fisher sums and the rows that the store keeps are sketched (or
+            copied) on the spot. ``None``: as many samples as fit, for the largest
+            monitored weight (2 MB on CPU, 64 MB on an accelerator).
+        ema_entries: keep the EMA Fisher per weight entry (``collector.fisher_ema(task)``: an
+            fp32 copy of the monitored weights per training task). Default ``False``: only its
+            trace is kept (``collector.fisher_ema_trace``, the logged ``ema_trace``, the same
+            value), since no monitor of the suite reads the entries.
+        probe_gradients: keep each probe pass's mean gradient (``probe[task].grad``, over
+            every trainable parameter or ``probe_grad_names``: the forgetting prediction's
+            input). ``None`` (default): only when a ForgettingRiskMonitor is attached, the one
+            reader in the suite; without one a probe pass computes and keeps no weight-sized
+            gradient (0.54 GB per probe set for a 135M model, all parameters probed).
+        required: ``False`` (what the ``FISHER_CALLBACKS=1`` entry point uses): a model whose
+            attention cannot be mapped, or a probe set without a loader, is one warning at
+            setup and the suite stays out of the fit (no hooks, no key logged) instead of an
+            error.
+        check_loss: on flagged steps, check at the logits that the training loss is the
+            per-sample loss ``loss_reduction`` assumes (:mod:`fisher_callbacks.loss_check`): a
+            constant weight (``return 0.5 * loss``) is measured and divided out of every captured
+            gradient from that step on (``loss_factor``, one warning); any other difference (an
+            auxiliary term) is one warning. Costs one cross-entropy backward over the logits
+            per flagged step. On the first flagged step of a fit the monitored weights'
+            ``.grad`` is also compared with the sum of the captured per-sample gradients: a
+            penalty on the weights themselves is one warning.
+
+    The work is :class:`~fisher_callbacks.engine.fisher.FisherEngine`'s (trainer-neutral, the
+    same arguments); this class is its Lightning adapter.
 
     Lifecycle: a monitor reused for another ``fit`` re-binds to that fit's model and restarts
     (hooks moved, collector, probe sets and counters new; see

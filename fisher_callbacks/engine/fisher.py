@@ -8,7 +8,6 @@ math :class:`~fisher_callbacks.fisher.FisherCollector`, the rescaling
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,20 +16,19 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .._rng import SeededGenerator
 from .._validate import check_choice, check_number
 from ..capture import PerSampleGradientCapture
 from ..fisher import FisherCollector
 from ..layouts import AttentionLayout, canonical_name
 from ..layouts.base import frozen_message
-from ..loss_check import FACTOR_TOL, RESIDUAL_TOL, CapturedSum, LossCheck
-from ..losses import LOSS_TYPES, REDUCTIONS, LossType, infer_loss_type, reduction_scale
+from ..losses import LOSS_TYPES, REDUCTIONS, LossType, infer_loss_type
 from ..memory import attribute_ledger, format_ledger, suite_ledger, total_mb, trainable_bytes
 from ..store import DEFAULT_SKETCH_DIM, STORE_KINDS
 from .host import Host
-from .probe import ProbeRunner, _as_list
-from .ranks import WarningRelay, distributed, log_agreed
+from .probe import ProbeRunner
+from .ranks import WarningRelay, log_agreed
 from .readings import ProbeReading
+from .steps import StepCapture
 
 log = logging.getLogger("fisher_callbacks")
 
@@ -45,66 +43,10 @@ class FisherEngine:
     end of training and :meth:`release` when the fit ends or fails. What it captures, when, and
     how it files samples is described on :class:`~fisher_callbacks.callbacks.FisherMonitor`.
 
-    Args:
-        train_task: task name of training samples without a ``task_key`` entry.
-        reference_tasks: ``{task: DataLoader}`` probe sets, or task names whose loaders come from
-            :meth:`Host.probe_loader` at :meth:`prepare` (under Lightning ``probe_dataloader(task)``
-            of the datamodule or the LightningModule: the form a LightningCLI YAML can give).
-        capture_every_n_steps: flag every n-th optimizer step (step 0 included); 0 disables.
-        ema_decay, storage_dtype, gradient_memory_mb, fisher_type: see
-            :class:`~fisher_callbacks.fisher.FisherCollector`.
-        max_samples_per_task: stored samples per task (reservoir size cap).
-        task_key, sample_id_key: batch keys of the task tags and true sample ids.
-        loss_reduction: how the training loss reduces per-sample losses (``"token_mean"``, the
-            Hugging Face default, ``"sample_mean"``, ``"sum"`` or ``"token_sum"``).
-        ema_samples_per_step: samples captured for the EMA on non-flagged steps (0: no EMA).
-        ema_every_n_steps: EMA update period in optimizer steps (default 4; 1: every step).
-        probe_max_samples: cap on samples per probe set and boundary.
-        loss_type: per-sample loss (inferred from the model head when ``None``).
-        seed: seeds subsampling, reservoirs, true-Fisher labels and sketch projections.
-        store: ``"auto"`` (default: ``"sketch"`` when the exact store cannot keep
-            ``min_samples_for_fisher`` samples per task, for the training task plus the reference
-            tasks, within ``gradient_memory_mb``), ``"exact"`` or ``"sketch"``; see
-            :class:`~fisher_callbacks.store.SketchStore`. With sketches, the whitening Fisher is
-            frozen from the first captured step (all-reduced over DDP ranks) and refreshed at
-            every validation boundary after the Fisher sync, before the probe passes.
-        sketch_dim: numbers per (layer, block, head) slice of a sketched sample.
-        min_samples_for_fisher: the collector's threshold (also the ``"auto"`` rule's).
-        checkpoint_store: keep the stored per-sample gradients (rows and ids) in checkpoints.
-            ``False`` saves ``n_stored * P * itemsize`` bytes per task (see the checkpoint-overhead
-            formula in ``docs/costs.md``); a resumed run keeps every Fisher sum, count and EMA but
-            starts with an empty store, which refills from the next flagged step (heatmaps and
-            top conflicts then see only samples captured after the resume).
-        include_bias: monitor the Q/K/V biases too (``None``: what the layout's builder chose,
-            no biases for the built-in layouts).
-        capture_chunk: samples whose per-sample gradients the hooks make at a time, per
-            projection: the transient memory of a captured step is one projection x
-            ``capture_chunk`` samples (fp32), never ``[B, all monitored weights]``; the squares
-            go to the exact Fisher sums and the rows that the store keeps are sketched (or
-            copied) on the spot. ``None``: as many samples as fit, for the largest
-            monitored weight (2 MB on CPU, 64 MB on an accelerator).
-        required: ``False`` (what the ``FISHER_CALLBACKS=1`` entry point uses): a model whose
-            attention cannot be mapped, or a probe set without a loader, is one warning at
-            setup and the suite stays out of the fit (no hooks, no key logged) instead of an
-            error.
-        check_loss: on flagged steps, check at the logits that the training loss is the
-            per-sample loss ``loss_reduction`` assumes (:mod:`fisher_callbacks.loss_check`): a
-            constant weight (``return 0.5 * loss``) is measured and divided out of every captured
-            gradient from that step on (``loss_factor``, one warning); any other difference (an
-            auxiliary term) is one warning. Costs one cross-entropy backward over the logits
-            per flagged step. On the first flagged step of a fit the monitored weights'
-            ``.grad`` is also compared with the sum of the captured per-sample gradients: a
-            penalty on the weights themselves is one warning.
-        ema_entries: keep the EMA Fisher per weight entry (``collector.fisher_ema(task)``: an
-            fp32 copy of the monitored weights per training task). Default ``False``: only its
-            trace is kept (``collector.fisher_ema_trace``, the logged ``ema_trace``, the same
-            value), since no monitor of the suite reads the entries.
-        probe_gradients: keep each probe pass's mean gradient (``probe[task].grad``, over
-            every trainable parameter or ``probe_grad_names``: the forgetting prediction's
-            input). ``None`` (default): only when :meth:`prepare` is told a reader is attached
-            (a ForgettingRiskMonitor, the one reader in the suite); without one a probe pass
-            computes and keeps no weight-sized gradient (0.54 GB per probe set for a 135M
-            model, all parameters probed).
+    Constructor arguments: see :class:`~fisher_callbacks.callbacks.FisherMonitor` (the same
+    names, defaults and checks). ``reference_tasks`` given as task names get their loaders from
+    :meth:`Host.probe_loader` at :meth:`prepare`; ``probe_gradients=None`` keeps probe gradients
+    when :meth:`prepare` is told a reader is attached.
     """
 
     def __init__(
@@ -143,53 +85,32 @@ class FisherEngine:
         self.reference_tasks: dict[str, DataLoader | None] = (
             dict(refs) if isinstance(refs, Mapping) else dict.fromkeys(refs or ())
         )
-        self.train_task = train_task
-        self.capture_every_n_steps = capture_every_n_steps
-        self.ema_decay = ema_decay
-        self.storage_dtype = storage_dtype
-        self.gradient_memory_mb = gradient_memory_mb
-        self.max_samples_per_task = max_samples_per_task
-        self.fisher_type = fisher_type
-        self.task_key = task_key
-        self.sample_id_key = sample_id_key
-        self.loss_reduction = loss_reduction
-        self.ema_samples_per_step = ema_samples_per_step
-        self.ema_every_n_steps = ema_every_n_steps
-        self.probe_max_samples = probe_max_samples
-        self.loss_type = loss_type
-        self.seed = seed
-        self.checkpoint_store = checkpoint_store
-        self.include_bias = include_bias
-        self.store = store
-        self.sketch_dim = sketch_dim
-        self.min_samples_for_fisher = min_samples_for_fisher
-        self.capture_chunk = capture_chunk
-        self.required = required
-        self.check_loss = check_loss
-        self.ema_entries = ema_entries
-        self.probe_gradients = probe_gradients
-        self.loss_factor = 1.0  # training loss / assumed loss, measured on flagged steps
-        self._loss_check: LossCheck | None = None
-        self._captured: CapturedSum | None = None  # this step's captured sums, for the .grad check
-        self._grad_checked = False  # the .grad check runs once per fit
+        self.train_task, self.task_key, self.sample_id_key = train_task, task_key, sample_id_key
+        self.capture_every_n_steps, self.capture_chunk = capture_every_n_steps, capture_chunk
+        self.ema_decay, self.ema_entries = ema_decay, ema_entries
+        self.ema_samples_per_step, self.ema_every_n_steps = ema_samples_per_step, ema_every_n_steps
+        self.storage_dtype, self.gradient_memory_mb, self.store = storage_dtype, gradient_memory_mb, store
+        self.max_samples_per_task, self.sketch_dim = max_samples_per_task, sketch_dim
+        self.min_samples_for_fisher, self.checkpoint_store = min_samples_for_fisher, checkpoint_store
+        self.fisher_type, self.loss_type, self.loss_reduction = fisher_type, loss_type, loss_reduction
+        self.probe_max_samples, self.probe_gradients = probe_max_samples, probe_gradients
+        self.seed, self.include_bias, self.required, self.check_loss = (
+            seed,
+            include_bias,
+            required,
+            check_loss,
+        )
         self._keep_probe_grads = probe_gradients is not False  # resolved at prepare
         self.layout: AttentionLayout | None = None
         self.collector: FisherCollector | None = None
         self.capture: PerSampleGradientCapture | None = None
-        self.skipped_steps = 0
-        self.captured_steps = 0
-        self.ema_updates = 0
         self.probe: dict[str, ProbeReading] = {}  # the latest pass of each reference task
+        self.probe_grad_names: set[str] | None = None  # None: every trainable parameter
+        self._steps = StepCapture(self)
         self._probes = ProbeRunner(self)
         self._probe_step: int | None = None
-        self._pending: dict[str, Any] | None = None
         self._pending_state: dict[str, Any] | None = None
-        self._rng = SeededGenerator(seed)  # picklable (ddp_spawn); the torch.Generator is lazy
-        self._failed = False
-        self.probe_grad_names: set[str] | None = None  # None: every trainable parameter
-        self._ema_step: int | None = None  # optimizer step of the last EMA update
         self._relay = WarningRelay("FisherMonitor")
-        self._seen_tasks: set[str] = set()  # collector keys of the training tags seen
         self._warned_frozen: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ tasks
@@ -201,7 +122,7 @@ class FisherEngine:
     def known_tasks(self) -> set[str]:
         """Collector keys this rank knows: probe sets, the training task and every task tag seen
         in a training batch, and the collector's tasks."""
-        known = {*self.reference_tasks, self.train_key(self.train_task), *self._seen_tasks}
+        known = {*self.reference_tasks, self.train_key(self.train_task), *self._steps.seen_tasks}
         if self.collector is not None:
             known.update(self.collector.tasks)
         return known
@@ -264,7 +185,7 @@ class FisherEngine:
 
     def release(self) -> None:
         """Remove every hook from the model (end of fit, or a failed one)."""
-        self._remove_loss_check()
+        self._steps.remove_loss_check()
         if self.capture is not None:
             self.capture.remove()
 
@@ -351,104 +272,16 @@ class FisherEngine:
         scale included); ``None``: computed from ``loss_reduction``, ``host.accumulate`` and
         ``host.loss_scale()``. The measured ``loss_factor`` divides it in both cases.
         """
-        self._pending = None
-        if self._failed or self.capture is None:
-            return
-        if not isinstance(batch, Mapping) or "labels" not in batch:
-            self._fail_once("training batches must be dicts with 'labels' for per-sample capture")
-            return
-        step, size = host.step, batch["labels"].shape[0]
-        tags = batch.get(self.task_key)
-        if tags is not None:
-            with contextlib.suppress(TypeError, ValueError):  # reported when the samples are filed
-                names = _task_names(tags, size, self.train_task, self.task_key)
-                self._seen_tasks.update(self.train_key(t) for t in names)
-        if self.is_flagged(step):
-            samples = None
-        elif self.ema_samples_per_step and step % self.ema_every_n_steps == 0 and step != self._ema_step:
-            # one EMA update per optimizer step, not per micro-batch
-            k = min(self.ema_samples_per_step, size)
-            samples = torch.randperm(size, generator=self._rng.generator)[:k].sort().values
-        else:
-            return
-        if scale is None:
-            labels = batch["labels"]
-            scale = reduction_scale(
-                labels, self.loss_type, self.loss_reduction, host.accumulate, host.loss_scale()
-            )
-        elif tuple(scale.shape) != (size,):
-            raise ValueError(f"scale must have shape [{size}] (one factor per sample), got {tuple(scale.shape)}")
-        self._arm(host, batch, samples, scale.float() / self.loss_factor)
+        self._steps.start(host, batch, scale)
 
-    def _arm(self, host: Host, batch: Mapping[str, Any], samples: torch.Tensor | None, scale: torch.Tensor) -> None:
-        """Open this micro-batch's ingest and arm the hooks (and the loss check) on ``samples``
-        (``None``: every sample, a flagged step)."""
-        step, size = host.step, batch["labels"].shape[0]
-        rows = torch.arange(size) if samples is None else samples
-        flagged = samples is None
-        ema = step != self._ema_step  # first micro-batch of this optimizer step
-        if not flagged and not ema:
-            return
-        try:
-            all_tasks = _task_names(batch.get(self.task_key), size, self.train_task, self.task_key)
-            valid = (scale > 0).tolist()
-            tasks = [self.train_key(all_tasks[r]) if valid[r] else None for r in rows.tolist()]
-            ids = None
-            if flagged and batch.get(self.sample_id_key) is not None:
-                all_ids = _as_list(batch[self.sample_id_key], size, None, self.sample_id_key)
-                ids = [all_ids[r] for r in rows.tolist()]
-            ingest = self.collector.ingest(tasks, ids, fisher=flagged, ema=ema, store=flagged)
-        except Exception as err:
-            self._fail_once(f"per-sample capture failed at step {step}: {err!r}")
-            return
-        self._pending = {"flagged": flagged, "ema": ema, "ingest": ingest, "step": step}
-        sink, self._captured = ingest, None
-        # .grad holds this backward alone: first micro-batch, automatic optimization, one process
-        # (DDP averages .grad during the backward)
-        alone = ema and host.automatic_optimization and not distributed()
-        if flagged and alone and self.check_loss and not self._grad_checked:
-            weight = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
-            sink = self._captured = CapturedSum(ingest, weight)
-        self.capture.arm(samples, scale=scale[rows], sink=sink, chunk=self.chunk_size(rows.numel()))
-        if flagged and self.check_loss:
-            self._arm_loss_check(host.module, batch["labels"], scale)
+    def after_backward(self, host: Host) -> None:
+        """After the micro-batch's backward: file what the hooks captured (or count a
+        non-finite step as skipped) and, once per fit, check ``.grad`` against it."""
+        self._steps.after_backward(host)
 
-    def _arm_loss_check(self, module: torch.nn.Module, labels: torch.Tensor, scale: torch.Tensor) -> None:
-        """Hook the logits of this flagged step's forward (see :mod:`fisher_callbacks.loss_check`);
-        not under ``torch.compile`` (a hook added per step would recompile the model)."""
-        self._remove_loss_check()
-        if any("_orig_mod" in n for n, _ in module.named_modules()):
-            return
-        # the Hugging Face model inside (what every training step calls), else the module itself
-        hf = [m for m in module.modules() if getattr(getattr(m, "config", None), "model_type", None)]
-        self._loss_check = LossCheck(hf[0] if hf else module, labels, self.loss_type, scale, self._loss_checked)
-
-    def _remove_loss_check(self) -> None:
-        if self._loss_check is not None:
-            self._loss_check.remove()
-            self._loss_check = None
-
-    def _loss_checked(self, factor: float, residual: float) -> None:
-        """Inside the backward, before the monitored projections: rescale or warn."""
-        if not math.isfinite(factor) or self.capture is None:
-            return
-        if residual > RESIDUAL_TOL:
-            self._relay.warn(
-                f"the training loss is not the per-sample loss that loss_reduction="
-                f"{self.loss_reduction!r} assumes: {residual:.0%} of its gradient at the logits is "
-                "explained by no per-sample loss (an auxiliary term? label smoothing?); the "
-                "captured per-sample gradients include that part"
-            )
-        elif abs(factor - 1.0) > FACTOR_TOL:
-            self.capture.rescale(1.0 / factor)
-            self.loss_factor *= factor
-            if self._captured is not None:
-                self._captured.weight *= factor  # 1 / s_i follows the rescaled s_i
-            self._relay.warn(
-                f"the training loss is {self.loss_factor:.4g} x the per-sample loss that "
-                f"loss_reduction={self.loss_reduction!r} assumes (a weighted loss?): captured "
-                f"gradients are divided by {self.loss_factor:.4g} from this step on"
-            )
+    def batch_end(self) -> None:
+        """After the micro-batch: a step that never reached backward leaves no hook armed."""
+        self._steps.end()
 
     def chunk_size(self, captured: int) -> int:
         """Samples per chunk in the hooks: ``capture_chunk``, or as many as fit in 2 MB on CPU
@@ -461,98 +294,44 @@ class FisherEngine:
         budget = (2 if self.collector._device.type == "cpu" else 64) * 2**20
         return max(1, min(captured, budget // max(largest, 1)))
 
-    def after_backward(self, host: Host) -> None:
-        """After the micro-batch's backward: file what the hooks captured (or count a
-        non-finite step as skipped) and, once per fit, check ``.grad`` against it."""
-        pending, self._pending = self._pending, None
-        self._remove_loss_check()
-        if pending is None or self.capture is None or not self.capture.armed:
-            return
-        try:
-            self._ingest(pending)
-            self._check_grad(host.module)
-        except Exception as err:
-            self._fail_once(f"per-sample capture failed at step {pending['step']}: {err!r}")
-        finally:
-            self.capture.disarm()
-            self._captured = None
+    @property
+    def skipped_steps(self) -> int:
+        """Captured steps dropped because their gradients were not finite (AMP overflow)."""
+        return self._steps.skipped_steps
 
-    def _check_grad(self, module: torch.nn.Module) -> None:
-        """Once per fit: the monitored weights' ``.grad`` against the sum of the captured
-        per-sample gradients (one dot product per projection): a loss term that bypasses the
-        projections' outputs (a penalty on the weights themselves) is one warning."""
-        captured, self._captured = self._captured, None
-        if captured is None or not captured.sums:
-            return
-        params = dict(module.named_parameters())
-        _, residual = captured.residual({n: params[n].grad for n in captured.sums if n in params})
-        if not math.isfinite(residual):
-            return  # a non-finite step: try the next flagged one
-        self._grad_checked = True
-        if residual > RESIDUAL_TOL:
-            self._relay.warn(
-                f"{residual:.0%} of the monitored weights' .grad does not come through their "
-                "outputs (a loss term on the weights themselves: an L2 or EWC penalty?); the "
-                "captured per-sample gradients leave it out"
-            )
+    @property
+    def captured_steps(self) -> int:
+        """Flagged optimizer steps captured (each once, whatever the accumulation)."""
+        return self._steps.captured_steps
 
-    def _ingest(self, pending: dict[str, Any]) -> None:
-        """File what the hooks handed to the step's ingest (or drop it: non-finite step)."""
-        ingest = pending["ingest"]
-        nonfinite = self.capture.nonfinite  # checked in the hooks on the small factors
-        self.capture.disarm()
-        # AMP overflow: the whole step is skipped. A batch without any target token (all labels
-        # -100) has no sample to add but is still a captured step (its loss may be NaN, 0 / 0).
-        skip = nonfinite and ingest.count > 0
-        sums = {} if skip else ingest.commit()
-        if pending["flagged"] and self.collector.needs_whitening:
-            # Every rank reaches this at the same (first flagged) step: a collective. That step's
-            # samples fill the Fisher sums and set the whitening; they are not sketched.
-            self.collector.initial_whitening(sums or None, ingest.count if sums else 0)
-        if skip:
-            self.skipped_steps += 1
-            log.debug("fisher_callbacks: step %d skipped (non-finite gradients)", pending["step"])
-            return
-        if not ingest.received:
-            return
-        if pending["ema"]:  # first micro-batch of the optimizer step: count the step once
-            self.captured_steps += int(pending["flagged"])
-            self.ema_updates += 1
-            self._ema_step = pending["step"]
+    @property
+    def ema_updates(self) -> int:
+        """EMA Fisher updates (flagged steps included)."""
+        return self._steps.ema_updates
 
-    def batch_end(self) -> None:
-        """After the micro-batch: a step that never reached backward leaves no hook armed."""
-        if self.capture is not None and self.capture.armed:
-            self.capture.disarm()
-        self._remove_loss_check()
-        self._captured = None
-        self._pending = None
+    @property
+    def loss_factor(self) -> float:
+        """Training loss / the per-sample loss ``loss_reduction`` assumes (see ``check_loss``)."""
+        return self._steps.loss_factor
+
+    @property
+    def capture_failed(self) -> bool:
+        """Whether per-sample capture stopped for this fit after an error (one warning said why)."""
+        return self._steps.failed
 
     # ------------------------------------------------------------------ boundary
     def boundary(self, host: Host) -> None:
-        """One evaluation boundary: :meth:`refresh`, the ``fisher/*`` scalars, the warnings."""
+        """One evaluation boundary at ``host.step``: :meth:`refresh`, then the scalars of
+        :func:`fisher_scalars` and ``fisher/skipped_steps`` (the same keys on every rank), then
+        the warnings gathered since the last boundary."""
         self.refresh(host)
-        self._log_scalars(host)
+        if self.collector is not None:
+            values: dict[str, float] = {}
+            with self._relay.catch():
+                values = fisher_scalars(self.collector)
+            values["fisher/skipped_steps"] = float(self.skipped_steps)
+            log_agreed(host, values, self._relay)
         self._relay.flush()
-
-    def _log_scalars(self, host: Host) -> None:
-        """``fisher/{task}/trace``, ``/ema_trace`` (tasks with EMA steps only: a reference task's
-        probe set has none, and a constant 0 chart says nothing), ``/num_samples``,
-        ``/num_stored`` and ``fisher/skipped_steps`` (the same keys on every rank, identical
-        values after the sync except ``num_stored``, the rank's own), at ``host.step``."""
-        if self.collector is None:
-            return
-        values: dict[str, float] = {}
-        with self._relay.catch():
-            for task in self.collector.tasks:
-                fisher = self.collector.fisher(task)
-                values[f"fisher/{task}/trace"] = sum(float(f.sum()) for f in fisher.values())
-                if self.collector.ema_steps(task) > 0:
-                    values[f"fisher/{task}/ema_trace"] = self.collector.fisher_ema_trace(task)
-                values[f"fisher/{task}/num_samples"] = float(self.collector.num_samples(task))
-                values[f"fisher/{task}/num_stored"] = float(self.collector.num_stored(task))
-        values["fisher/skipped_steps"] = float(self.skipped_steps)
-        log_agreed(host, values, self._relay)
 
     def refresh(self, host: Host) -> None:
         """Run the probe passes and sync the Fisher across ranks, once per global step.
@@ -571,7 +350,7 @@ class FisherEngine:
             try:
                 self.probe[task] = self.run_probe(host, task)
             except Exception as err:
-                self._fail_once(f"probe pass on {task!r} failed: {err!r}", keep_capturing=True)
+                self._relay.warn(f"probe pass on {task!r} failed: {err!r}; training continues")
 
     # ------------------------------------------------------------------ probes
     def share_probe_gradient(self, task: str, grad: dict[str, torch.Tensor]) -> None:
@@ -661,7 +440,8 @@ class FisherEngine:
         out: dict[str, int] = {}
         if self.collector is not None:
             out.update({f"collector.{k}": v for k, v in self.collector.memory_ledger(seen).items()})
-        out.update(attribute_ledger(self, seen, skip=("collector", "_probes")))
+        out.update(attribute_ledger(self, seen, skip=("collector", "_steps", "_probes")))
+        out.update(self._steps.memory_ledger(seen))
         out.update(self._probes.memory_ledger(seen))
         return out
 
@@ -673,7 +453,7 @@ class FisherEngine:
             "captured_steps": self.captured_steps,
             "ema_updates": self.ema_updates,
             "loss_factor": self.loss_factor,
-            "generator": self._rng.get_state(),
+            "generator": self._steps.rng.get_state(),
             "probe_batches": self._probes.fixed,
         }
 
@@ -693,21 +473,33 @@ class FisherEngine:
                 # Every rank loads rank 0's checkpoint: keep the synced totals, but only rank 0
                 # keeps the samples added since the last sync, or the next sync counts them twice.
                 self.collector.drop_unsynced()
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self.captured_steps = state.get("captured_steps", 0)
-        self.ema_updates = state.get("ema_updates", 0)
-        self.loss_factor = float(state.get("loss_factor", 1.0))
+        steps = self._steps
+        steps.skipped_steps = state.get("skipped_steps", 0)
+        steps.captured_steps = state.get("captured_steps", 0)
+        steps.ema_updates = state.get("ema_updates", 0)
+        steps.loss_factor = float(state.get("loss_factor", 1.0))
         if "generator" in state:
-            self._rng.set_state(state["generator"])
+            steps.rng.set_state(state["generator"])
         self._probes.fixed = dict(state.get("probe_batches", {}))
-
-    def _fail_once(self, message: str, keep_capturing: bool = False) -> None:
-        if not keep_capturing:
-            self._failed = True
-        self._relay.warn(f"{message}; training continues")
 
 
 # ---------------------------------------------------------------------- helpers
+def fisher_scalars(collector: FisherCollector) -> dict[str, float]:
+    """``fisher/{task}/trace``, ``/ema_trace`` (tasks with EMA steps only: a reference task's
+    probe set has none, and a constant 0 chart says nothing), ``/num_samples`` and
+    ``/num_stored`` of every collector task (identical on every rank after the sync, except
+    ``num_stored``, the rank's own)."""
+    values: dict[str, float] = {}
+    for task in collector.tasks:
+        fisher = collector.fisher(task)
+        values[f"fisher/{task}/trace"] = sum(float(f.sum()) for f in fisher.values())
+        if collector.ema_steps(task) > 0:
+            values[f"fisher/{task}/ema_trace"] = collector.fisher_ema_trace(task)
+        values[f"fisher/{task}/num_samples"] = float(collector.num_samples(task))
+        values[f"fisher/{task}/num_stored"] = float(collector.num_stored(task))
+    return values
+
+
 def _check_arguments(args: Mapping[str, Any]) -> None:
     """The constructor's checks: every error names the argument (NaN, ranges, options, typos)."""
     for name in ("train_task", "task_key", "sample_id_key"):
@@ -749,16 +541,3 @@ def _renamed_state(state: Any, names: Sequence[str]) -> Any:
             for k, v in state.items()
         }
     return state
-
-
-def _task_names(value: Any, n: int, default: str, key: str = "task") -> list[str]:
-    """Task tag of each of ``n`` samples: strings as given, integer tags (ints, integer tensors) as
-    their decimal string (tag ``3`` is task ``"3"``); anything else is a clear error."""
-    names = _as_list(value, n, default, key)
-    for k, name in enumerate(names):
-        if isinstance(name, bool) or not isinstance(name, (str, int)):
-            raise TypeError(
-                f"task tags must be strings or integers, got {type(name).__name__} {name!r} "
-                f"(sample {k} of the batch)"
-            )
-    return [name if isinstance(name, str) else str(name) for name in names]

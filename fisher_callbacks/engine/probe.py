@@ -315,4 +315,3 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     raise TypeError(f"probe batches must be dicts, got {type(batch).__name__}")
-
