@@ -231,10 +231,6 @@ class FisherMonitor(FisherEngine, BoundaryCallback):
         FisherEngine.load_state_dict(self, state_dict)
         self._load_boundary_state(state_dict)
 
-    @override
-    def memory_ledger(self, seen: set | None = None) -> dict[str, int]:
-        return FisherEngine.memory_ledger(self, seen)
-
 
 def find_fisher_monitor(trainer: pl.Trainer, given: FisherMonitor | None, who: str) -> FisherMonitor:
     """``given``, or the FisherMonitor attached to ``trainer`` (a clear error when there is none)."""

@@ -94,12 +94,8 @@ class FisherEngine:
         self.min_samples_for_fisher, self.checkpoint_store = min_samples_for_fisher, checkpoint_store
         self.fisher_type, self.loss_type, self.loss_reduction = fisher_type, loss_type, loss_reduction
         self.probe_max_samples, self.probe_gradients = probe_max_samples, probe_gradients
-        self.seed, self.include_bias, self.required, self.check_loss = (
-            seed,
-            include_bias,
-            required,
-            check_loss,
-        )
+        self.seed, self.include_bias = seed, include_bias
+        self.required, self.check_loss = required, check_loss
         self._keep_probe_grads = probe_gradients is not False  # resolved at prepare
         self.layout: AttentionLayout | None = None
         self.collector: FisherCollector | None = None
