@@ -91,7 +91,8 @@ def instrument(ledger: Ledger) -> None:
     """Wrap the suite's named pieces of work (in the namespaces the callbacks call them from)."""
     from fisher_callbacks import interference
     from fisher_callbacks.callbacks import fisher_monitor, forgetting_monitor, qkov_monitor
-    from fisher_callbacks.engine import forgetting, forgetting_report
+    from fisher_callbacks.engine import fisher as fisher_engine
+    from fisher_callbacks.engine import forgetting, forgetting_report, qkov
     from fisher_callbacks.fisher import FisherCollector
 
     fm, qm = fisher_monitor.FisherMonitor, qkov_monitor.QKOVInterferenceMonitor
@@ -116,10 +117,12 @@ def instrument(ledger: Ledger) -> None:
     ]:
         if hasattr(owner, attr):
             ledger.wrap(owner, attr, label)
-    for module in (fisher_monitor, qkov_monitor, forgetting, forgetting_report):
-        for attr in ("log_metrics", "log_agreed", "log_figure", "log_table", "save_arrays", "send_table"):
+    figures = ("log_figure", "save_arrays", "send_figure", "send_arrays")
+    logging_ = ("log_metrics", "log_agreed", "log_table", "send_table")
+    for module in (fisher_monitor, fisher_engine, qkov_monitor, qkov, forgetting, forgetting_report):
+        for attr in figures + logging_:
             if hasattr(module, attr):
-                label = "boundary: figures" if attr in ("log_figure", "save_arrays") else "boundary: logging"
+                label = "boundary: figures" if attr in figures else "boundary: logging"
                 ledger.wrap(module, attr, label)
 
 

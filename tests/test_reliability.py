@@ -148,7 +148,7 @@ def test_probe_cap_cuts_string_ids_and_integer_task_tags_are_tasks(tmp_path):
     assert not any("failed" in m for m in messages), messages
     assert fm.collector.sample_ids("general") == ["g0", "g1", "g2", "g3"]
     assert fm.probe["general"].n == 4 and rm.history["general"]["step"] == [4, 8]
-    assert not fm._failed and fm.captured_steps == 4
+    assert not fm.capture_failed and fm.captured_steps == 4
     assert fm.collector.num_samples("3") == 32  # 4 flagged steps x 8 samples tagged 3
 
 
@@ -159,11 +159,11 @@ def test_monitor_and_collector_pickle_with_their_rng_state():
     from multiprocessing.reduction import ForkingPickler
 
     fm = FisherMonitor(seed=3)
-    torch.randperm(5, generator=fm._rng.generator)  # used: the state, not the seed, must travel
+    torch.randperm(5, generator=fm._steps.rng.generator)  # used: the state, not the seed, must travel
     clone = pickle.loads(ForkingPickler.dumps(fm))
-    expected = torch.randperm(9, generator=fm._rng.generator)
-    assert torch.equal(torch.randperm(9, generator=clone._rng.generator), expected)
-    assert isinstance(fm._rng.__getstate__()["state"], bytes)
+    expected = torch.randperm(9, generator=fm._steps.rng.generator)
+    assert torch.equal(torch.randperm(9, generator=clone._steps.rng.generator), expected)
+    assert isinstance(fm._steps.rng.__getstate__()["state"], bytes)
     collector = FisherCollector(TinyGPT(**TINY), seed=5)
     torch.rand(4, generator=collector.generator)
     clone = pickle.loads(ForkingPickler.dumps(collector))
