@@ -304,7 +304,6 @@ class FisherCollector:
         ``state_dict``."""
         return self._rng.generator
 
-    _generator = generator  # the name FisherMonitor reads
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -435,7 +434,6 @@ class FisherCollector:
         """The device of the monitored parameters (where Fisher sums and staged rows live)."""
         return self.model.get_parameter(self.param_names[0]).device
 
-    _device = device  # the name FisherMonitor reads
 
     def add_squares(
         self,

@@ -287,7 +287,7 @@ class FisherEngine:
         if self.capture_chunk is not None:
             return self.capture_chunk
         largest = max(math.prod(s) for s in self.collector.param_shapes.values()) * 4
-        budget = (2 if self.collector._device.type == "cpu" else 64) * 2**20
+        budget = (2 if self.collector.device.type == "cpu" else 64) * 2**20
         return max(1, min(captured, budget // max(largest, 1)))
 
     @property

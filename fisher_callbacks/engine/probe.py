@@ -156,7 +156,7 @@ class ProbeRunner:
             engine.layout,
             loss_type=engine.loss_type,
             fisher_type=engine.fisher_type,
-            generator=engine.collector._generator,
+            generator=engine.collector.generator,
             sum_params=dict(params),
             forward_model=host.forward_module,
             capture=engine.capture if engine.capture.attached else None,
