@@ -1,0 +1,437 @@
+"""The suite on the Hugging Face ``Trainer`` (and TRL's ``SFTTrainer``, a subclass): one ``TrainerCallback``.
+
+:class:`FisherTrainerCallback` drives the same engine as the Lightning callbacks
+(:class:`~fisher_callbacks.engine.fisher.FisherEngine`,
+:class:`~fisher_callbacks.engine.qkov.QKOVEngine`,
+:class:`~fisher_callbacks.engine.forgetting.ForgettingEngine`) from the Trainer's events:
+
+========================================  ==================================================
+Trainer event                             engine
+========================================  ==================================================
+``on_train_begin``                        set-up, anchor, memory ledger; a forward pre-hook
+                                          on the model
+model forward (training, pre-hook)        ``task``/``sample_id`` popped from the inputs (the
+                                          model never sees them); capture armed with the
+                                          Trainer's own per-sample loss factor
+``on_substep_end``/``on_pre_optimizer``   the captured samples are filed
+``on_step_end``                           the per-step forgetting forecast, early probes
+``on_evaluate``                           the boundary: probe passes, Fisher sync, QK-OV
+                                          maps, forgetting, warning, stop
+``on_train_end``                          a last boundary when no evaluation ran; hooks off
+========================================  ==================================================
+
+**Loss scaling.** The Trainer divides a causal LM's summed token loss by ``num_items_in_batch``,
+the target tokens of every micro-batch of the optimizer step (of every process with
+``average_tokens_across_devices``, which then multiplies the loss by the process count), and a
+model without loss kwargs' mean loss by ``gradient_accumulation_steps``. The pre-hook reads the
+``num_items_in_batch`` the model receives, so each captured gradient is divided by exactly the
+factor its sample had in the backward: per-sample gradients equal a micro-batch-1 loop's
+(``tests/test_hf.py``). A loss the callback cannot infer (label smoothing, a custom
+``compute_loss_func``) is measured at the logits by the loss check (one warning).
+
+**Columns.** ``task`` and ``sample_id`` batch entries reach the callback and never the model's
+``forward``. The Trainer's default ``remove_unused_columns=True`` drops them before the collator
+(they are not arguments of ``forward``): every sample is then filed under ``train_task``, with one
+warning. Pass ``remove_unused_columns=False`` to keep them.
+
+**Logging.** Scalars go to ``trainer.state.log_history`` and to every ``report_to`` integration
+through its own ``on_log`` (W&B, TensorBoard, MLflow, ... name them as they name the Trainer's
+scalars, e.g. ``train/forgetting/general/measured`` on W&B); figures and tables go to the W&B run
+and the TensorBoard writer of those integrations, and as PNG/CSV files under
+``{output_dir}/fisher_callbacks/``. ``stop_threshold`` sets ``control.should_training_stop``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler
+
+from .engine.fisher import FisherEngine
+from .engine.forgetting import ForgettingEngine
+from .engine.host import Host
+from .engine.qkov import QKOVEngine
+from .engine.ranks import distributed
+from .fisher import _collective_device
+from .losses import reduction_scale, target_token_counts
+from .sinks import FolderSink, Sink, TensorBoardSink, WandbSink, warn_once
+
+log = logging.getLogger("fisher_callbacks")
+
+__all__ = ["FisherTrainerCallback", "HFHost"]
+
+
+class HFHost(Host):
+    """The Hugging Face Trainer as the engine's :class:`Host`, at one event."""
+
+    def __init__(
+        self,
+        callback: FisherTrainerCallback,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module,
+    ) -> None:
+        self.callback, self.args, self.state, self.control = callback, args, state, control
+        self.module = model
+        self.step = int(state.global_step)
+        self.is_global_zero = bool(state.is_world_process_zero)
+        self.world_size = int(args.world_size)
+        self.accumulate = int(args.gradient_accumulation_steps)
+        # The .grad check compares .grad after the first micro-batch's backward with the captured
+        # sum: the Trainer clips .grad before on_pre_optimizer_step when it is the only one.
+        clips = args.max_grad_norm is not None and args.max_grad_norm > 0
+        self.automatic_optimization = not (clips and self.accumulate == 1)
+        self.sinks = callback.sinks
+        self.log_every_n_steps = max(int(args.logging_steps), 1) if args.logging_steps >= 1 else 1
+
+    def log_scalars(
+        self, values: Mapping[str, float], *, sync_dist: bool = False, rank_zero_only: bool = False
+    ) -> None:
+        if self.is_global_zero and values:
+            self.callback.emit(self, dict(values))
+
+    def log_now(self, values: Mapping[str, float]) -> None:
+        self.log_scalars(values)
+
+    def any_rank(self, flag: bool) -> bool:
+        if not distributed():
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+        torch.distributed.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def request_stop(self) -> None:
+        self.control.should_training_stop = True
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.control.should_training_stop)
+
+    @property
+    def validation_interval(self) -> float | None:
+        if str(getattr(self.args.eval_strategy, "value", self.args.eval_strategy)) != "steps":
+            return None
+        every = self.args.eval_steps or self.args.logging_steps
+        if every is not None and 0 < every < 1:  # a fraction of the run
+            every = math.ceil(self.state.max_steps * every)
+        return float(every) if every else None
+
+    def boundary_follows(self) -> bool:
+        return bool(self.control.should_evaluate)
+
+
+class FisherTrainerCallback(TrainerCallback):
+    """The whole suite (Fisher capture, QK-OV interference, forgetting risk) on a ``transformers.Trainer``.
+
+    Args:
+        train_task, reference_tasks, capture_every_n_steps: as
+            :class:`~fisher_callbacks.callbacks.FisherMonitor` (``reference_tasks`` must be
+            ``{task: DataLoader}``: the Trainer has no datamodule to ask).
+        pairs: ``(task_a, task_b)`` QK-OV pairs (collector keys, e.g. ``("general", "math")``);
+            empty: no QK-OV maps.
+        warn_threshold, stop_threshold, relative, horizon_steps: the forgetting monitor's (see
+            :class:`~fisher_callbacks.callbacks.ForgettingRiskMonitor`); forgetting is watched for
+            every reference task unless ``forgetting=False``.
+        forgetting: watch forgetting of the reference tasks.
+        qkov_options, forgetting_options: further arguments of the QK-OV and forgetting monitors
+            (``n_permutations``, ``top_k``, ``early_probe_step``, ...).
+        **fisher_options: further arguments of :class:`~fisher_callbacks.callbacks.FisherMonitor`
+            (``ema_decay``, ``store``, ``gradient_memory_mb``, ``task_key``, ...).
+
+    The engines are public: ``callback.fisher`` (collector, probe readings), ``callback.qkov``
+    (``latest`` heatmaps) and ``callback.forgetting`` (``history``, ``alerts``, ``stopped_at``).
+    """
+
+    def __init__(
+        self,
+        train_task: str = "train",
+        reference_tasks: Mapping[str, Any] | None = None,
+        capture_every_n_steps: int = 50,
+        *,
+        pairs: Sequence[tuple[str, str]] = (),
+        warn_threshold: float = 0.1,
+        stop_threshold: float | None = None,
+        relative: bool = False,
+        horizon_steps: float | None = None,
+        forgetting: bool = True,
+        qkov_options: Mapping[str, Any] | None = None,
+        forgetting_options: Mapping[str, Any] | None = None,
+        **fisher_options: Any,
+    ) -> None:
+        if reference_tasks is not None and not isinstance(reference_tasks, Mapping):
+            raise TypeError(
+                "reference_tasks must be {task: DataLoader} on the Hugging Face Trainer (it has no "
+                f"datamodule to ask for probe loaders), got {type(reference_tasks).__name__}"
+            )
+        self.fisher = FisherEngine(
+            train_task=train_task,
+            reference_tasks=reference_tasks,
+            capture_every_n_steps=capture_every_n_steps,
+            **fisher_options,
+        )
+        self.qkov = QKOVEngine(self.fisher, pairs=list(pairs), **dict(qkov_options or {})) if pairs else None
+        watched = list(reference_tasks or ())
+        self.forgetting = (
+            ForgettingEngine(
+                self.fisher,
+                reference_tasks=watched,
+                warn_threshold=warn_threshold,
+                stop_threshold=stop_threshold,
+                relative=relative,
+                horizon_steps=horizon_steps,
+                **dict(forgetting_options or {}),
+            )
+            if forgetting and watched
+            else None
+        )
+        self.sinks: list[Sink] = []
+        self._integrations: list[TrainerCallback] = []
+        self._events: tuple[TrainingArguments, TrainerState, TrainerControl, torch.nn.Module] | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._assumed: float | None = None  # assumed factor per target token of the armed micro-batch
+        self._training = False
+        self._evaluated_at: int | None = None
+        self._warned_columns = False
+
+    # ------------------------------------------------------------------ engines
+    @property
+    def engines(self) -> list[Any]:
+        """The engines of this run, in the order their boundaries run."""
+        return [e for e in (self.fisher, self.qkov, self.forgetting) if e is not None]
+
+    def _host(self, args, state, control, model) -> HFHost:
+        self._events = (args, state, control, model)
+        return HFHost(self, args, state, control, model)
+
+    def emit(self, host: HFHost, values: dict[str, float]) -> None:
+        """Scalars at ``host.step``: a row of ``state.log_history`` and every integration's
+        ``on_log`` (what ``Trainer.log`` does with its own scalars)."""
+        host.state.log_history.append({**values, "step": host.step})
+        for integration in self._integrations:
+            try:
+                integration.on_log(host.args, host.state, host.control, logs=dict(values))
+            except Exception as err:
+                warn_once(integration, "log scalars", err)
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        host = self._host(args, state, control, model)
+        self._connect(args)
+        self.fisher.prepare(host, probe_gradients_wanted=self.forgetting is not None)
+        if not self.fisher.active:
+            return
+        for engine in self.engines[1:]:
+            engine.prepare(host)
+        self.fisher.resolve(model)
+        if self.forgetting is not None:
+            self.forgetting.fit_begin(host)
+            self.forgetting.train_begin(host)
+        self.fisher.log_memory(host, self.engines)
+        self._hooks = [
+            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            model.register_forward_hook(self._post_forward, with_kwargs=True),
+        ]
+        self._training = True
+        if host.validation_interval is None and (self.qkov is not None or self.forgetting is not None):
+            warnings.warn(
+                "fisher_callbacks: eval_strategy is not 'steps': the QK-OV and forgetting monitors "
+                "evaluate at each on_evaluate, so they evaluate once at the end of training instead; "
+                "set eval_strategy='steps' and eval_steps to watch the run while it trains.",
+                stacklevel=2,
+            )
+
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Pop the callback's columns; on a training forward, arm the capture for this micro-batch."""
+        task_key, id_key = self.fisher.task_key, self.fisher.sample_id_key
+        columns = {k: kwargs.pop(k) for k in (task_key, id_key) if k in kwargs}
+        if not (self._training and module.training and torch.is_grad_enabled()) or self._events is None:
+            return args, kwargs
+        labels = kwargs.get("labels")
+        if labels is None:
+            return args, kwargs
+        if task_key not in columns and not self._warned_columns:
+            self._warned_columns = True
+            self.fisher.relay.warn(self._missing_columns_message())
+        host = HFHost(self, *self._events)
+        known = kwargs.get("num_items_in_batch") is not None
+        if not known:  # the factor is measured in the backward (_measure_factor): no .grad check
+            host.automatic_optimization = False
+        batch = {"labels": labels, "input_ids": kwargs.get("input_ids"), **columns}
+        with self.fisher.relay.catch("capture: "):
+            scale = self._scale(host, labels, kwargs)
+            self.fisher.batch_start(host, batch, scale=scale)
+            if not known and bool((scale > 0).any()):
+                counts = target_token_counts(labels, self.fisher.loss_type).float()
+                # s_i n_i is the same for every sample: the inverse of the assumed weight per token
+                self._assumed = float((scale * counts)[scale > 0].mean())
+        return args, kwargs
+
+    def _post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """TRL's fused LM head (``fused_lm_head=True``) returns per-token ``log_probs`` and no
+        logits, and the trainer divides their sum by a ``num_items_in_batch`` the model never
+        sees: the factor per target token is measured from the gradient that reaches
+        ``log_probs`` (uniform, ``-c``), before any monitored projection's, and the armed factors
+        are corrected by it."""
+        assumed, self._assumed = self._assumed, None
+        log_probs = getattr(output, "log_probs", None)
+        if assumed is None or getattr(output, "logits", None) is not None:
+            return
+        if not (torch.is_tensor(log_probs) and log_probs.requires_grad):
+            return
+
+        def measured(grad: torch.Tensor) -> None:
+            per_token = -float(grad.float().mean())  # the weight of each target token's loss
+            capture = self.fisher.capture
+            if capture is not None and math.isfinite(per_token) and per_token > 0:
+                capture.rescale(1.0 / (per_token * assumed))
+
+        log_probs.register_hook(measured)
+
+    def _missing_columns_message(self) -> str:
+        args = self._events[0]
+        why = (
+            "the Trainer's remove_unused_columns=True dropped it (it is not an argument of the "
+            "model's forward); pass remove_unused_columns=False to keep it"
+            if getattr(args, "remove_unused_columns", False)
+            else "the collator does not pass it"
+        )
+        return (
+            f"training batches have no {self.fisher.task_key!r} column ({why}): every training "
+            f"sample is filed under train_task={self.fisher.train_task!r}"
+        )
+
+    def _scale(self, host: HFHost, labels: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """Each sample's ``s_i`` of :func:`~fisher_callbacks.losses.reduction_scale` (the inverse of
+        its weight in this micro-batch's loss): ``num_items_in_batch / n_i`` (over the process
+        count when the Trainer averages tokens across devices) when the model divides its summed
+        loss by ``num_items_in_batch``; else the model's token mean over the Trainer's
+        ``gradient_accumulation_steps``."""
+        loss_type = self.fisher.loss_type
+        items = kwargs.get("num_items_in_batch")
+        if items is None:
+            return reduction_scale(labels, loss_type, "token_mean", accumulate_grad_batches=host.accumulate)
+        counts = target_token_counts(labels, loss_type).double()
+        total = float(items.sum() if torch.is_tensor(items) else items)
+        averaged = getattr(host.args, "average_tokens_across_devices", False)
+        processes = host.world_size if (averaged and host.world_size > 1) else 1
+        scale = total / (processes * counts.clamp_min(1))
+        return torch.where(counts > 0, scale, torch.zeros_like(scale)).float()
+
+    def on_substep_end(self, args, state, control, model=None, **kwargs):
+        self._filed(args, state, control, model)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._filed(args, state, control, model)
+
+    def _filed(self, args, state, control, model) -> None:
+        if not self._training:
+            return
+        host = self._host(args, state, control, model)
+        self.fisher.after_backward(host)
+        self.fisher.batch_end()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not self._training:
+            return
+        host = self._host(args, state, control, model)
+        self.fisher.batch_end()
+        if self.forgetting is not None:
+            self.forgetting.step_end(host)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if self._training:
+            self._boundary(self._host(args, state, control, model))
+
+    def _boundary(self, host: HFHost) -> None:
+        if self._evaluated_at == host.step:
+            return
+        self._evaluated_at = host.step
+        from ._rng import isolated_rng
+
+        with isolated_rng():  # the training run's random streams are not the monitors'
+            for engine in self.engines:
+                engine.boundary(host)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not self._training:
+            return
+        host = self._host(args, state, control, model)
+        if self._evaluated_at is None:  # no evaluation ran: one boundary at the end
+            self._boundary(host)
+        self.fisher.finish()
+        self._release()
+
+    def _release(self) -> None:
+        self._training = False
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.fisher.release()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._release()
+
+    # ------------------------------------------------------------------ reporting
+    def _connect(self, args: TrainingArguments) -> None:
+        """The report_to integrations of this Trainer (from its callback handler) and the sinks of
+        their W&B run and TensorBoard writer, plus PNG/CSV files under the output dir."""
+        handler = _calling_handler()
+        callbacks = handler.callbacks if handler is not None else []
+        from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+        kinds = tuple(INTEGRATION_TO_CALLBACK.values())
+        self._integrations = [cb for cb in callbacks if isinstance(cb, kinds)]
+        self.sinks = [FolderSink(Path(args.output_dir) / "fisher_callbacks")]
+        for cb in self._integrations:
+            name = type(cb).__name__
+            if name == "TensorBoardCallback":
+                self.sinks.append(TensorBoardSink(lambda cb=cb: cb.tb_writer, log_scalars=False))
+            elif name == "WandbCallback":
+                self.sinks.append(WandbSink(_wandb_run, "train/global_step", log_scalars=False))
+        if handler is None:
+            log.warning(
+                "fisher_callbacks: FisherTrainerCallback was not called by a Trainer's callback "
+                "handler: scalars go to state.log_history and files only"
+            )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Every engine's state (``torch.save`` it to resume the monitors with a run)."""
+        return {type(e).__name__: e.state_dict() for e in self.engines}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for engine in self.engines:
+            if type(engine).__name__ in state:
+                engine.load_state_dict(state[type(engine).__name__])
+
+
+def _calling_handler() -> CallbackHandler | None:
+    """The Trainer's ``CallbackHandler`` that dispatches the current event (up the call stack)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, CallbackHandler):
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _wandb_run() -> Any:
+    """The W&B run the Trainer's ``WandbCallback`` started (``wandb.run``)."""
+    import wandb
+
+    return wandb.run

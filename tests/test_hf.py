@@ -1,0 +1,276 @@
+"""The suite on the Hugging Face Trainer: a real ``Trainer.train`` with FisherTrainerCallback, W&B
+(offline) and TensorBoard; per-sample capture under gradient accumulation against the micro-batch-1
+loop; the same numbers as the Lightning callbacks on the same seeded run."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from reference import assert_close_rel, microbatch_gradients
+from torch.utils.data import DataLoader, Dataset
+from transformers import Trainer, TrainingArguments
+
+from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
+from fisher_callbacks.hf import FisherTrainerCallback
+from lightning_examples.synthetic import SyntheticTask, TinyGPT, collate
+
+SMALL = dict(n_layer=2, n_head=4, n_embd=32, pretrain_steps=40, pretrain_lr=1e-2)
+
+
+def _pretrained(lr=3e-3) -> TinyGPT:
+    lm = TinyGPT(lr=lr, **SMALL)
+    lm.pretrain_general()
+    return lm
+
+
+def _probe() -> DataLoader:
+    return DataLoader(SyntheticTask("general", 16, seed=7), batch_size=8, collate_fn=collate)
+
+
+def _args(tmp_path, **overrides) -> TrainingArguments:
+    base = dict(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        eval_strategy="steps",
+        eval_steps=4,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    return TrainingArguments(**{**base, **overrides})
+
+
+def _callback(**kwargs) -> FisherTrainerCallback:
+    options = dict(
+        train_task="math",
+        reference_tasks={"general": _probe()},
+        capture_every_n_steps=4,
+        max_samples_per_task=16,
+        probe_max_samples=16,
+        pairs=[("general", "math")],
+        warn_threshold=0.3,
+        qkov_options={"n_permutations": 20, "top_k": 5},
+    )
+    return FisherTrainerCallback(**{**options, **kwargs})
+
+
+def test_trainer_runs_the_whole_suite_and_logs_everywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # wandb/ lands here
+    model = _pretrained().model
+    seen: list[set[str]] = []
+    forward = model.forward
+
+    @functools.wraps(forward)  # the same signature: the Trainer and the probe passes read it
+    def spy(*args, **kwargs):
+        seen.append(set(kwargs))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    callback = _callback()
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, report_to=["tensorboard", "wandb"], run_name="hf-suite"),
+        train_dataset=SyntheticTask("math", 64),
+        eval_dataset=SyntheticTask("math", 8, seed=1),
+        data_collator=collate,
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 12
+    assert seen and not any({"task", "sample_id"} & keys for keys in seen)  # never the model's
+    rows = trainer.state.log_history
+    boundaries = [r["step"] for r in rows if "forgetting/general/predicted" in r]
+    assert boundaries == [4, 8, 12]
+    early = [r["step"] for r in rows if "forgetting/general/measured" in r and r["step"] not in boundaries]
+    assert early == [1, 2]  # the early probes of the first interval
+    assert callback.forgetting.history["general"]["step"] == [4, 8, 12]
+    for key in (
+        "fisher/math/trace",
+        "fisher/general/trace",
+        "qkov/general_vs_math/Q/fisher_overlap",
+        "forgetting/general/predicted",
+        "forgetting/general/warning",
+        "forgetting/general/forecast",
+    ):
+        assert any(key in r for r in rows), key
+    assert callback.fisher.collector.num_samples("math") > 0
+    # task tags and sample ids reached the callback
+    assert set(callback.fisher.collector.sample_ids("math")) <= set(range(64))
+    out = Path(tmp_path / "hf" / "fisher_callbacks")
+    assert list((out / "figures").glob("qkov_*.png")) and list((out / "figures").glob("forgetting_*.png"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdirs = {p.parent for p in Path(tmp_path / "hf").rglob("events.out.tfevents.*")}
+    tags = {"scalars": set(), "images": set()}
+    for d in logdirs:
+        events = EventAccumulator(str(d))
+        events.Reload()
+        for kind in tags:
+            tags[kind].update(events.Tags()[kind])
+    assert any("forgetting/general/measured" in t for t in tags["scalars"]), sorted(tags["scalars"])[:20]
+    assert any(t.startswith("qkov") for t in tags["images"]), sorted(tags["images"])
+    media = list(Path(tmp_path / "wandb").glob("offline-run-*/files/media/images/**/*.png"))
+    assert any("qkov" in str(p) for p in media), media[:5]
+
+
+def test_stop_threshold_stops_the_trainer(tmp_path):
+    callback = _callback(warn_threshold=0.2, stop_threshold=0.3)
+    trainer = Trainer(
+        model=_pretrained().model,
+        args=_args(tmp_path, max_steps=40, learning_rate=1e-2),
+        train_dataset=SyntheticTask("math", 64),
+        eval_dataset=SyntheticTask("math", 8, seed=1),
+        data_collator=collate,
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert callback.forgetting.stopped_at is not None
+    assert trainer.state.global_step < 40
+
+
+def test_removed_columns_file_every_sample_under_train_task_with_one_warning(tmp_path):
+    callback = _callback(pairs=(), forgetting=False)
+    trainer = Trainer(
+        model=_pretrained().model,
+        args=_args(tmp_path, max_steps=4, remove_unused_columns=True, eval_strategy="no"),
+        train_dataset=[{k: v for k, v in s.items()} for s in SyntheticTask("math", 32)],
+        data_collator=collate,
+        callbacks=[callback],
+    )
+    with pytest.warns(UserWarning, match="remove_unused_columns=False") as caught:
+        trainer.train()
+    assert sum("remove_unused_columns=False" in str(w.message) for w in caught) == 1
+    assert callback.fisher.collector.num_samples("math") > 0  # filed under train_task
+
+
+class _Fixed(Dataset):
+    """The first ``n`` samples of a task in order (the HF sampler shuffles indices, not content)."""
+
+    def __init__(self, task: SyntheticTask, n: int) -> None:
+        self.items = [task[i] for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_capture_under_gradient_accumulation_equals_the_microbatch_loop(tmp_path, accumulation):
+    lm = _pretrained()
+    model = lm.model
+    data = SyntheticTask("math", 8, seed=3)
+    # uneven target counts across micro-batches: num_items_in_batch spans both
+    data.labels[:4, -5:] = -100
+    names = [n for n, _ in model.named_parameters() if ".attn." in n]
+    expected = microbatch_gradients(model, collate([data[i] for i in range(8)]), names)
+    callback = FisherTrainerCallback(
+        train_task="math", capture_every_n_steps=1, store="exact", max_samples_per_task=8, check_loss=True
+    )
+    trainer = Trainer(
+        model=model,
+        args=_args(
+            tmp_path,
+            max_steps=1,
+            learning_rate=0.0,
+            per_device_train_batch_size=8 // accumulation,
+            gradient_accumulation_steps=accumulation,
+            eval_strategy="no",
+        ),
+        train_dataset=_Fixed(data, 8),
+        data_collator=collate,
+        callbacks=[callback],
+    )
+    trainer.train()
+    ids, grads = callback.fisher.collector.stored_gradients("math")
+    assert sorted(ids) == list(range(8))
+    assert set(grads) <= set(expected)
+    for name, rows in grads.items():
+        assert_close_rel(rows.float(), expected[name][torch.tensor(ids)], rtol=1e-4)
+
+
+def _hf_run(tmp_path, steps=8):
+    callback = _callback()
+    model = _pretrained().model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path / "hf", max_steps=steps),
+        train_dataset=_Fixed(SyntheticTask("math", 8), 8),
+        eval_dataset=SyntheticTask("math", 8, seed=1),
+        data_collator=collate,
+        callbacks=[callback],
+        optimizers=(optimizer, None),
+    )
+    trainer.train()
+    return callback
+
+
+class _OneBatch(pl.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(_Fixed(SyntheticTask("math", 8), 8), batch_size=8, collate_fn=collate)
+
+    def val_dataloader(self):
+        return DataLoader(SyntheticTask("math", 8, seed=1), batch_size=8, collate_fn=collate)
+
+
+def _lightning_run(tmp_path, steps=8):
+    fm = FisherMonitor(
+        train_task="math",
+        reference_tasks={"general": _probe()},
+        capture_every_n_steps=4,
+        max_samples_per_task=16,
+        probe_max_samples=16,
+    )
+    qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=20, top_k=5)
+    rm = ForgettingRiskMonitor(fm, reference_tasks=["general"], warn_threshold=0.3)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        val_check_interval=4,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        callbacks=[fm, qm, rm],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path / "pl",
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(_pretrained(), datamodule=_OneBatch())
+    return fm, qm, rm
+
+
+def test_lightning_and_hf_trainer_give_the_same_numbers(tmp_path):
+    hf = _hf_run(tmp_path)
+    fm, qm, rm = _lightning_run(tmp_path)
+    for task in ("math", "general"):
+        a = sum(float(f.sum()) for f in fm.collector.fisher(task).values())
+        b = sum(float(f.sum()) for f in hf.fisher.collector.fisher(task).values())
+        assert b == pytest.approx(a, rel=1e-4), task
+    ha, hb = rm.history["general"], hf.forgetting.history["general"]
+    assert ha["step"] == hb["step"] == [4, 8]
+    for key in ("measured", "predicted", "ewc_quadratic", "forecast"):
+        scale = max(abs(v) for v in ha[key] if math.isfinite(v)) or 1.0
+        assert hb[key] == pytest.approx(ha[key], abs=1e-4 * scale), key
+    assert [a["step"] for a in rm.alerts] == [a["step"] for a in hf.forgetting.alerts]
+    (pair,) = qm.latest
+    for block in ("Q", "K", "V", "O"):
+        for key in ("fisher_overlap", "conflict_cosine", "layer_head_avg"):
+            assert_close_rel(hf.qkov.latest[pair][block][key], qm.latest[pair][block][key], rtol=1e-4)
