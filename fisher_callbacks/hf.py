@@ -25,9 +25,12 @@ the target tokens of every micro-batch of the optimizer step (of every process w
 ``average_tokens_across_devices``, which then multiplies the loss by the process count), and a
 model without loss kwargs' mean loss by ``gradient_accumulation_steps``. The pre-hook reads the
 ``num_items_in_batch`` the model receives, so each captured gradient is divided by exactly the
-factor its sample had in the backward: per-sample gradients equal a micro-batch-1 loop's
-(``tests/test_hf.py``). A loss the callback cannot infer (label smoothing, a custom
-``compute_loss_func``) is measured at the logits by the loss check (one warning).
+weight its sample had in the backward: per-sample gradients equal a micro-batch-1 loop's
+(``tests/test_hf.py``). TRL's ``SFTTrainer`` sums per-token ``log_probs`` of a fused LM head and
+never hands the model ``num_items_in_batch``: the weight per target token is read from the
+gradient that reaches ``log_probs`` (uniform), before any monitored projection's, and corrects the
+armed factors (``tests/test_hf_trl.py``). A loss the callback cannot see through (label smoothing,
+a custom ``compute_loss_func``) is measured at the logits by the loss check (one warning).
 
 **Columns.** ``task`` and ``sample_id`` batch entries reach the callback and never the model's
 ``forward``. The Trainer's default ``remove_unused_columns=True`` drops them before the collator

@@ -69,3 +69,19 @@ def test_readme_and_docs_links_resolve():
                 assert anchor in _anchors(dest), f"{page.name}: no heading #{anchor} in {dest.name}"
             checked += 1
     assert checked >= 10  # the README points to every docs page
+
+
+def test_readme_hf_quickstart_runs_as_written(tmp_path, monkeypatch):
+    section = README.read_text().split("## Quick start: Hugging Face Trainer and TRL", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    assert "from fisher_callbacks.hf import FisherTrainerCallback" in code
+    monkeypatch.chdir(tmp_path)  # the Trainer writes hf_quickstart/ here
+    namespace: dict = {"__name__": "__readme_hf__"}
+    exec(compile(code, f"{README}:hf-quick-start", "exec"), namespace)
+    trainer, callback = namespace["trainer"], namespace["callback"]
+    assert trainer.state.global_step == 20
+    assert callback.forgetting.history["count"]["step"] == [10, 20]
+    rows = trainer.state.log_history
+    for key in ("forgetting/count/predicted", "qkov/count_vs_skip/Q/fisher_overlap", "fisher/skip/trace"):
+        assert any(key in r for r in rows), key
+    assert callback.fisher.collector.num_samples("skip") > 0
