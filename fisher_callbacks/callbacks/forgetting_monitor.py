@@ -163,7 +163,8 @@ class ForgettingRiskMonitor(ForgettingEngine, BoundaryCallback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        legacy = f"{type(self).__qualname__}{{'reference_tasks'"  # the key before issue 27
+        # older checkpoints keyed this state by the reference tasks too
+        legacy = f"{type(self).__qualname__}{{'reference_tasks'"
         _adopt_legacy_state(checkpoint, self.state_key, legacy)
 
     @override
