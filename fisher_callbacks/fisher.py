@@ -304,7 +304,6 @@ class FisherCollector:
         ``state_dict``."""
         return self._rng.generator
 
-
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_fisher_cache"]  # weak references do not pickle; the cache refills on demand
@@ -433,7 +432,6 @@ class FisherCollector:
     def device(self) -> torch.device:
         """The device of the monitored parameters (where Fisher sums and staged rows live)."""
         return self.model.get_parameter(self.param_names[0]).device
-
 
     def add_squares(
         self,

@@ -69,7 +69,8 @@ def _callback(**kwargs) -> FisherTrainerCallback:
 
 
 def test_trainer_runs_the_whole_suite_and_logs_everywhere(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # wandb/ lands here
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # the offline run lands here
     model = _pretrained().model
     seen: list[set[str]] = []
     forward = model.forward
@@ -123,7 +124,10 @@ def test_trainer_runs_the_whole_suite_and_logs_everywhere(tmp_path, monkeypatch)
             tags[kind].update(events.Tags()[kind])
     assert any("forgetting/general/measured" in t for t in tags["scalars"]), sorted(tags["scalars"])[:20]
     assert any(t.startswith("qkov") for t in tags["images"]), sorted(tags["images"])
-    media = list(Path(tmp_path / "wandb").glob("offline-run-*/files/media/images/**/*.png"))
+    import wandb
+
+    assert wandb.run is not None  # the Trainer's WandbCallback started it; figures went there
+    media = list(Path(wandb.run.dir).glob("media/images/**/*.png"))
     assert any("qkov" in str(p) for p in media), media[:5]
 
 
