@@ -332,3 +332,25 @@ def test_resume_from_a_checkpoint_before_its_validation_gives_the_uninterrupted_
     assert resumed[2].warnings.active == whole[2].warnings.active
     assert b["band_step"] == a["band_step"]
     assert b["band_low"] == pytest.approx(a["band_low"], rel=1e-3, abs=1e-6)
+
+
+def test_bf16_probe_gradients_match_fp32_within_their_precision(tmp_path):
+    """The default bf16 rows of g_A(theta_b) against fp32 ones on the same seeded fit: the same
+    measured drifts, the prediction and the per-step forecast within ~1e-3 of their scale, half
+    the bytes."""
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cbs = _monitors(warn=5.0, gradient_dtype=dtype)
+        _trainer(tmp_path / str(dtype), cbs, max_steps=12).fit(
+            TinyGPT(lr=3e-3, **SMALL), datamodule=_OneBatch(n_train=8, batch_size=8)
+        )
+        runs[dtype] = cbs[-1]
+    exact, half = runs[torch.float32], runs[torch.bfloat16]
+    a, b = exact.history["general"], half.history["general"]
+    assert b["measured"] == a["measured"]
+    for key in ("predicted", "forecast"):
+        scale = max(abs(v) for v in a[key])
+        assert b[key] == pytest.approx(a[key], abs=3e-3 * scale), key
+        assert b[key] != a[key]  # the rows really were rounded
+    assert half.forecaster.flat_grads.dtype == torch.bfloat16
+    assert half.forecaster.flat_grads.element_size() * 2 == exact.forecaster.flat_grads.element_size()

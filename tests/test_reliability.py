@@ -211,8 +211,8 @@ def test_checkpoint_switches_and_the_overhead_formula(tmp_path):
         n_stored = 0 if light else sum(c.num_stored(t) for t in c.tasks)
         fm_expected = n_stored * p_mon * 4 + sum(p_mon * 4 * (1 + (c.ema_steps(t) > 0)) for t in c.tasks)
         # anchor + anchor Fisher per reference task (+ the trainable params at the last
-        # measurement and R probe gradients there: (1 + R) copies, fp32)
-        rm_expected = p_mon * 4 + 1 * p_mon * 4 + (0 if light else 2 * p_all * 4)
+        # measurement, fp32, and R probe gradients there in gradient_dtype, bf16 by default)
+        rm_expected = p_mon * 4 + 1 * p_mon * 4 + (0 if light else p_all * 4 + 1 * p_all * 2)
         slack = 16_384  # RNG states (5 KB each), counters, the accumulators' per-head sums
         assert fm_expected <= sizes[light]["fm"] <= fm_expected + slack, (light, sizes, fm_expected)
         assert rm_expected <= sizes[light]["rm"] <= rm_expected + slack, (light, sizes, rm_expected)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from typing_extensions import override
 
 from ..engine.forgetting import ForgettingEngine
@@ -89,8 +90,9 @@ class ForgettingRiskMonitor(ForgettingEngine, BoundaryCallback):
             copy of them and their probe gradient) or ``"monitored"`` Q/K/V/O weights only (far
             less memory on large models; misses the MLP/embedding share of forgetting).
         checkpoint_params: keep in checkpoints the copy of the predicted-on parameters at the last
-            boundary and each task's probe gradient there (``(1 + R) * P_pred`` numbers, see the
-            checkpoint-overhead formula in ``docs/costs.md``). ``False`` leaves them out: a resumed run
+            boundary and each task's probe gradient there (``P_pred`` fp32 numbers and
+            ``R * P_pred`` in ``gradient_dtype``, see the checkpoint-overhead formula in
+            ``docs/costs.md``). ``False`` leaves them out: a resumed run
             restarts the first-order prediction from the resumed weights (one probe pass at fit
             start), so ``predicted`` misses the steps between the last boundary before the
             checkpoint and the checkpoint; the anchor, measured forgetting, EWC and the history
@@ -101,6 +103,11 @@ class ForgettingRiskMonitor(ForgettingEngine, BoundaryCallback):
             the first boundary, which measure the drift there: ``"auto"``: steps 1, 2, 4, ...
             below the first validation interval; an int: that step only; ``None``: off. Each costs
             one forward and backward over the probe set, ``log2`` of the interval of them per fit.
+        gradient_dtype: dtype of the kept probe gradients ``g_A(theta_b)`` (the forecast's rows,
+            the trapezoid's left end, shared with the FisherMonitor): ``torch.bfloat16`` (default)
+            halves the largest state of the suite (one weight-sized row per reference task) at a
+            relative error of ~1e-3 of the prediction and the forecast
+            (``tests/test_forecast.py``); ``torch.float32`` keeps them exact.
 
     Under DDP the probe results are those of every rank's probe samples (see FisherMonitor), the
     logged keys are agreed across ranks (a key missing on a rank is logged by none) and the
@@ -120,6 +127,7 @@ class ForgettingRiskMonitor(ForgettingEngine, BoundaryCallback):
         checkpoint_params: bool = True,
         forecast: bool = True,
         early_probe_step: int | str | None = "auto",
+        gradient_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         self._keep_arguments(ForgettingRiskMonitor, locals())
         ForgettingEngine.__init__(
@@ -135,6 +143,7 @@ class ForgettingRiskMonitor(ForgettingEngine, BoundaryCallback):
             checkpoint_params=checkpoint_params,
             forecast=forecast,
             early_probe_step=early_probe_step,
+            gradient_dtype=gradient_dtype,
         )
 
     @property

@@ -29,16 +29,18 @@ class Forecaster:
         failed: a forecast failed; no forecast for the rest of the fit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grad_dtype: torch.dtype = torch.bfloat16) -> None:
+        self.grad_dtype = grad_dtype
         self.base: TensorDict | None = None
         self.grads: dict[str, TensorDict] = {}
         self.flat_base: torch.Tensor | None = None  # [N] fp32
-        self.flat_grads: torch.Tensor | None = None  # [n_tasks, N] fp32
+        self.flat_grads: torch.Tensor | None = None  # [n_tasks, N] grad_dtype
         # the live parameters with their column blocks of the rows, and rows . theta_b
         self._slices: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._at_base: torch.Tensor | None = None  # [n_params, n_tasks] fp64 (host)
         self._dots: torch.Tensor | None = None  # [n_params, n_tasks] fp32 scratch
         self.tasks: list[str] = []
+        self._names: list[str] = []  # the parameters of the buffers, in their order
         self.last_step: int | None = None
         self.failed = False
 
@@ -56,32 +58,57 @@ class Forecaster:
 
         :attr:`base` and :attr:`grads` become views into one flat fp32 copy of theta_b ``[N]`` and
         the matrix ``[n_tasks, N]`` (no second copy), over the parameters every task has a
-        gradient of. Raises ``ValueError`` when no flat copy can be made (no parameter, or
+        gradient of. The matrix is kept in :attr:`grad_dtype` (bfloat16 by default: half the
+        bytes of the largest per-parameter state; theta_b stays fp32, since the forecast takes
+        differences of it). Raises ``ValueError`` when no flat copy can be made (no parameter, or
         parameters on several devices): the forecast is then off until the next move.
         """
         if base is not None:
             self.base = base
-        self.flat_base = self.flat_grads = None
         if self.base is None:
+            self.flat_base = self.flat_grads = None
             return
         tasks = list(tasks)
         names = [n for n in self.base if n in params and all(n in self.grads[t] for t in tasks)]
-        flat, self.base = _flat_views({n: self.base[n] for n in names})
-        matrix = flat.new_empty(len(tasks), flat.numel())
+        if not names:
+            self.flat_base = self.flat_grads = None
+            raise ValueError("no predicted parameter has a probe gradient")
+        same = self.flat_base is not None and names == self._names
+        if same and _shares_storage(self.base[names[0]], self.flat_base):
+            flat = self.flat_base  # theta_b is already in the buffer (see rebase)
+        else:  # into the old buffer when the parameters are the same, else a new one
+            flat, self.base = _flat_views({n: self.base[n] for n in names}, self.flat_base if same else None)
+        if same and tasks == self.tasks and self.flat_grads is not None:
+            matrix = self.flat_grads  # the new gradients are copied over the old rows
+        else:
+            matrix = torch.empty(len(tasks), flat.numel(), dtype=self.grad_dtype, device=flat.device)
         for row, task in zip(matrix, tasks):
             self.grads[task] = _flat_views({n: self.grads[task][n] for n in names}, row)[1]
         self._slices, offset = [], 0
-        self._dots = matrix.new_empty(len(names), len(tasks))
+        self._dots = flat.new_empty(len(names), len(tasks))
         for i, n in enumerate(names):
             k = params[n].numel()
             rows = matrix[:, offset : offset + k]
             self._slices.append((params[n], rows))
-            torch.mv(rows, flat[offset : offset + k], out=self._dots[i])
+            _mv(rows, flat[offset : offset + k], out=self._dots[i])
             offset += k
         self._at_base = self._dots.cpu().double()
+        self._names = names
         self.tasks = tasks
         self.flat_base = flat
         self.flat_grads = matrix
+
+    def rebase(self, params: Mapping[str, torch.Tensor]) -> bool:
+        """theta_b becomes the current ``params``, written over the old theta_b in its buffer (no
+        new weight-sized copy). Returns False when there is no buffer of these parameters yet
+        (the caller then hands :meth:`move` a fresh copy)."""
+        if self.flat_base is None or self.base is None or any(n not in params for n in self._names):
+            return False
+        if any(params[n].shape != self.base[n].shape for n in self._names):
+            return False
+        for n in self._names:
+            self.base[n].copy_(params[n].detach())
+        return True
 
     def step(self, drift_at_base: Mapping[str, float]) -> dict[str, float]:
         """The forecast of every task at the parameters' current values: ``{task: drift_at_base
@@ -92,7 +119,7 @@ class Forecaster:
         once when the base moved; the difference and the sum in fp64 on the host."""
         dots = self._dots
         for i, (param, rows) in enumerate(self._slices):
-            torch.mv(rows, param.detach().reshape(-1).float(), out=dots[i])
+            _mv(rows, param.detach().reshape(-1).float(), out=dots[i])
         first = (dots.cpu().double() - self._at_base).sum(0).tolist()
         return {task: drift_at_base[task] + f for task, f in zip(self.tasks, first)}
 
@@ -110,9 +137,29 @@ class Forecaster:
         self.grads = state.get("prev_grad", {})
 
 
+def _shares_storage(view: torch.Tensor, flat: torch.Tensor) -> bool:
+    return view.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+
+
+_CHUNK = 1 << 18  # columns per fp32 block of low-precision rows: R x 1 MiB, read while in cache
+
+
+def _mv(rows: torch.Tensor, vec: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = rows @ vec`` in fp32 (``vec`` fp32, ``rows`` [R, k] of any float dtype). Rows in a
+    lower precision are widened a block of columns at a time, accumulating in fp32: the
+    transient is one block, never a widened copy of the rows."""
+    if rows.dtype == torch.float32:
+        torch.mv(rows, vec, out=out)
+        return
+    out.zero_()
+    for start in range(0, vec.numel(), _CHUNK):
+        block = rows[:, start : start + _CHUNK].float()
+        out.addmv_(block, vec[start : start + _CHUNK])
+
+
 def _flat_views(tensors: TensorDict, out: torch.Tensor | None = None) -> tuple[torch.Tensor, TensorDict]:
-    """One flat fp32 copy of ``tensors`` (``[N]``, N = total entries; written into ``out`` when
-    given) and views of it per name. All on one device, else ``ValueError``."""
+    """One flat copy of ``tensors`` (``[N]``, N = total entries; fp32, or written into ``out`` in
+    its dtype when given) and views of it per name. All on one device, else ``ValueError``."""
     if not tensors:
         raise ValueError("no predicted parameter has a probe gradient")
     first = next(iter(tensors.values()))

@@ -12,7 +12,7 @@ latched warning) and :class:`~fisher_callbacks.engine.forgetting_report.Forgetti
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,7 +56,9 @@ class ForgettingEngine:
         checkpoint_params: bool = True,
         forecast: bool = True,
         early_probe_step: int | str | None = "auto",
+        gradient_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
+        check_choice("gradient_dtype", gradient_dtype, (torch.bfloat16, torch.float16, torch.float32))
         _check_arguments(
             reference_tasks,
             warn_threshold,
@@ -76,12 +78,13 @@ class ForgettingEngine:
         self.checkpoint_params = checkpoint_params
         self.forecast = forecast
         self.early_probe_step = early_probe_step
+        self.gradient_dtype = gradient_dtype
         self._relay = WarningRelay(NAME)
         self.history: dict[str, dict[str, list[float]]] = {}
         self.alerts: list[dict[str, Any]] = []
         self.stopped_at: int | None = None
         self.tracker = ForgettingTracker()
-        self.forecaster = Forecaster()
+        self.forecaster = Forecaster(gradient_dtype)
         self.warnings = WarningState()
         self.report = ForgettingReport(alert_wait_seconds)
         self.anchor_step: int | None = None  # optimizer step of theta_0
@@ -225,15 +228,14 @@ class ForgettingEngine:
                 f"no early probe at step {step} ({err!r}); the band waits for the first boundary"
             )
             return False
-        now = self._snapshot(host)
-        delta = self._delta(now)
+        delta = self._delta(host)
         stop = False
         for task, probe in probes.items():
             self.tracker.advance(task, self.forecaster.grads[task], delta, probe.grad)
             self.forecaster.grads[task] = probe.grad
             measured = probe.loss - self.tracker.baseline[task]
             stop |= self._forecast_task(host, task, step, measured, rows, measured=True)
-        self._move_base(host, now)
+        self._move_base(host, rebase=True)
         return stop
 
     def _forecast_task(self, host, task, step, value, rows, *, measured=False, decide=True) -> bool:
@@ -335,15 +337,21 @@ class ForgettingEngine:
             if p.requires_grad and (names is None or n in names)
         }
 
-    def _delta(self, now: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        base = self.forecaster.base
-        return {n: now[n] - base[n] for n in now if n in base}
+    def _delta(self, host: Host) -> Mapping[str, torch.Tensor]:
+        """theta_t - theta_b per predicted-on parameter, made when read (one parameter's
+        difference at a time, never a weight-sized copy)."""
+        return _Delta(dict(host.module.named_parameters()), self.forecaster.base or {})
 
-    def _move_base(self, host: Host, now: dict[str, torch.Tensor] | None = None) -> None:
-        """theta_b becomes ``now`` (when given): the forecast restarts from the drift measured there."""
+    def _move_base(self, host: Host, rebase: bool = False) -> None:
+        """theta_b becomes the parameters' current values (``rebase``, written over the old
+        theta_b in place when it has the same parameters), and the forecast restarts from the
+        drift measured there with the probe gradients now in :attr:`Forecaster.grads`."""
         tasks = [t for t in self.reference_tasks if t in self.forecaster.grads and t in self.tracker.baseline]
+        params = dict(host.module.named_parameters())
         try:
-            self.forecaster.move(dict(host.module.named_parameters()), tasks, now)
+            if rebase and not self.forecaster.rebase(params):
+                self.forecaster.base = self._snapshot(host)
+            self.forecaster.move(params, tasks)
         except Exception as err:  # e.g. parameters on several devices: boundaries still work
             self._relay.warn(f"no per-step forecast ({err!r})")
 
@@ -432,8 +440,7 @@ class BoundaryPass:
         self.engine = engine
         self.host = host
         self.step = host.step
-        self.now = engine._snapshot(host)  # theta_t of the predicted-on parameters
-        self.delta = engine._delta(self.now)  # theta_t - theta_b
+        self.delta = engine._delta(host)  # theta_t - theta_b, one parameter at a time
         self.wants_stop = False
         self.values: dict[str, float] = {}  # the scalars of every task, logged together
 
@@ -495,7 +502,7 @@ class BoundaryPass:
 
     def move_base(self) -> None:
         e = self.engine
-        e._move_base(self.host, self.now)  # copies the probe gradients into the forecast's rows
+        e._move_base(self.host, rebase=True)  # copies the probe gradients into the forecast's rows
         for task in e.forecaster.tasks:  # ... which the FisherMonitor keeps instead of its own
             e.fisher.share_probe_gradient(task, e.forecaster.grads[task])
 
@@ -525,6 +532,24 @@ def _positive_int(value: Any) -> bool:
 
 
 __all__ = ["ForgettingEngine", "ForgettingReading"]
+
+
+class _Delta(Mapping):
+    """``{name: params[name] - base[name]}`` over the names of ``base``, each made when read."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> None:
+        self.params, self.base = params, base
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.base or name not in self.params:
+            raise KeyError(name)
+        return self.params[name].detach() - self.base[name]
+
+    def __iter__(self):
+        return (n for n in self.base if n in self.params)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _check_arguments(

@@ -89,7 +89,7 @@ class ForgettingTracker:
         names = [n for n in delta if n in grad_b and n in grad_now]
         self.accumulators[task].update(
             {n: grad_b[n] for n in names},
-            {n: delta[n] for n in names},
+            _Subset(delta, names),  # delta may be made when read: never all of it at once
             grad_a_end={n: grad_now[n] for n in names},
         )
 
@@ -140,3 +140,21 @@ class ForgettingTracker:
         for task, acc in list(self.accumulators.items()):
             if task in self._restored:
                 acc.load_state_dict(self._restored.pop(task))
+
+
+class _Subset(Mapping):
+    """``mapping`` restricted to ``names``, read through (nothing is copied)."""
+
+    def __init__(self, mapping: Mapping[str, torch.Tensor], names: list[str]) -> None:
+        self.mapping, self.names, self._known = mapping, names, set(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self.mapping[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)

@@ -174,22 +174,20 @@ def first_order_forgetting(
     Raises:
         KeyMismatchError: If the keys differ.
     """
-    products = _step_products(grad_a, delta, grad_a_end)
-    return sum_fp32((p.sum() for p in products.values()), grad_a)
-
-
-def _step_products(grad_a: TensorDict, delta: TensorDict, grad_a_end: TensorDict | None) -> dict[str, Tensor]:
-    """``{name: g * delta}`` in fp32, ``g`` = ``grad_a`` or the trapezoid mean with ``grad_a_end``."""
     check_matching(grad_a, delta, names=("grad_a", "delta"))
     if grad_a_end is not None:
         check_matching(grad_a, grad_a_end, names=("grad_a", "grad_a_end"))
-    products = {}
-    for k, g in grad_a.items():
-        g = as_fp32(g)
-        if grad_a_end is not None:
-            g = 0.5 * (g + as_fp32(grad_a_end[k]).to(g.device))
-        products[k] = g * as_fp32(delta[k]).to(g.device)
-    return products
+    end = grad_a_end or {}
+    sums = (_step_product(g, delta[k], end.get(k)).sum() for k, g in grad_a.items())
+    return sum_fp32(sums, grad_a)
+
+
+def _step_product(grad: Tensor, delta: Tensor, grad_end: Tensor | None) -> Tensor:
+    """``g * delta`` in fp32, ``g`` = ``grad`` or the trapezoid mean with ``grad_end``."""
+    g = as_fp32(grad)
+    if grad_end is not None:
+        g = 0.5 * (g + as_fp32(grad_end).to(g.device))
+    return g * as_fp32(delta).to(g.device)
 
 
 def _running_dtype(device: torch.device) -> torch.dtype:
@@ -253,8 +251,18 @@ class FirstOrderForgettingAccumulator:
             KeyMismatchError: If the keys of the dicts differ, or (with a layout) a monitored
                 weight of the layout is missing from them.
         """
-        products = _step_products(grad_a, delta, grad_a_end)
-        sums = {k: p.sum() for k, p in products.items()}  # 0-d fp32 each
+        check_matching(grad_a, delta, names=("grad_a", "delta"))
+        if grad_a_end is not None:
+            check_matching(grad_a, grad_a_end, names=("grad_a", "grad_a_end"))
+        # One parameter at a time: its product is summed and dropped, except those of the
+        # attention weights the per-head split needs (``delta`` may be a lazy mapping).
+        heads = set(self.layout.monitored_parameters()) if self.layout is not None else set()
+        sums, products = {}, {}
+        for k, g in grad_a.items():
+            product = _step_product(g, delta[k], None if grad_a_end is None else grad_a_end[k])
+            sums[k] = product.sum()  # 0-d fp32
+            if k in heads:
+                products[k] = product
         step = sum_fp32(sums.values(), grad_a)
         acc_dtype = _running_dtype(step.device)
         if self._total is None:
