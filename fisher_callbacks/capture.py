@@ -555,10 +555,35 @@ def probe_pass(
         else:
             objective = losses
         inputs = weights + list(extra.values())
-        out = torch.autograd.grad(objective.sum(), inputs, allow_unused=True)
+        if any(_is_dtensor(w) for w in weights):
+            out = _sharded_backward(model, objective.sum(), len(inputs), bool(extra))
+        else:
+            out = torch.autograd.grad(objective.sum(), inputs, allow_unused=True)
         summed = {
             n: (g if g is not None else torch.zeros_like(p))
             for (n, p), g in zip(extra.items(), out[len(weights) :])
         }
         log_loss = not is_squared_error(logits, labels, loss_type)
         return ProbeResult(capture.pop(), losses.detach(), counts, summed, log_loss)
+
+
+def _sharded_backward(model: nn.Module, loss: torch.Tensor, n_inputs: int, wants_sums: bool) -> list[None]:
+    """The probe backward of a model sharded by FSDP2: its forward ran on gathered copies of the
+    ``DTensor`` parameters, which ``autograd.grad`` cannot reach, so a full backward runs (the
+    capture hooks see every projection's output gradient, as in training) and the ``.grad`` it
+    leaves on the parameters is put back as it was. Summed parameter gradients are not made."""
+    if wants_sums:
+        raise ValueError("probe gradients of sharded (FSDP2) parameters are not supported")
+    saved = [(p, p.grad) for p in model.parameters()]
+    try:
+        loss.backward()
+    finally:
+        for p, g in saved:
+            p.grad = g
+    return [None] * n_inputs
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from .engine.sharding import _is_dtensor as is_dtensor
+
+    return is_dtensor(t)

@@ -23,8 +23,10 @@ _SKIP_TYPES: tuple[type, ...] = (nn.Module,)
 
 
 def _storage_key(t: torch.Tensor) -> Any:
-    storage = t.untyped_storage()
-    ptr = storage.data_ptr()
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except RuntimeError:  # no plain storage (a DTensor, a freed FSDP2 unsharded parameter)
+        ptr = 0
     if ptr == 0:  # meta (or empty) storage: no address, count each tensor object once
         return ("id", id(t))
     return (t.device.type, t.device.index, ptr)

@@ -28,6 +28,7 @@ from .host import Host
 from .probe import ProbeRunner
 from .ranks import WarningRelay, log_agreed
 from .readings import ProbeReading
+from .sharding import check_supported
 from .steps import StepCapture
 
 log = logging.getLogger("fisher_callbacks")
@@ -158,6 +159,7 @@ class FisherEngine:
             for task, loader in self.reference_tasks.items():
                 if loader is None:
                     self.reference_tasks[task] = host.probe_loader(task)
+            check_supported(host.module)  # DeepSpeed ZeRO-3, FSDP1: a clear error
             self.loss_type = self.loss_type or infer_loss_type(host.module)
             self._build(host.module, self._resolve_layout(host.module))
         except Exception as err:
@@ -230,6 +232,7 @@ class FisherEngine:
         names = self.layout.monitored_parameters()
         if all(n in params and params[n].requires_grad for n in names):
             return
+        check_supported(module)  # wrapped since prepare (e.g. FSDP1 by the strategy)
         layout = self._resolve_layout(module)
         if layout.monitored_parameters() == names:
             return
@@ -247,7 +250,11 @@ class FisherEngine:
         Returns:
             the ledger ``{f"{Owner}/{group}": bytes}``.
         """
-        ledger = suite_ledger(owners, host.module)
+        try:
+            ledger = suite_ledger(owners, host.module)
+        except Exception as err:  # monitoring never takes the run down
+            self._relay.warn(f"no memory ledger ({err!r})")
+            return {}
         if host.is_global_zero:
             table = format_ledger(ledger, trainable_bytes(host.module))
             log.info("fisher_callbacks memory ledger at step %d:\n%s", host.step, table)

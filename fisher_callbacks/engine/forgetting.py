@@ -27,6 +27,7 @@ from .forgetting_warning import WarningState
 from .host import Host
 from .ranks import WarningRelay, log_agreed
 from .readings import ProbeReading
+from .sharding import sharding_of
 
 if TYPE_CHECKING:
     from .fisher import FisherEngine
@@ -113,6 +114,15 @@ class ForgettingEngine:
         """The anchor theta_0 at fit start, or the one a checkpoint restored (a resumed run
         measures against the ORIGINAL anchor)."""
         if not self.fisher.active:  # stayed out of this fit (see FisherMonitor.required)
+            return
+        if sharding_of(host.module) == "fsdp2":
+            self.fisher.restrict_probe_gradients(set())  # no reader: no weight-sized gradient
+            self._relay.warn(
+                "sharded (FSDP2) parameters: forgetting is not watched in this fit (its anchor, "
+                "forecast and probe gradients need whole parameters); Fisher capture and the QK-OV "
+                "maps run as under DDP (see docs/distributed.md)"
+            )
+            self._relay.flush()
             return
         self.fisher.resolve(host.module)  # names may have changed (compiled in setup)
         self.prepare(host)

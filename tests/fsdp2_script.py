@@ -1,0 +1,87 @@
+"""Run by tests/test_sharding.py: the same seeded 2-process CPU fit (gloo) under DDP or FSDP2
+(Lightning's ModelParallelStrategy, ``fully_shard`` per block and on the root), with the three
+monitors. Rank 0 writes the logged scalars, the Fisher traces and the monitors' warnings to argv[2].
+
+Run: ``python tests/fsdp2_script.py {ddp|fsdp2} OUT``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
+from lightning_examples.synthetic import SyntheticTasks, TinyGPT
+
+
+class ShardedGPT(TinyGPT):
+    """TinyGPT whose GPT-2 blocks and root are wrapped by ``fully_shard`` (FSDP2)."""
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+
+def main(kind: str, out: str) -> None:
+    torch.manual_seed(0)
+    model = ShardedGPT(n_layer=2, n_head=4, n_embd=32, pretrain_steps=20, pretrain_lr=1e-2, lr=3e-3)
+    model.pretrain_general()  # the same weights in every process before any sharding
+    dm = SyntheticTasks(n_train=32, n_val=8, n_probe=8, batch_size=4)
+    fm = FisherMonitor(
+        train_task="math", reference_tasks=["general"], capture_every_n_steps=2, max_samples_per_task=32
+    )
+    qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=10)
+    rm = ForgettingRiskMonitor(fm, reference_tasks=["general"], warn_threshold=0.5)
+    if kind == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        strategy = "ddp"
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[fm, qm, rm],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=dm)
+    if trainer.is_global_zero:
+        torch.save(
+            {
+                "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+                "traces": {
+                    t: sum(float(f.sum()) for f in fm.collector.fisher(t).values())
+                    for t in fm.collector.tasks
+                },
+                "warnings": [str(w.message) for w in caught if "Monitor" in str(w.message)],
+                "all_warnings": [f"{w.filename}:{w.lineno}: {w.message}" for w in caught],
+            },
+            out,
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
