@@ -278,3 +278,26 @@ def test_lightning_and_hf_trainer_give_the_same_numbers(tmp_path):
     for block in ("Q", "K", "V", "O"):
         for key in ("fisher_overlap", "conflict_cosine", "layer_head_avg"):
             assert_close_rel(hf.qkov.latest[pair][block][key], qm.latest[pair][block][key], rtol=1e-4)
+
+
+def test_the_callback_does_not_change_the_training_it_watches(tmp_path):
+    """The same seeded Trainer run with and without the whole suite (capture every step, early
+    probes, boundaries): the same losses and the same final weights."""
+    runs = []
+    for attach in (False, True):
+        model = _pretrained().model
+        trainer = Trainer(
+            model=model,
+            args=_args(tmp_path / str(attach), max_steps=8),
+            train_dataset=SyntheticTask("math", 64),
+            eval_dataset=SyntheticTask("math", 8, seed=1),
+            data_collator=collate,
+            callbacks=[_callback(capture_every_n_steps=1)] if attach else [],
+        )
+        trainer.train()
+        losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (plain_losses, plain), (watched_losses, watched) = runs
+    assert watched_losses == plain_losses
+    for name, weight in plain.items():
+        assert torch.equal(watched[name], weight), name
