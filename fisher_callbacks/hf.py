@@ -17,6 +17,7 @@ model forward (training, pre-hook)        ``task``/``sample_id`` popped from the
 ``on_step_end``                           the per-step forgetting forecast, early probes
 ``on_evaluate``                           the boundary: probe passes, Fisher sync, QK-OV
                                           maps, forgetting, warning, stop
+``on_save``                               the engines' state beside the checkpoint
 ``on_train_end``                          a last boundary when no evaluation ran; hooks off
 ========================================  ==================================================
 
@@ -70,7 +71,9 @@ from .sinks import FolderSink, Sink, TensorBoardSink, WandbSink, warn_once
 
 log = logging.getLogger("fisher_callbacks")
 
-__all__ = ["FisherTrainerCallback", "HFHost"]
+__all__ = ["STATE_FILE", "FisherTrainerCallback", "HFHost"]
+
+STATE_FILE = "fisher_callbacks.pt"  # the monitors' state, in each checkpoint-{step} folder
 
 
 class HFHost(Host):
@@ -230,6 +233,8 @@ class FisherTrainerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         host = self._host(args, state, control, model)
         self._connect(args)
+        if state.global_step > 0:
+            self._resume(args, state)
         self.fisher.prepare(host, probe_gradients_wanted=self.forgetting is not None)
         if not self.fisher.active:
             return
@@ -409,6 +414,31 @@ class FisherTrainerCallback(TrainerCallback):
             )
 
     # ------------------------------------------------------------------ state
+    def on_save(self, args, state, control, **kwargs):
+        """Every engine's state beside the Trainer's checkpoint (``checkpoint-{step}/``
+        :data:`STATE_FILE`, rank zero), so ``train(resume_from_checkpoint=...)`` resumes the
+        monitors too (their anchor, histories, Fisher sums and store)."""
+        if not (self._training and state.is_world_process_zero):
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(self.state_dict(), folder / STATE_FILE)
+        except Exception as err:  # monitoring never takes the run down
+            where = f"checkpoint-{state.global_step}"
+            self.fisher.relay.warn(f"the monitors' state was not saved with {where} ({err!r})")
+
+    def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
+        """A run resumed at ``state.global_step``: the monitors' state saved with that checkpoint."""
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+        if not path.is_file():
+            self.fisher.relay.warn(
+                f"resumed at step {state.global_step} without {path}: the monitors restart here "
+                "(a new forgetting anchor at the resumed weights)"
+            )
+            return
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
     def state_dict(self) -> dict[str, Any]:
         """Every engine's state (``torch.save`` it to resume the monitors with a run)."""
         return {type(e).__name__: e.state_dict() for e in self.engines}

@@ -301,3 +301,35 @@ def test_the_callback_does_not_change_the_training_it_watches(tmp_path):
     assert watched_losses == plain_losses
     for name, weight in plain.items():
         assert torch.equal(watched[name], weight), name
+
+
+def test_resume_from_a_trainer_checkpoint_continues_the_monitors(tmp_path):
+    """``train(resume_from_checkpoint=...)`` restores the monitors saved with the checkpoint: the
+    resumed run's forgetting history and Fisher sums are those of the uninterrupted run."""
+
+    def run(output, resume=None, steps=8):
+        callback = _callback()
+        trainer = Trainer(
+            model=_pretrained().model,
+            args=_args(tmp_path / output, max_steps=steps, save_strategy="steps", save_steps=4),
+            train_dataset=SyntheticTask("math", 64),
+            eval_dataset=SyntheticTask("math", 8, seed=1),
+            data_collator=collate,
+            callbacks=[callback],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return callback
+
+    whole = run("whole")
+    run("resumed", steps=4)  # stops at step 4 with checkpoint-4 ...
+    assert (tmp_path / "resumed" / "hf" / "checkpoint-4" / "fisher_callbacks.pt").is_file()
+    resumed = run("resumed", resume=True)  # ... from which this one goes on to step 8
+    a, b = whole.forgetting.history["general"], resumed.forgetting.history["general"]
+    assert b["step"] == a["step"] == [4, 8]
+    for key in ("measured", "predicted", "forecast"):
+        scale = max(abs(v) for v in a[key])
+        assert b[key] == pytest.approx(a[key], abs=1e-5 * scale), key
+    for task in ("math", "general"):
+        trace = sum(float(f.sum()) for f in whole.fisher.collector.fisher(task).values())
+        again = sum(float(f.sum()) for f in resumed.fisher.collector.fisher(task).values())
+        assert again == pytest.approx(trace, rel=1e-5), task
