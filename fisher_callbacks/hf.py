@@ -208,6 +208,7 @@ class FisherTrainerCallback(TrainerCallback):
         self._training = False
         self._evaluated_at: int | None = None
         self._warned_columns = False
+        self._loaded = False  # a state was loaded (resume)
 
     # ------------------------------------------------------------------ engines
     @property
@@ -431,6 +432,8 @@ class FisherTrainerCallback(TrainerCallback):
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
         """A run resumed at ``state.global_step``: the monitors' state saved with that checkpoint."""
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+        if self._loaded:  # restored by hand (load_state_dict) before train
+            return
         if not path.is_file():
             self.fisher.relay.warn(
                 f"resumed at step {state.global_step} without {path}: the monitors restart here "
@@ -444,6 +447,7 @@ class FisherTrainerCallback(TrainerCallback):
         return {type(e).__name__: e.state_dict() for e in self.engines}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._loaded = True
         for engine in self.engines:
             if type(engine).__name__ in state:
                 engine.load_state_dict(state[type(engine).__name__])
