@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -333,3 +334,46 @@ def test_resume_from_a_trainer_checkpoint_continues_the_monitors(tmp_path):
         trace = sum(float(f.sum()) for f in whole.fisher.collector.fisher(task).values())
         again = sum(float(f.sum()) for f in resumed.fisher.collector.fisher(task).values())
         assert again == pytest.approx(trace, rel=1e-5), task
+
+
+def test_two_processes_give_the_numbers_of_one(tmp_path):
+    """``torch.distributed.run`` with 2 CPU processes (gloo), 4 samples each per step, against one
+    process with 8: accelerate hands rank r every other batch of the same shuffled order, so the
+    steps see the same samples; Fisher sums are synced, probe sets reduced, warnings gathered."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent / "hf_ddp_script.py"
+    out = tmp_path / "ddp" / "out.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(out, weights_only=False)
+    assert ddp["world"] == 2
+    callback = _callback()
+    trainer = Trainer(
+        model=_pretrained().model,
+        args=_args(tmp_path / "one", max_steps=8),
+        train_dataset=SyntheticTask("math", 64),
+        eval_dataset=SyntheticTask("math", 8, seed=1),
+        data_collator=collate,
+        callbacks=[callback],
+    )
+    trainer.train()
+    one = callback.fisher.collector
+    assert ddp["samples"]["math"] == one.num_samples("math") == 16
+    assert ddp["samples"]["general"] == 2 * one.num_samples("general")  # each rank probes the set
+    for task, trace in ddp["traces"].items():
+        assert trace == pytest.approx(sum(float(f.sum()) for f in one.fisher(task).values()), rel=1e-4), task
+    a, b = callback.forgetting.history["general"], ddp["forgetting"]
+    assert b["step"] == a["step"] == [4, 8]
+    for key in ("measured", "predicted"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert all("[ranks 0, 1]" in w for w in ddp["warnings"])  # gathered once, from rank zero
