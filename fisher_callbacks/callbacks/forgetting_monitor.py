@@ -107,7 +107,9 @@ class ForgettingRiskMonitor(ForgettingEngine, BoundaryCallback):
             the trapezoid's left end, shared with the FisherMonitor): ``torch.bfloat16`` (default)
             halves the largest state of the suite (one weight-sized row per reference task) at a
             relative error of ~1e-3 of the prediction and the forecast
-            (``tests/test_forecast.py``); ``torch.float32`` keeps them exact.
+            (``tests/test_forecast.py``), and widens them per step: the per-step forecast of a
+            148M-parameter model on 2 CPU threads takes 62 ms against 44 ms in fp32 (a 135M step
+            is ~1.3 s); ``torch.float32`` keeps them exact.
 
     Under DDP the probe results are those of every rank's probe samples (see FisherMonitor), the
     logged keys are agreed across ranks (a key missing on a rank is logged by none) and the

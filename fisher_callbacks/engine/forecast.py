@@ -146,15 +146,18 @@ _CHUNK = 1 << 18  # columns per fp32 block of low-precision rows: R x 1 MiB, rea
 
 def _mv(rows: torch.Tensor, vec: torch.Tensor, out: torch.Tensor) -> None:
     """``out = rows @ vec`` in fp32 (``vec`` fp32, ``rows`` [R, k] of any float dtype). Rows in a
-    lower precision are widened a block of columns at a time, accumulating in fp32: the
-    transient is one block, never a widened copy of the rows."""
+    lower precision are widened a block of columns at a time into one reused fp32 scratch,
+    accumulating in fp32: the transient is one block, never a widened copy of the rows."""
     if rows.dtype == torch.float32:
         torch.mv(rows, vec, out=out)
         return
+    scratch = torch.empty(rows.shape[0], min(_CHUNK, vec.numel()), dtype=torch.float32, device=vec.device)
     out.zero_()
     for start in range(0, vec.numel(), _CHUNK):
-        block = rows[:, start : start + _CHUNK].float()
-        out.addmv_(block, vec[start : start + _CHUNK])
+        stop = min(start + _CHUNK, vec.numel())
+        block = scratch[:, : stop - start]
+        block.copy_(rows[:, start:stop])
+        out.addmv_(block, vec[start:stop])
 
 
 def _flat_views(tensors: TensorDict, out: torch.Tensor | None = None) -> tuple[torch.Tensor, TensorDict]:
