@@ -273,7 +273,7 @@ class FisherTrainerCallback(TrainerCallback):
             self.fisher.relay.warn(self._missing_columns_message())
         host = HFHost(self, *self._events)
         known = kwargs.get("num_items_in_batch") is not None
-        if not known:  # the factor is measured in the backward (_measure_factor): no .grad check
+        if not known:  # the factor is measured in the backward (_post_forward): no .grad check
             host.automatic_optimization = False
         batch = {"labels": labels, "input_ids": kwargs.get("input_ids"), **columns}
         with self.fisher.relay.catch("capture: "):
