@@ -130,3 +130,19 @@ def trainable_bytes(module: nn.Module) -> int:
     """Bytes of the parameters that train (``requires_grad``), each storage once."""
     seen: Seen = set()
     return sum(tensor_bytes(p, seen) for p in module.parameters() if p.requires_grad)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: ``torch.cuda.mem_get_info`` on a GPU,
+    ``MemAvailable`` of ``/proc/meminfo`` on a Linux CPU; ``None`` where it cannot be known."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return None

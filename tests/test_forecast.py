@@ -354,3 +354,23 @@ def test_bf16_probe_gradients_match_fp32_within_their_precision(tmp_path):
         assert b[key] != a[key]  # the rows really were rounded
     assert half.forecaster.flat_grads.dtype == torch.bfloat16
     assert half.forecaster.flat_grads.element_size() * 2 == exact.forecaster.flat_grads.element_size()
+
+
+def test_a_prediction_that_cannot_fit_falls_back_to_the_attention_weights(tmp_path, monkeypatch):
+    """predict_on='all' whose theta_b and probe rows would take more than half the free memory:
+    one warning, the Q/K/V/O weights only, and the run and its measurements go on."""
+    from fisher_callbacks.engine import forgetting
+
+    monkeypatch.setattr(forgetting, "available_memory", lambda device: 1024)  # 1 KiB free
+    cbs = _monitors(warn=5.0)
+    fm, rm = cbs
+    with pytest.warns(UserWarning, match="predict_on='monitored'") as caught:
+        trainer = _trainer(tmp_path, cbs, max_steps=8)
+        trainer.fit(TinyGPT(lr=3e-3, **SMALL), datamodule=_OneBatch(n_train=8, batch_size=8))
+    assert sum("predict_on='monitored'" in str(w.message) for w in caught) == 1
+    assert trainer.global_step == 8 and rm.predict_on == "monitored"
+    monitored = set(fm.layout.monitored_parameters())
+    assert set(rm.forecaster.base) <= monitored
+    assert set(fm.probe["general"].grad) <= monitored
+    hist = rm.history["general"]
+    assert hist["step"] == [4, 8] and all(map(math.isfinite, hist["predicted"]))

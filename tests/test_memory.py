@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -116,3 +117,13 @@ def test_probe_gradients_kept_only_for_a_reader(tmp_path):
     _, model = _fit(tmp_path / "b", [fm, rm])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(fm.probe["general"].grad) == trainable
+
+
+def test_available_memory_is_known_on_a_linux_cpu_or_none():
+    from fisher_callbacks.memory import available_memory
+
+    free = available_memory(torch.device("cpu"))
+    assert free is None or free > 0
+    if Path("/proc/meminfo").is_file():
+        assert free is not None
+    assert available_memory(torch.device("meta")) is None

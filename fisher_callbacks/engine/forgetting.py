@@ -19,7 +19,7 @@ import torch
 
 from .._validate import check_choice, check_number
 from ..functional.forgetting import WarningDecision
-from ..memory import attribute_ledger
+from ..memory import attribute_ledger, available_memory
 from .forecast import Forecaster
 from .forgetting_report import ForgettingReport, boundary_values, new_history, timeline_figure, verdict_row
 from .forgetting_tracker import ForgettingReading, ForgettingTracker
@@ -125,6 +125,8 @@ class ForgettingEngine:
             self._relay.flush()
             return
         self.fisher.resolve(host.module)  # names may have changed (compiled in setup)
+        if self.tracker.anchor is None:
+            self._fit_memory(host)
         self.prepare(host)
         missing = [t for t in self.reference_tasks if t not in self.fisher.reference_tasks]
         if missing:
@@ -146,6 +148,28 @@ class ForgettingEngine:
         self._relay.flush()
         self.last_eval_step = self.anchor_step = host.step
         self._move_base(host)
+
+    def _fit_memory(self, host: Host) -> None:
+        """``predict_on="all"`` keeps theta_b (fp32) and one probe-gradient row per task
+        (``gradient_dtype``) over every trainable parameter. When those would take more than half
+        of the memory the device has free, the prediction and the forecast fall back to the
+        Q/K/V/O weights (``predict_on="monitored"``), with one warning, instead of taking the run
+        down."""
+        if self.predict_on != "all":
+            return
+        trainable = sum(p.numel() for p in host.module.parameters() if p.requires_grad)
+        row = torch.finfo(self.gradient_dtype).bits // 8
+        need = trainable * (4 + len(self.reference_tasks) * row)
+        free = available_memory(host.device)
+        if free is None or need <= 0.5 * free:
+            return
+        self.predict_on = "monitored"
+        self._relay.warn(
+            f"predict_on='all' would keep {need / 2**20:.0f} MiB (theta_b and "
+            f"{len(self.reference_tasks)} probe-gradient row(s) over every trainable parameter) "
+            f"with {free / 2**20:.0f} MiB free on {host.device}: the prediction and the forecast "
+            "use the Q/K/V/O weights only (predict_on='monitored') in this fit"
+        )
 
     def _resume(self, host: Host) -> None:
         """A restored anchor: state to the module's device; restart the prediction here when the
