@@ -179,27 +179,24 @@ class FisherTrainerCallback(TrainerCallback):
                 "reference_tasks must be {task: DataLoader} on the Hugging Face Trainer (it has no "
                 f"datamodule to ask for probe loaders), got {type(reference_tasks).__name__}"
             )
-        self.fisher = FisherEngine(
+        self._options = dict(
             train_task=train_task,
             reference_tasks=reference_tasks,
             capture_every_n_steps=capture_every_n_steps,
-            **fisher_options,
-        )
-        self.qkov = QKOVEngine(self.fisher, pairs=list(pairs), **dict(qkov_options or {})) if pairs else None
-        watched = list(reference_tasks or ())
-        self.forgetting = (
-            ForgettingEngine(
-                self.fisher,
-                reference_tasks=watched,
+            pairs=list(pairs),
+            forgetting=forgetting,
+            forgetting_args=dict(
                 warn_threshold=warn_threshold,
                 stop_threshold=stop_threshold,
                 relative=relative,
                 horizon_steps=horizon_steps,
                 **dict(forgetting_options or {}),
-            )
-            if forgetting and watched
-            else None
+            ),
+            qkov_options=dict(qkov_options or {}),
+            fisher_options=fisher_options,
         )
+        self._build_engines()
+        self._fitted = False  # a fit ran with these engines
         self.sinks: list[Sink] = []
         self._integrations: list[TrainerCallback] = []
         self._events: tuple[TrainingArguments, TrainerState, TrainerControl, torch.nn.Module] | None = None
@@ -211,6 +208,23 @@ class FisherTrainerCallback(TrainerCallback):
         self._loaded = False  # a state was loaded (resume)
 
     # ------------------------------------------------------------------ engines
+    def _build_engines(self) -> None:
+        """The engines, new, from the constructor's arguments (checked here, at construction)."""
+        o = self._options
+        self.fisher = FisherEngine(
+            train_task=o["train_task"],
+            reference_tasks=o["reference_tasks"],
+            capture_every_n_steps=o["capture_every_n_steps"],
+            **o["fisher_options"],
+        )
+        self.qkov = QKOVEngine(self.fisher, pairs=o["pairs"], **o["qkov_options"]) if o["pairs"] else None
+        watched = list(o["reference_tasks"] or ())
+        self.forgetting = (
+            ForgettingEngine(self.fisher, reference_tasks=watched, **o["forgetting_args"])
+            if o["forgetting"] and watched
+            else None
+        )
+
     @property
     def engines(self) -> list[Any]:
         """The engines of this run, in the order their boundaries run."""
@@ -232,10 +246,14 @@ class FisherTrainerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._fitted and not self._loaded:
+            self._build_engines()  # one fit is one run: a reused callback starts afresh
+        self._fitted, self._evaluated_at, self._warned_columns = True, None, False
         host = self._host(args, state, control, model)
         self._connect(args)
         if state.global_step > 0:
             self._resume(args, state)
+        self._loaded = False
         self.fisher.prepare(host, probe_gradients_wanted=self.forgetting is not None)
         if not self.fisher.active:
             return

@@ -377,3 +377,25 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     for key in ("measured", "predicted"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert all("[ranks 0, 1]" in w for w in ddp["warnings"])  # gathered once, from rank zero
+
+
+def test_a_reused_callback_starts_afresh_on_the_next_model(tmp_path):
+    """One fit is one run: the same callback on a second Trainer (another model) monitors that
+    model from its own anchor, with none of the first run's samples or history."""
+    callback = _callback(forgetting_options={"early_probe_step": None})
+    for run in ("first", "second"):
+        model = _pretrained().model
+        trainer = Trainer(
+            model=model,
+            args=_args(tmp_path / run, max_steps=4),
+            train_dataset=SyntheticTask("math", 64),
+            eval_dataset=SyntheticTask("math", 8, seed=1),
+            data_collator=collate,
+            callbacks=[callback],
+        )
+        trainer.train()
+        assert callback.forgetting.history["general"]["step"] == [4]
+        assert callback.fisher.collector.num_samples("math") == 8  # the flagged step 0 of this run
+        monitored = callback.fisher.layout.monitored_parameters()
+        live = dict(model.named_parameters())
+        assert all(callback.fisher.collector.model.get_parameter(n) is live[n] for n in monitored)
