@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .engine.sharding import is_dtensor
 from .layouts import AttentionLayout
 from .losses import (
     LossType,
@@ -555,7 +556,7 @@ def probe_pass(
         else:
             objective = losses
         inputs = weights + list(extra.values())
-        if any(_is_dtensor(w) for w in weights):
+        if any(is_dtensor(w) for w in weights):
             out = _sharded_backward(model, objective.sum(), len(inputs), bool(extra))
         else:
             out = torch.autograd.grad(objective.sum(), inputs, allow_unused=True)
@@ -581,9 +582,3 @@ def _sharded_backward(model: nn.Module, loss: torch.Tensor, n_inputs: int, wants
         for p, g in saved:
             p.grad = g
     return [None] * n_inputs
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from .engine.sharding import _is_dtensor as is_dtensor
-
-    return is_dtensor(t)

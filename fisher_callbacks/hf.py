@@ -64,8 +64,7 @@ from .engine.fisher import FisherEngine
 from .engine.forgetting import ForgettingEngine
 from .engine.host import Host
 from .engine.qkov import QKOVEngine
-from .engine.ranks import distributed
-from .fisher import _collective_device
+from .engine.ranks import gather
 from .losses import reduction_scale, target_token_counts
 from .sinks import FolderSink, Sink, TensorBoardSink, WandbSink, warn_once
 
@@ -98,7 +97,7 @@ class HFHost(Host):
         clips = args.max_grad_norm is not None and args.max_grad_norm > 0
         self.automatic_optimization = not (clips and self.accumulate == 1)
         self.sinks = callback.sinks
-        self.log_every_n_steps = max(int(args.logging_steps), 1) if args.logging_steps >= 1 else 1
+        self.log_every_n_steps = max(int(args.logging_steps), 1)  # a fraction of the run: every step
 
     def log_scalars(
         self, values: Mapping[str, float], *, sync_dist: bool = False, rank_zero_only: bool = False
@@ -110,11 +109,7 @@ class HFHost(Host):
         self.log_scalars(values)
 
     def any_rank(self, flag: bool) -> bool:
-        if not distributed():
-            return bool(flag)
-        t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-        torch.distributed.all_reduce(t)
-        return bool(t.item() > 0)
+        return any(gather(bool(flag)))
 
     def request_stop(self) -> None:
         self.control.should_training_stop = True
@@ -347,12 +342,11 @@ class FisherTrainerCallback(TrainerCallback):
         items = kwargs.get("num_items_in_batch")
         if items is None:
             return reduction_scale(labels, loss_type, "token_mean", accumulate_grad_batches=host.accumulate)
-        counts = target_token_counts(labels, loss_type).double()
         total = float(items.sum() if torch.is_tensor(items) else items)
         averaged = getattr(host.args, "average_tokens_across_devices", False)
         processes = host.world_size if (averaged and host.world_size > 1) else 1
-        scale = total / (processes * counts.clamp_min(1))
-        return torch.where(counts > 0, scale, torch.zeros_like(scale)).float()
+        # the loss is processes * token_sum / num_items_in_batch
+        return reduction_scale(labels, loss_type, "token_sum", loss_scale=processes / max(total, 1.0))
 
     def on_substep_end(self, args, state, control, model=None, **kwargs):
         self._filed(args, state, control, model)

@@ -48,6 +48,7 @@ __all__ = [
     "log_metrics",
     "log_table",
     "save_arrays",
+    "send_to_loggers",
     "sink_of",
     "sinks_of",
 ]
@@ -107,11 +108,18 @@ def log_metrics(
         pl_module.log(
             name, value, logger=False, sync_dist=sync_dist, rank_zero_only=rank_zero_only, batch_size=1
         )
+    send_to_loggers(trainer, values)
+
+
+def send_to_loggers(trainer: pl.Trainer, values: Mapping[str, float]) -> None:
+    """``values`` to every attached logger at ``trainer.global_step``, from global rank zero
+    (no ``pl_module.log``: rows between boundaries, which Lightning refuses or defers outside a
+    logging hook)."""
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
         try:
-            logger.log_metrics(values, step=trainer.global_step)
+            logger.log_metrics(dict(values), step=trainer.global_step)
         except Exception as err:
             warn_once(logger, "log scalars", err)
 

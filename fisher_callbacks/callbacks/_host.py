@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from ..engine.host import Host
-from ..loggers import log_metrics, sinks_of
+from ..loggers import log_metrics, send_to_loggers, sinks_of
 from ._boundary import validation_due
 
 
@@ -64,15 +64,7 @@ class LightningHost(Host):
         """Rows between boundaries (per-step forecast, early probes): straight to the loggers at
         ``global_step`` (rank zero), not through ``pl_module.log``, which Lightning refuses or
         defers outside a logging hook."""
-        if not self.is_global_zero:
-            return
-        for logger in self.trainer.loggers:
-            try:
-                logger.log_metrics(dict(values), step=self.step)
-            except Exception as err:
-                from ..sinks import warn_once
-
-                warn_once(logger, "log scalars", err)
+        send_to_loggers(self.trainer, values)
 
     def any_rank(self, flag: bool) -> bool:
         return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))

@@ -31,7 +31,7 @@ def sharding_of(module: torch.nn.Module) -> str | None:
             return "zero3"
         if type(p).__name__ == "FlatParameter" or getattr(p, "_is_flat_param", False):
             return "fsdp1"
-        if _is_dtensor(p):
+        if is_dtensor(p):
             return "fsdp2"
     return None
 
@@ -54,7 +54,7 @@ def check_supported(module: torch.nn.Module) -> str | None:
     return kind
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch build without distributed
