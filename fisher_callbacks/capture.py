@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -457,8 +457,8 @@ def per_sample_gradients(
 
     ``g_i = grad l_i`` where ``l_i`` is sample i's own mean loss (see :mod:`fisher_callbacks.losses`):
     identical to running sample i alone (micro-batch 1) in the model's current mode. ``.grad`` is
-    not touched (``torch.autograd.grad``), the train/eval mode is not changed, and the hooks are
-    removed even if the forward raises.
+    as before (set aside during the backward and put back), the train/eval mode is not changed,
+    and the hooks are removed even if the forward raises.
 
     Args:
         model: a Hugging Face model or a module wrapping one.
@@ -509,13 +509,16 @@ def probe_pass(
     capture: PerSampleGradientCapture | None = None,
     sink: GradientSink | None = None,
     chunk: int | None = None,
+    sum_into: dict[str, torch.Tensor] | None = None,
 ) -> ProbeResult:
-    """One forward and one ``torch.autograd.grad`` backward: per-sample gradients of the monitored
+    """One forward and one backward: per-sample gradients of the monitored
     weights (hooks), per-sample losses, and optionally the summed gradient of other parameters.
 
     See :func:`per_sample_gradients` for the guarantees (``.grad`` and mode untouched, hooks
     removed on error). ``sum_params`` (``{name: parameter}``) get ``grad sum_i l_i`` in ``summed``,
-    e.g. every trainable parameter for a first-order forgetting prediction. ``forward_model``
+    e.g. every trainable parameter for a first-order forgetting prediction, added into
+    ``sum_into`` when given (a running sum over batches, grown in place one parameter at a time:
+    :func:`summed_backward`). ``forward_model``
     (default ``model``) is the submodule to call, e.g. the Hugging Face model inside a
     LightningModule that defines no ``forward``; names stay relative to ``model``. ``capture``
     reuses an attached capture of ``model`` and ``layout`` (under ``torch.compile`` it must be the
@@ -555,20 +558,61 @@ def probe_pass(
             objective, _ = per_sample_loss(logits, sampled, loss_type)
         else:
             objective = losses
-        inputs = weights + list(extra.values())
+        summed: dict[str, torch.Tensor] = {} if sum_into is None else sum_into
         if any(is_dtensor(w) for w in weights):
-            out = _sharded_backward(model, objective.sum(), len(inputs), bool(extra))
+            _sharded_backward(model, objective.sum(), bool(extra))
         else:
-            out = torch.autograd.grad(objective.sum(), inputs, allow_unused=True)
-        summed = {
-            n: (g if g is not None else torch.zeros_like(p))
-            for (n, p), g in zip(extra.items(), out[len(weights) :])
-        }
+            summed_backward(objective.sum(), weights, extra, summed)
         log_loss = not is_squared_error(logits, labels, loss_type)
         return ProbeResult(capture.pop(), losses.detach(), counts, summed, log_loss)
 
 
-def _sharded_backward(model: nn.Module, loss: torch.Tensor, n_inputs: int, wants_sums: bool) -> list[None]:
+def summed_backward(
+    loss: torch.Tensor,
+    reach: list[torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    total: dict[str, torch.Tensor],
+) -> None:
+    """``loss.backward()`` over ``reach`` and ``params`` only, adding the gradient of each of
+    ``params`` into ``total[name]`` (in place; the first one taken without a copy) the moment
+    autograd accumulates it, and dropping it there: beyond ``total`` at most the gradients
+    autograd has in flight are held, never a second copy of every parameter's (what
+    ``torch.autograd.grad`` over all of them returns at once). ``reach`` (e.g. the monitored
+    weights, whose backward hooks capture per-sample gradients) get no sum. A parameter the loss
+    does not reach gets zeros. The ``.grad`` of every parameter is as before (the training's
+    gradients are set aside and put back, the same tensors).
+    """
+    wanted = {id(p): name for name, p in params.items() if p.requires_grad}
+    inputs = list({id(p): p for p in [*reach, *params.values()] if p.requires_grad}.values())
+
+    def fold(p: torch.Tensor) -> None:
+        name = wanted.get(id(p))
+        if name is not None:
+            g = p.grad
+            if name in total:
+                total[name].add_(g)
+            else:
+                total[name] = g if g._base is None and g.is_contiguous() else g.clone()
+        p.grad = None
+
+    saved = [(p, p.grad) for p in inputs]
+    handles = []
+    try:
+        for p in inputs:
+            p.grad = None
+            handles.append(p.register_post_accumulate_grad_hook(fold))
+        loss.backward(inputs=inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, g in saved:
+            p.grad = g
+    for name, p in params.items():
+        if name not in total:
+            total[name] = torch.zeros_like(p)
+
+
+def _sharded_backward(model: nn.Module, loss: torch.Tensor, wants_sums: bool) -> None:
     """The probe backward of a model sharded by FSDP2: its forward ran on gathered copies of the
     ``DTensor`` parameters, which ``autograd.grad`` cannot reach, so a full backward runs (the
     capture hooks see every projection's output gradient, as in training) and the ``.grad`` it
@@ -581,4 +625,3 @@ def _sharded_backward(model: nn.Module, loss: torch.Tensor, n_inputs: int, wants
     finally:
         for p, g in saved:
             p.grad = g
-    return [None] * n_inputs

@@ -226,3 +226,34 @@ def test_sample_without_targets_gets_zero_scale():
     assert reduction_scale(labels, "causal_lm", "token_mean").tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match="reduction"):
         reduction_scale(labels, "causal_lm", "mean")
+
+
+def test_summed_probe_gradients_equal_autograd_and_leave_grad_as_it_was():
+    """``probe_pass(sum_params=..., sum_into=...)`` streams the summed gradients into a running
+    sum one parameter at a time (:func:`summed_backward`): equal to ``torch.autograd.grad`` over
+    two batches, the training's ``.grad`` tensors put back untouched, zeros for a parameter the
+    loss does not reach, and the per-sample gradients unchanged."""
+    model = tiny_causal_lm("llama")
+    params = dict(model.named_parameters())
+    extra = torch.nn.Parameter(torch.ones(3))  # reached by no loss
+    sums = {**params, "unused": extra}
+    training = {n: torch.randn_like(p) for n, p in params.items()}
+    for n, p in params.items():
+        p.grad = training[n]
+    batches = [lm_batch(batch=3, seq=8, seed=s) for s in (1, 2)]
+    total: dict[str, torch.Tensor] = {}
+    results = [fc.probe_pass(model, b, sum_params=sums, sum_into=total) for b in batches]
+    assert results[1].summed is total
+    ref = {n: torch.zeros_like(p) for n, p in params.items()}
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = per_sample_loss(logits, b["labels"], "causal_lm")[0].sum()
+        for (n, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+            ref[n] += g
+    assert max_rel_error({n: total[n] for n in params}, ref) <= TOL
+    assert torch.equal(total["unused"], torch.zeros(3))
+    assert all(p.grad is training[n] for n, p in params.items())
+    assert extra.grad is None
+    names = fc.AttentionLayout.from_model(model).monitored_parameters()
+    per_sample = microbatch_gradients(model, batches[0], names)
+    assert max_rel_error(results[0].grads, per_sample) <= TOL

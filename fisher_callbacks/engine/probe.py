@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._rng import isolated_rng
-from ..capture import ProbeResult, probe_pass
+from ..capture import ProbeResult, probe_pass, summed_backward
 from ..fisher import _collective_device
 from ..losses import forward_logits, infer_loss_type, is_squared_error, per_sample_loss, target_token_counts
 from ..memory import tensor_bytes
@@ -126,7 +126,7 @@ class ProbeRunner:
                 if not collector.needs_whitening:
                     has_target = (target_token_counts(batch["labels"], engine.loss_type) > 0).tolist()
                     ingest = collector.ingest([task if ok else None for ok in has_target], ids)
-                res = self._pass(host, batch, params, ingest, size)
+                res = self._pass(host, batch, params, ingest, size, total)
                 has_target = res.counts > 0  # a sample without targets has no gradient
                 if not bool(has_target.all()):
                     rows = torch.nonzero(has_target).flatten()
@@ -141,14 +141,20 @@ class ProbeRunner:
                 else:
                     collector.add_gradients(res.grads, task, ids)
                 losses.append(res.losses.float().cpu())
-                _accumulate(total, res.summed.items())
                 n += res.losses.shape[0]
 
     def _pass(
-        self, host: Host, batch: Batch, params: Mapping[str, torch.Tensor], ingest: Any, size: int
+        self,
+        host: Host,
+        batch: Batch,
+        params: Mapping[str, torch.Tensor],
+        ingest: Any,
+        size: int,
+        total: dict[str, torch.Tensor],
     ) -> ProbeResult:
         """One probe batch through :func:`~fisher_callbacks.capture.probe_pass` (the training
-        capture's hooks reused when they are attached)."""
+        capture's hooks reused when they are attached), its summed gradients added into
+        ``total``."""
         engine = self.engine
         res = probe_pass(
             host.module,
@@ -162,6 +168,7 @@ class ProbeRunner:
             capture=engine.capture if engine.capture.attached else None,
             sink=ingest,
             chunk=None if ingest is None else engine.chunk_size(size),
+            sum_into=total,
         )
         self.log_loss = res.log_loss
         return res
@@ -189,10 +196,7 @@ class ProbeRunner:
                     per_sample = per_sample[counts > 0]  # a sample without targets has no loss
                     if per_sample.numel() == 0:
                         continue
-                    grads = torch.autograd.grad(per_sample.sum(), list(params.values()), allow_unused=True)
-                    zero = torch.zeros_like
-                    pairs = zip(params.items(), grads)
-                    _accumulate(total, ((n, zero(p) if g is None else g.detach()) for (n, p), g in pairs))
+                    summed_backward(per_sample.sum(), [], params, total)
                     losses.append(per_sample.detach().float().cpu())
         except Exception as err:
             if not distributed():
@@ -225,15 +229,6 @@ def _reading(step: int, losses: torch.Tensor, grad_sum: Mapping[str, torch.Tenso
     )
 
 
-def _accumulate(total: dict[str, torch.Tensor], grads: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Add summed gradients into ``total`` in place: one summed copy per name, never two."""
-    for name, g in grads:
-        if name in total:
-            total[name].add_(g)
-        else:
-            total[name] = _owned(g)
-
-
 def _reduce_probe(
     losses: torch.Tensor, total: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
@@ -261,12 +256,6 @@ def _reduce_probe(
         out[name] = flat[offset : offset + p.numel()].view(p.shape).to(p.device)
         offset += p.numel()
     return all_losses, out, int(all_losses.numel())
-
-
-def _owned(g: torch.Tensor) -> torch.Tensor:
-    """``g`` itself when it is a fresh, dense tensor (what autograd returns for a weight), so a
-    sum can grow in place without a copy; a copy when it is a view (e.g. an expanded gradient)."""
-    return g if g._base is None and g.is_contiguous() else g.clone()
 
 
 def _as_list(value: Any, n: int, default: Any, key: str = "entry") -> list:
