@@ -510,6 +510,7 @@ def probe_pass(
     sink: GradientSink | None = None,
     chunk: int | None = None,
     sum_into: dict[str, torch.Tensor] | None = None,
+    sum_dtype: torch.dtype | None = None,
 ) -> ProbeResult:
     """One forward and one backward: per-sample gradients of the monitored
     weights (hooks), per-sample losses, and optionally the summed gradient of other parameters.
@@ -518,7 +519,7 @@ def probe_pass(
     removed on error). ``sum_params`` (``{name: parameter}``) get ``grad sum_i l_i`` in ``summed``,
     e.g. every trainable parameter for a first-order forgetting prediction, added into
     ``sum_into`` when given (a running sum over batches, grown in place one parameter at a time:
-    :func:`summed_backward`). ``forward_model``
+    :func:`summed_backward`; in ``sum_dtype`` when given). ``forward_model``
     (default ``model``) is the submodule to call, e.g. the Hugging Face model inside a
     LightningModule that defines no ``forward``; names stay relative to ``model``. ``capture``
     reuses an attached capture of ``model`` and ``layout`` (under ``torch.compile`` it must be the
@@ -562,7 +563,7 @@ def probe_pass(
         if any(is_dtensor(w) for w in weights):
             _sharded_backward(model, objective.sum(), bool(extra))
         else:
-            summed_backward(objective.sum(), weights, extra, summed)
+            summed_backward(objective.sum(), weights, extra, summed, sum_dtype)
         log_loss = not is_squared_error(logits, labels, loss_type)
         return ProbeResult(capture.pop(), losses.detach(), counts, summed, log_loss)
 
@@ -572,9 +573,11 @@ def summed_backward(
     reach: list[torch.Tensor],
     params: Mapping[str, torch.Tensor],
     total: dict[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
 ) -> None:
     """``loss.backward()`` over ``reach`` and ``params`` only, adding the gradient of each of
-    ``params`` into ``total[name]`` (in place; the first one taken without a copy) the moment
+    ``params`` into ``total[name]`` (in place; the first one taken without a copy; in ``dtype``
+    when given, e.g. ``torch.bfloat16`` for a reader that keeps it so) the moment
     autograd accumulates it, and dropping it there: beyond ``total`` at most the gradients
     autograd has in flight are held, never a second copy of every parameter's (what
     ``torch.autograd.grad`` over all of them returns at once). ``reach`` (e.g. the monitored
@@ -591,6 +594,8 @@ def summed_backward(
             g = p.grad
             if name in total:
                 total[name].add_(g)
+            elif dtype is not None and g.dtype != dtype:
+                total[name] = g.to(dtype)
             else:
                 total[name] = g if g._base is None and g.is_contiguous() else g.clone()
         p.grad = None
@@ -609,7 +614,7 @@ def summed_backward(
             p.grad = g
     for name, p in params.items():
         if name not in total:
-            total[name] = torch.zeros_like(p)
+            total[name] = torch.zeros_like(p, dtype=dtype)
 
 
 def _sharded_backward(model: nn.Module, loss: torch.Tensor, wants_sums: bool) -> None:

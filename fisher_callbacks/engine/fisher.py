@@ -103,6 +103,7 @@ class FisherEngine:
         self.capture: PerSampleGradientCapture | None = None
         self.probe: dict[str, ProbeReading] = {}  # the latest pass of each reference task
         self.probe_grad_names: set[str] | None = None  # None: every trainable parameter
+        self.probe_grad_dtype: torch.dtype | None = None  # None: fp32
         self._steps = StepCapture(self)
         self._probes = ProbeRunner(self)
         self._probe_step: int | None = None
@@ -141,9 +142,12 @@ class FisherEngine:
         """Whether the last probe pass's losses were cross-entropies (False: a regression MSE)."""
         return self._probes.log_loss
 
-    def restrict_probe_gradients(self, names: set[str] | None) -> None:
-        """Probe gradients over ``names`` only (``None``: every trainable parameter)."""
+    def restrict_probe_gradients(self, names: set[str] | None, dtype: torch.dtype | None = None) -> None:
+        """Probe gradients over ``names`` only (``None``: every trainable parameter), summed in
+        ``dtype`` (``None``: fp32): a reader that keeps them in a lower precision has them made
+        so, and no fp32 copy of the weights' size is held for it."""
         self.probe_grad_names = None if names is None else set(names)
+        self.probe_grad_dtype = dtype
 
     # ------------------------------------------------------------------ lifecycle
     def prepare(self, host: Host, *, probe_gradients_wanted: bool) -> None:

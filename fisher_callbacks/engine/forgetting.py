@@ -105,10 +105,13 @@ class ForgettingEngine:
         self._relay = fisher.relay.view(NAME)
 
     def prepare(self, host: Host) -> None:
-        """At setup: with ``predict_on="monitored"`` the probe gradients cover the Q/K/V/O
-        weights only."""
+        """At setup: the probe gradients are summed in ``gradient_dtype``; with
+        ``predict_on="monitored"`` they cover the Q/K/V/O weights only."""
+        names = None
         if self.predict_on == "monitored" and self.fisher.layout is not None:
-            self.fisher.restrict_probe_gradients(set(self.fisher.layout.monitored_parameters()))
+            names = set(self.fisher.layout.monitored_parameters())
+        # summed in the rows' dtype: no fp32 weight-sized sum is held for them at a probe pass
+        self.fisher.restrict_probe_gradients(names, self.gradient_dtype)
 
     def fit_begin(self, host: Host) -> None:
         """The anchor theta_0 at fit start, or the one a checkpoint restored (a resumed run

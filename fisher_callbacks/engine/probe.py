@@ -169,6 +169,7 @@ class ProbeRunner:
             sink=ingest,
             chunk=None if ingest is None else engine.chunk_size(size),
             sum_into=total,
+            sum_dtype=engine.probe_grad_dtype,
         )
         self.log_loss = res.log_loss
         return res
@@ -196,7 +197,7 @@ class ProbeRunner:
                     per_sample = per_sample[counts > 0]  # a sample without targets has no loss
                     if per_sample.numel() == 0:
                         continue
-                    summed_backward(per_sample.sum(), [], params, total)
+                    summed_backward(per_sample.sum(), [], params, total, self.engine.probe_grad_dtype)
                     losses.append(per_sample.detach().float().cpu())
         except Exception as err:
             if not distributed():
