@@ -57,12 +57,15 @@ class ForgettingRiskMonitor(ForgettingEngine, BoundaryCallback):
     since the anchor, whose spread is a band; nothing is projected until those measurements turn
     upward (above the anchor and rising, over at least three optimizer steps); the drift now
     (measured, or the per-step forecast between measurements) is projected ``horizon_steps``
-    ahead (never further than the steps since the anchor), and the warning fires when the conservative
-    side of the band (the lower exponent) reaches ``warn_threshold``, or the measured drift does,
-    or a drift is not finite. ``risk`` is that conservative projection over the threshold,
-    clipped to [0, 1]. ``warning`` is a latched state (a warning is active for the task): on from
-    the first warning until a measurement finds the drift below the threshold and falling at its
-    last two measurements
+    ahead (never further ahead than those three measurements reach back), and the warning fires
+    when the conservative side of the band reaches ``warn_threshold``, or the measured drift
+    does, or a drift is not finite. The conservative side uses the lower exponent, lowered further
+    when the points show a slowdown: a falling exponent (a decelerating drift, as on a plateau)
+    is continued along its trend, and between measurements the forecast's own exponent since
+    the last measurement counts when it is lower (floored at 0). ``risk`` is that conservative
+    projection over the threshold, clipped to [0, 1]. ``warning`` is a latched state (a warning
+    is active for the task): on from the first warning until a measurement finds the drift below
+    the threshold and falling at its last two measurements
     (:func:`~fisher_callbacks.functional.forgetting.warning_active`). Every row (forecast, early
     probe, boundary) carries ``trainer.global_step``; at a step where a validation follows, the
     boundary's row carries the verdict.
@@ -81,8 +84,9 @@ class ForgettingRiskMonitor(ForgettingEngine, BoundaryCallback):
         reference_tasks: tasks to watch (must be probe sets of the monitor).
         warn_threshold: drift (nats, or a fraction of the baseline loss if ``relative``).
         relative: compare ``drift / L_A(theta_0)``.
-        horizon_steps: optimizer steps the band projects ahead (default: two validation
-            intervals, so a steady rise is announced one interval or more before it crosses).
+        horizon_steps: optimizer steps the band projects ahead at most (default: two validation
+            intervals, so a steady rise is announced one interval or more before it crosses;
+            never further ahead than the three measurements of the band reach back).
         stop_threshold: stop training when the measured drift or the forecast reaches it (same
             units).
         alert_wait_seconds: minimum time between two W&B alerts of the same task.

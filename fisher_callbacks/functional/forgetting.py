@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DAMAGE_LOG_FLOOR",
-    "MAX_REACH",
     "MIN_EVIDENCE_STEPS",
     "RATE_POINTS",
     "FirstOrderForgettingAccumulator",
@@ -461,10 +460,6 @@ MIN_EVIDENCE_STEPS = 3
 """Optimizer steps those points must span before they are extrapolated: what the first one or two
 steps show (an Adam step can overshoot along the probe gradient) is never projected alone."""
 
-MAX_REACH = 1.0
-"""A projection reaches at most this many times the optimizer steps since the anchor: never
-further ahead than the run has gone."""
-
 
 @dataclass(frozen=True)
 class WarningDecision:
@@ -479,8 +474,8 @@ class WarningDecision:
             threshold; 1.0 exactly when ``warn``.
         level: The drift now: the last measured one, or the per-step forecast between
             measurements.
-        low: Conservative side of the band at the horizon (``level`` when nothing is projected).
-        high: Fast side of the band at the horizon (``level`` when nothing is projected).
+        low: Conservative side of the band at the reach (``level`` when nothing is projected).
+        high: Fast side of the band at the reach (``level`` when nothing is projected).
         threshold: The threshold, in the same units.
         rising: The measured points turned upward (the last three above the anchor and rising,
             over at least :data:`MIN_EVIDENCE_STEPS` steps): only then is anything projected.
@@ -527,16 +522,28 @@ def early_warning(
        says, and neither do the first one or two optimizer steps alone.
     3. The band: fine-tuning drift grows like a power of the steps since the anchor, ``d ~ (s -
        s_0)^p``. The last three measurements give two exponents ``p = log(d_i / d_{i-1}) /
-       log((s_i - s_0) / (s_{i-1} - s_0))``; their spread is the band's width.
+       log((s_i - s_0) / (s_{i-1} - s_0))``, ``p_1`` then ``p_2``; the fast side uses
+       ``max(p_1, p_2)``. The slow side uses ``min(p_1, p_2)``, lowered by what the points show
+       of a slowdown:
+
+       - a decelerating drift (``p_2 < p_1``: the drift still rises, ever more slowly, as on a
+         plateau) is projected with the trend of its exponent, ``2 p_2 - p_1`` (the exponent
+         falls once more by as much as it fell between the two measured intervals);
+       - between measurements, the forecast's own exponent since the last measurement,
+         ``log(f_t / d_last) / log((t - s_0) / (s_last - s_0))``, when lower (the first-order
+         change since the last measurement says the drift slowed, or fell);
+       - never below 0: a rising measured drift is projected to stay, not to fall.
     4. The level now: the last measured drift, or between measurements the per-step forecast
-       ``f_t`` (``now``). It is projected ``h = min(H, MAX_REACH (t - s_0))`` steps ahead:
-       ``low = level ((t + h - s_0) / (t - s_0))^min(p)``, ``high`` with ``max(p)``. Warn when the
-       conservative side ``low`` reaches ``T``.
+       ``f_t`` (``now``). It is projected ``h = min(H, t - s_w)`` steps ahead, where ``s_w`` is
+       the first of the three measurements: a power law read off a window of steps is never
+       extrapolated further ahead than that window reaches back. ``low = level ((t + h - s_0) /
+       (t - s_0))^p_low``, ``high`` with ``max(p_1, p_2)``. Warn when the conservative side
+       ``low`` reaches ``T`` (or the forecast itself does).
 
     ``risk = clip(low / T, 0, 1)``: 1 exactly when it warns; ``level / T`` clipped when nothing is
-    projected. On a drift that grows exactly like a power of the steps the band is one curve and
-    the rule warns exactly ``H`` steps before the crossing; a drift that slows down (a plateau)
-    has a falling exponent, and the slow side of the band projects with the lower one.
+    projected. On a drift that grows exactly like a power of the steps (measured every ``k``
+    steps, ``H <= 2k``) the band is one curve and the rule warns exactly ``H`` steps before the
+    crossing.
 
     Args:
         steps: Optimizer steps of the measurements, strictly increasing.
@@ -596,19 +603,29 @@ def early_warning(
             False, f"drift {d_last:.4g}; {gate}", risk, level, level, level, thr, False, falling
         )
     # exponents of d ~ (s - origin)^p between the last three measurements
-    powers = [
+    p_1, p_2 = (
         math.log(d1 / d0) / math.log((s1 - origin) / (s0 - origin))
         for (s0, d0), (s1, d1) in itertools.pairwise(window)
-    ]
-    p_lo, p_hi = min(powers), max(powers)
-    reach = min(float(horizon_steps), MAX_REACH * (t - origin))
+    )
+    p_lo, p_hi, slow = min(p_1, p_2), max(p_1, p_2), ""
+    if p_2 < p_1:  # decelerating: the exponent's trend, one more fall like the last
+        p_lo, slow = 2.0 * p_2 - p_1, f"decelerating, slow side ^{2.0 * p_2 - p_1:.2g}"
+    if t > s_last:  # the forecast's own exponent since the last measurement
+        p_now = math.log(level / d_last) / math.log((t - origin) / (s_last - origin)) if level > 0 else 0.0
+        if p_now < p_lo:
+            p_lo, slow = p_now, f"forecast since step {s_last:g} ^{p_now:.2g}"
+    p_lo = max(p_lo, 0.0)
+    reach = min(float(horizon_steps), t - window[0][0])
     grow = (t + reach - origin) / (t - origin)
     low, high = level * grow**p_lo, level * grow**p_hi
     if level >= thr:
         to_go: float | None = 0.0
-    else:  # a forecast at or below the anchor never reaches the threshold along the band
-        to_go = (t - origin) * ((thr / level) ** (1.0 / p_lo) - 1.0) if level > 0 else None
-    band = f"band {low:.4g}..{high:.4g} within {reach:g} steps (drift ~ steps^{p_lo:.2g}..{p_hi:.2g})"
+    elif level > 0 and p_lo > 0:  # a forecast at or below the anchor never reaches the threshold
+        to_go = (t - origin) * ((thr / level) ** (1.0 / p_lo) - 1.0)
+    else:
+        to_go = None
+    band = f"band {low:.4g}..{high:.4g} within {reach:g} steps (drift ~ steps^{p_lo:.2g}..{p_hi:.2g}"
+    band += f"; {slow})" if slow else ")"
     if low >= thr * (1.0 - _HORIZON_RTOL) or level >= thr:
         why = f"drift {level:.4g} rising: {band} reaches the threshold {thr:.4g}"
         return WarningDecision(True, why, 1.0, level, low, high, thr, True, False, to_go)
