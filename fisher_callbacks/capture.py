@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .engine.sharding import is_dtensor
+from .engine.sharding import gradient_sums, is_dtensor, parameters
 from .layouts import AttentionLayout
 from .losses import (
     LossType,
@@ -537,7 +537,7 @@ def probe_pass(
     forward_model = forward_model if forward_model is not None else model
     loss_type = loss_type or infer_loss_type(forward_model)
     capture = capture or PerSampleGradientCapture(model, layout)
-    params = dict(model.named_parameters())
+    params = parameters(model)  # FSDP2: the sharded parameters, also after a forward
     weights = [params[n] for n in capture.param_names]
     frozen = [n for n, w in zip(capture.param_names, weights) if not w.requires_grad]
     if frozen:
@@ -557,7 +557,7 @@ def probe_pass(
             objective = losses
         inputs = weights + list(extra.values())
         if any(is_dtensor(w) for w in weights):
-            out = _sharded_backward(model, objective.sum(), len(inputs), bool(extra))
+            out = _sharded_backward(model, objective.sum(), len(weights), extra)
         else:
             out = torch.autograd.grad(objective.sum(), inputs, allow_unused=True)
         summed = {
@@ -568,17 +568,13 @@ def probe_pass(
         return ProbeResult(capture.pop(), losses.detach(), counts, summed, log_loss)
 
 
-def _sharded_backward(model: nn.Module, loss: torch.Tensor, n_inputs: int, wants_sums: bool) -> list[None]:
+def _sharded_backward(
+    model: nn.Module, loss: torch.Tensor, n_weights: int, extra: dict[str, torch.Tensor]
+) -> list[torch.Tensor | None]:
     """The probe backward of a model sharded by FSDP2: its forward ran on gathered copies of the
     ``DTensor`` parameters, which ``autograd.grad`` cannot reach, so a full backward runs (the
     capture hooks see every projection's output gradient, as in training) and the ``.grad`` it
-    leaves on the parameters is put back as it was. Summed parameter gradients are not made."""
-    if wants_sums:
-        raise ValueError("probe gradients of sharded (FSDP2) parameters are not supported")
-    saved = [(p, p.grad) for p in model.parameters()]
-    try:
-        loss.backward()
-    finally:
-        for p, g in saved:
-            p.grad = g
-    return [None] * n_inputs
+    leaves on the parameters is put back as it was. The summed gradients of ``extra`` are this
+    rank's blocks of the sum over the ranks (see :func:`~fisher_callbacks.engine.sharding.gradient_sums`)."""
+    sums = gradient_sums(model, loss, extra)
+    return [None] * n_weights + [sums[n] for n in extra]
