@@ -13,7 +13,7 @@ from ddp_run import run_ddp_script
 from tiny_models import tiny_causal_lm
 
 from fisher_callbacks.callbacks import FisherMonitor
-from fisher_callbacks.engine.sharding import check_supported, sharding_of
+from fisher_callbacks.engine.sharding import Shards, check_supported, sharding_of
 
 SCRIPT = Path(__file__).parent / "fsdp2_script.py"
 
@@ -127,3 +127,29 @@ def test_an_unsupported_sharding_keeps_the_suite_out_with_required_false():
         lenient.prepare(_Host(model), probe_gradients_wanted=False)
         lenient.relay.flush()
     assert not lenient.active
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "qwen2"])
+def test_per_head_sums_of_row_blocks_add_up_to_the_whole(arch):
+    """Attribution cells under FSDP2: each rank sums the heads over its dim-0 rows of a weight
+    (heads along the rows, Q/K/V of a Linear, or along the columns, GPT-2's Conv1D, an O input
+    axis); the ranks' cells add up to those of the whole weight, also for uneven blocks."""
+    from fisher_callbacks.layouts import AttentionLayout
+
+    model = tiny_causal_lm(arch)
+    layout = AttentionLayout.from_model(model)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    for block in layout.blocks:
+        for name, bias in layout.block_entries(0, block):
+            whole = torch.randn(params[name].shape, generator=gen, dtype=torch.float64)
+            cut = whole.shape[0] // 2 + 1  # uneven, as torch.chunk splits an odd dim 0
+            parts = []
+            for start, stop in ((0, cut), (cut, whole.shape[0])):
+                shards = Shards()
+                shards.group, shards._sharded = object(), {name}  # two imitated ranks' blocks
+                shards._blocks = {name: ((start, *[0] * (whole.dim() - 1)), (stop - start, *whole.shape[1:]))}
+                parts.append(shards.head_sums(layout, whole[start:stop], name, 0, block, bias))
+            want = layout.head_view(whole, 0, block, bias=bias).sum(-1)
+            torch.testing.assert_close(parts[0] + parts[1], want, msg=f"{arch} {block} {name}")
+    assert Shards(model).local("x", params[name]) is params[name]  # whole tensors: untouched
