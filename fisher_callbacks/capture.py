@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .engine.sharding import is_dtensor
+from .engine.sharding import gradient_sums, is_dtensor, parameters
 from .layouts import AttentionLayout
 from .losses import (
     LossType,
@@ -541,7 +541,7 @@ def probe_pass(
     forward_model = forward_model if forward_model is not None else model
     loss_type = loss_type or infer_loss_type(forward_model)
     capture = capture or PerSampleGradientCapture(model, layout)
-    params = dict(model.named_parameters())
+    params = parameters(model)  # FSDP2: the sharded parameters, also after a forward
     weights = [params[n] for n in capture.param_names]
     frozen = [n for n, w in zip(capture.param_names, weights) if not w.requires_grad]
     if frozen:
@@ -561,11 +561,28 @@ def probe_pass(
             objective = losses
         summed: dict[str, torch.Tensor] = {} if sum_into is None else sum_into
         if any(is_dtensor(w) for w in weights):
-            _sharded_backward(model, objective.sum(), bool(extra))
+            add_sums(summed, gradient_sums(model, objective.sum(), extra).items(), sum_dtype)
         else:
             summed_backward(objective.sum(), weights, extra, summed, sum_dtype)
         log_loss = not is_squared_error(logits, labels, loss_type)
         return ProbeResult(capture.pop(), losses.detach(), counts, summed, log_loss)
+
+
+def add_sums(
+    total: dict[str, torch.Tensor],
+    grads: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Add ``(name, gradient)`` pairs into the running sums ``total`` in place: one sum per
+    name, never two; the first gradient of a name is taken without a copy when it is a fresh
+    dense tensor (what autograd leaves), converted to ``dtype`` when one is given."""
+    for name, g in grads:
+        if name in total:
+            total[name].add_(g)
+        elif dtype is not None and g.dtype != dtype:
+            total[name] = g.to(dtype)
+        else:
+            total[name] = g if g._base is None and g.is_contiguous() else g.clone()
 
 
 def summed_backward(
@@ -591,13 +608,7 @@ def summed_backward(
     def fold(p: torch.Tensor) -> None:
         name = wanted.get(id(p))
         if name is not None:
-            g = p.grad
-            if name in total:
-                total[name].add_(g)
-            elif dtype is not None and g.dtype != dtype:
-                total[name] = g.to(dtype)
-            else:
-                total[name] = g if g._base is None and g.is_contiguous() else g.clone()
+            add_sums(total, [(name, p.grad)], dtype)
         p.grad = None
 
     saved = [(p, p.grad) for p in inputs]
@@ -615,18 +626,3 @@ def summed_backward(
     for name, p in params.items():
         if name not in total:
             total[name] = torch.zeros_like(p, dtype=dtype)
-
-
-def _sharded_backward(model: nn.Module, loss: torch.Tensor, wants_sums: bool) -> None:
-    """The probe backward of a model sharded by FSDP2: its forward ran on gathered copies of the
-    ``DTensor`` parameters, which ``autograd.grad`` cannot reach, so a full backward runs (the
-    capture hooks see every projection's output gradient, as in training) and the ``.grad`` it
-    leaves on the parameters is put back as it was. Summed parameter gradients are not made."""
-    if wants_sums:
-        raise ValueError("probe gradients of sharded (FSDP2) parameters are not supported")
-    saved = [(p, p.grad) for p in model.parameters()]
-    try:
-        loss.backward()
-    finally:
-        for p, g in saved:
-            p.grad = g

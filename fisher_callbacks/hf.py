@@ -430,13 +430,18 @@ class FisherTrainerCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         """Every engine's state beside the Trainer's checkpoint (``checkpoint-{step}/``
         :data:`STATE_FILE`, rank zero), so ``train(resume_from_checkpoint=...)`` resumes the
-        monitors too (their anchor, histories, Fisher sums and store)."""
-        if not (self._training and state.is_world_process_zero):
+        monitors too (their anchor, histories, Fisher sums and store). Under FSDP2 every rank
+        takes the state (the forgetting engine gathers every rank's shards, a collective)."""
+        if not self._training:
+            return
+        sharded = self.forgetting is not None and self.forgetting.tracker.shards.sharded
+        own = self.state_dict() if sharded else None
+        if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            torch.save(self.state_dict(), folder / STATE_FILE)
+            torch.save(own if sharded else self.state_dict(), folder / STATE_FILE)
         except Exception as err:  # monitoring never takes the run down
             where = f"checkpoint-{state.global_step}"
             self.fisher.relay.warn(f"the monitors' state was not saved with {where} ({err!r})")

@@ -1,8 +1,12 @@
 """Run by tests/test_sharding.py: the same seeded 2-process CPU fit (gloo) under DDP or FSDP2
 (Lightning's ModelParallelStrategy, ``fully_shard`` per block and on the root), with the three
-monitors. Rank 0 writes the logged scalars, the Fisher traces and the monitors' warnings to argv[2].
+monitors. Rank 0 writes the logged scalars, the Fisher traces, the forgetting history and ledger
+and the monitors' warnings to argv[2]. One training batch per rank and epoch, so a run resumed
+from the step-2 checkpoint sees the batches of the uninterrupted one.
 
-Run: ``python tests/fsdp2_script.py {ddp|fsdp2} OUT``.
+Run: ``python tests/fsdp2_script.py {ddp|fsdp2} OUT [CKPT_DIR [RESUME_FROM]]``: with ``CKPT_DIR`` a
+checkpoint every 2 steps is written there (FSDP2: a distributed checkpoint directory); with
+``RESUME_FROM`` the fit resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -34,16 +38,24 @@ class ShardedGPT(TinyGPT):
         fully_shard(self.model, mesh=mesh)
 
 
-def main(kind: str, out: str) -> None:
+def main(kind: str, out: str, ckpt_dir: str | None = None, resume: str | None = None) -> None:
     torch.manual_seed(0)
     model = ShardedGPT(n_layer=2, n_head=4, n_embd=32, pretrain_steps=20, pretrain_lr=1e-2, lr=3e-3)
     model.pretrain_general()  # the same weights in every process before any sharding
-    dm = SyntheticTasks(n_train=32, n_val=8, n_probe=8, batch_size=4)
+    dm = SyntheticTasks(n_train=8, n_val=8, n_probe=8, batch_size=4)
     fm = FisherMonitor(
         train_task="math", reference_tasks=["general"], capture_every_n_steps=2, max_samples_per_task=32
     )
     qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=10)
-    rm = ForgettingRiskMonitor(fm, reference_tasks=["general"], warn_threshold=0.5)
+    # fp32 probe-gradient rows: bf16 rounding of nearly equal fp32 sums could differ by one ulp
+    rm = ForgettingRiskMonitor(
+        fm, reference_tasks=["general"], warn_threshold=0.5, gradient_dtype=torch.float32
+    )
+    saving = []
+    if ckpt_dir is not None and resume is None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        saving = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1)]
     if kind == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -59,15 +71,15 @@ def main(kind: str, out: str) -> None:
         check_val_every_n_epoch=None,
         limit_val_batches=1,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=ckpt_dir is not None and resume is None,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[fm, qm, rm],
+        callbacks=[fm, qm, rm, *saving],
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(model, datamodule=dm)
+        trainer.fit(model, datamodule=dm, ckpt_path=resume)
     if trainer.is_global_zero:
         torch.save(
             {
@@ -76,6 +88,8 @@ def main(kind: str, out: str) -> None:
                     t: sum(float(f.sum()) for f in fm.collector.fisher(t).values())
                     for t in fm.collector.tasks
                 },
+                "history": rm.history,
+                "ledger": rm.memory_ledger(),
                 "warnings": [str(w.message) for w in caught if "Monitor" in str(w.message)],
                 "all_warnings": [f"{w.filename}:{w.lineno}: {w.message}" for w in caught],
             },
@@ -84,4 +98,4 @@ def main(kind: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -28,7 +28,7 @@ from .host import Host
 from .probe import ProbeRunner
 from .ranks import WarningRelay, log_agreed
 from .readings import ProbeReading
-from .sharding import check_supported
+from .sharding import check_supported, parameters
 from .steps import StepCapture
 
 log = logging.getLogger("fisher_callbacks")
@@ -435,7 +435,7 @@ class FisherEngine:
         """The trainable parameters probe gradients cover (``probe_grad_names`` when set)."""
         names = self.probe_grad_names
         return {
-            n: p for n, p in module.named_parameters() if p.requires_grad and (names is None or n in names)
+            n: p for n, p in parameters(module).items() if p.requires_grad and (names is None or n in names)
         }
 
     # ------------------------------------------------------------------ memory and state

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .sharding import Shards
+
 TensorDict = dict[str, torch.Tensor]
 
 
@@ -27,6 +29,8 @@ class Forecaster:
         tasks: the tasks with a row, in the order of the rows.
         last_step: optimizer step of the last per-step call (None: none yet).
         failed: a forecast failed; no forecast for the rest of the fit.
+        shards: how the parameters are split over the ranks (FSDP2): theta_b and the rows are
+            this rank's blocks, and the dot products are summed over the ranks.
     """
 
     def __init__(self, grad_dtype: torch.dtype = torch.bfloat16) -> None:
@@ -35,14 +39,15 @@ class Forecaster:
         self.grads: dict[str, TensorDict] = {}
         self.flat_base: torch.Tensor | None = None  # [N] fp32
         self.flat_grads: torch.Tensor | None = None  # [n_tasks, N] grad_dtype
-        # the live parameters with their column blocks of the rows, and rows . theta_b
-        self._slices: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # the live parameters (by name) with their column blocks of the rows, and rows . theta_b
+        self._slices: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self._at_base: torch.Tensor | None = None  # [n_params, n_tasks] fp64 (host)
         self._dots: torch.Tensor | None = None  # [n_params, n_tasks] fp32 scratch
         self.tasks: list[str] = []
         self._names: list[str] = []  # the parameters of the buffers, in their order
         self.last_step: int | None = None
         self.failed = False
+        self.shards = Shards()
 
     @property
     def ready(self) -> bool:
@@ -87,12 +92,12 @@ class Forecaster:
         self._slices, offset = [], 0
         self._dots = flat.new_empty(len(names), len(tasks))
         for i, n in enumerate(names):
-            k = params[n].numel()
+            k = self.shards.local(n, params[n]).numel()
             rows = matrix[:, offset : offset + k]
-            self._slices.append((params[n], rows))
+            self._slices.append((n, params[n], rows))
             _mv(rows, flat[offset : offset + k], out=self._dots[i])
             offset += k
-        self._at_base = self._dots.cpu().double()
+        self._at_base = self.shards.reduce(self._dots).cpu().double()
         self._names = names
         self.tasks = tasks
         self.flat_base = flat
@@ -104,10 +109,11 @@ class Forecaster:
         (the caller then hands :meth:`move` a fresh copy)."""
         if self.flat_base is None or self.base is None or any(n not in params for n in self._names):
             return False
-        if any(params[n].shape != self.base[n].shape for n in self._names):
+        local = {n: self.shards.local(n, params[n]) for n in self._names}
+        if any(local[n].shape != self.base[n].shape for n in self._names):
             return False
         for n in self._names:
-            self.base[n].copy_(params[n].detach())
+            self.base[n].copy_(local[n].detach())
         return True
 
     def step(self, drift_at_base: Mapping[str, float]) -> dict[str, float]:
@@ -118,9 +124,9 @@ class Forecaster:
         column blocks of the rows into one scratch, no copy of theta_t), ``rows . theta_b`` taken
         once when the base moved; the difference and the sum in fp64 on the host."""
         dots = self._dots
-        for i, (param, rows) in enumerate(self._slices):
-            _mv(rows, param.detach().reshape(-1).float(), out=dots[i])
-        first = (dots.cpu().double() - self._at_base).sum(0).tolist()
+        for i, (name, param, rows) in enumerate(self._slices):
+            _mv(rows, self.shards.local(name, param).detach().reshape(-1).float(), out=dots[i])
+        first = (self.shards.reduce(dots).cpu().double() - self._at_base).sum(0).tolist()
         return {task: drift_at_base[task] + f for task, f in zip(self.tasks, first)}
 
     def to(self, device: torch.device) -> None:

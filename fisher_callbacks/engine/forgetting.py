@@ -27,11 +27,12 @@ from .forgetting_warning import WarningState
 from .host import Host
 from .ranks import WarningRelay, log_agreed
 from .readings import ProbeReading
-from .sharding import sharding_of
+from .sharding import Shards, gather_rank_state, parameters, rank_state
 
 if TYPE_CHECKING:
     from .fisher import FisherEngine
 
+PER_RANK = ("anchor", "anchor_fisher", "prev", "prev_grad")  # this rank's blocks under FSDP2
 NAME = "ForgettingRiskMonitor"  # the prefix of its warnings and the owner in the memory ledger
 
 
@@ -118,16 +119,9 @@ class ForgettingEngine:
         measures against the ORIGINAL anchor)."""
         if not self.fisher.active:  # stayed out of this fit (see FisherMonitor.required)
             return
-        if sharding_of(host.module) == "fsdp2":
-            self.fisher.restrict_probe_gradients(set())  # no reader: no weight-sized gradient
-            self._relay.warn(
-                "sharded (FSDP2) parameters: forgetting is not watched in this fit (its anchor, "
-                "forecast and probe gradients need whole parameters); Fisher capture and the QK-OV "
-                "maps run as under DDP (see docs/distributed.md)"
-            )
-            self._relay.flush()
-            return
         self.fisher.resolve(host.module)  # names may have changed (compiled in setup)
+        # FSDP2: the per-parameter state is this rank's shards, its sums reduced over the ranks
+        self.tracker.shards = self.forecaster.shards = Shards.of(host.module)
         if self.tracker.anchor is None:
             self._fit_memory(host)
         self.prepare(host)
@@ -144,7 +138,7 @@ class ForgettingEngine:
             self._move_base(host)
             self._relay.flush()
             return
-        params = dict(host.module.named_parameters())
+        params = parameters(host.module)
         self.tracker.take_anchor(params, self.fisher.layout.monitored_parameters())
         self.forecaster.base = self._snapshot(host)
         self._anchor_tasks(host, self.reference_tasks)
@@ -160,7 +154,8 @@ class ForgettingEngine:
         down."""
         if self.predict_on != "all":
             return
-        trainable = sum(p.numel() for p in host.module.parameters() if p.requires_grad)
+        local = self.tracker.shards.local  # this rank's blocks under FSDP2
+        trainable = sum(local(n, p).numel() for n, p in parameters(host.module).items() if p.requires_grad)
         row = torch.finfo(self.gradient_dtype).bits // 8
         need = trainable * (4 + len(self.reference_tasks) * row)
         free = available_memory(host.device)
@@ -183,7 +178,7 @@ class ForgettingEngine:
             self.forecaster.base = self._snapshot(host)
             for task in self.reference_tasks:
                 try:
-                    self.forecaster.grads[task] = self.fisher.run_probe(host, task).grad
+                    self.forecaster.grads[task] = self._local(self.fisher.run_probe(host, task).grad)
                 except Exception as err:
                     self._relay.warn(f"no probe gradient for {task!r} at resume ({err!r})")
         added = [t for t in self.reference_tasks if t not in self.tracker.baseline]
@@ -202,7 +197,7 @@ class ForgettingEngine:
             with self._relay.catch(f"{task}: "):
                 fisher0 = self.fisher.collector.fisher(task)
             self.tracker.anchor_task(task, probe.loss, fisher0)
-            self.forecaster.grads[task] = probe.grad
+            self.forecaster.grads[task] = self._local(probe.grad)
             self.history[task] = new_history()
             self.warnings.start(task, host.step)
 
@@ -268,8 +263,9 @@ class ForgettingEngine:
         delta = self._delta(host)
         stop = False
         for task, probe in probes.items():
-            self.tracker.advance(task, self.forecaster.grads[task], delta, probe.grad)
-            self.forecaster.grads[task] = probe.grad
+            grad = self._local(probe.grad)
+            self.tracker.advance(task, self.forecaster.grads[task], delta, grad)
+            self.forecaster.grads[task] = grad
             measured = probe.loss - self.tracker.baseline[task]
             stop |= self._forecast_task(host, task, step, measured, rows, measured=True)
         self._move_base(host, rebase=True)
@@ -368,23 +364,30 @@ class ForgettingEngine:
     def _snapshot(self, host: Host) -> dict[str, torch.Tensor]:
         """A copy of the predicted-on parameters (those that train; Q/K/V/O only when "monitored")."""
         names = self.fisher.probe_grad_names if self.predict_on == "monitored" else None
+        local = self.tracker.shards.local  # this rank's blocks under FSDP2
         return {
-            n: p.detach().clone()
-            for n, p in host.module.named_parameters()
+            n: local(n, p).detach().clone()
+            for n, p in parameters(host.module).items()
             if p.requires_grad and (names is None or n in names)
         }
 
+    def _local(self, grad: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A probe gradient as the per-parameter state keeps it (this rank's blocks under FSDP2)."""
+        return {n: self.tracker.shards.local(n, g) for n, g in grad.items()}
+
     def _delta(self, host: Host) -> Mapping[str, torch.Tensor]:
         """theta_t - theta_b per predicted-on parameter, made when read (one parameter's
-        difference at a time, never a weight-sized copy)."""
-        return _Delta(dict(host.module.named_parameters()), self.forecaster.base or {})
+        difference at a time, never a weight-sized copy; this rank's blocks under FSDP2)."""
+        local = self.tracker.shards.local
+        params = {n: local(n, p) for n, p in parameters(host.module).items()}
+        return _Delta(params, self.forecaster.base or {})
 
     def _move_base(self, host: Host, rebase: bool = False) -> None:
         """theta_b becomes the parameters' current values (``rebase``, written over the old
         theta_b in place when it has the same parameters), and the forecast restarts from the
         drift measured there with the probe gradients now in :attr:`Forecaster.grads`."""
         tasks = [t for t in self.reference_tasks if t in self.forecaster.grads and t in self.tracker.baseline]
-        params = dict(host.module.named_parameters())
+        params = parameters(host.module)
         try:
             if rebase and not self.forecaster.rebase(params):
                 self.forecaster.base = self._snapshot(host)
@@ -427,8 +430,11 @@ class ForgettingEngine:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The checkpoint entry (the format of the checkpoints of earlier versions)."""
-        return {
+        """The checkpoint entry (the format of the checkpoints of earlier versions). Under FSDP2
+        a collective: the per-parameter state (anchor, anchor Fishers, theta_b, probe gradients)
+        is this rank's blocks, and every rank's go into the entry under ``"ranks"`` (see
+        :func:`~fisher_callbacks.engine.sharding.gather_rank_state`)."""
+        state = {
             **self.tracker.state_dict(),  # anchor, baseline, anchor_fisher, accumulators
             **self.forecaster.state_dict(self.checkpoint_params),  # prev, prev_grad
             "history": self.history,
@@ -443,8 +449,12 @@ class ForgettingEngine:
             },
             "stopped_at": self.stopped_at,
         }
+        if self.tracker.shards.sharded:  # FSDP2: every rank's blocks, in the entry rank 0 saves
+            state = gather_rank_state(state, PER_RANK)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = rank_state(state, PER_RANK)  # a state saved under FSDP2: this rank's blocks
         fc = state.get("forecast", {})
         self.tracker.load_state_dict(state)
         self.forecaster.load_state_dict(state)
@@ -503,12 +513,12 @@ class BoundaryPass:
         hist = e.history.setdefault(task, new_history())
         if task not in e.tracker.baseline or (hist["step"] and step <= hist["step"][-1]):
             return False  # no anchor, or this step was evaluated already (two boundaries, one step)
-        grad_now = probe.grad
+        grad_now = e._local(probe.grad)
         e.tracker.advance(task, e.forecaster.grads.get(task, grad_now), self.delta, grad_now)
         e.forecaster.grads[task] = grad_now
         with e._relay.catch(f"{task}: "):
             fisher_a = e.fisher.collector.fisher(task)
-        reading = e.tracker.evaluate(task, step, probe.loss, dict(host.module.named_parameters()), fisher_a)
+        reading = e.tracker.evaluate(task, step, probe.loss, parameters(host.module), fisher_a)
         hist["step"].append(step)
         hist["measured"].append(reading.measured)
         hist["predicted"].append(reading.predicted)

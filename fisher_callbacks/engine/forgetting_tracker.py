@@ -7,13 +7,21 @@ accumulators) and returns one :class:`ForgettingReading` per task and boundary. 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..functional.forgetting import FirstOrderForgettingAccumulator, ewc_penalty, fisher_damage_asymmetry
+from ..functional.forgetting import (
+    DAMAGE_LOG_FLOOR,
+    FirstOrderForgettingAccumulator,
+    ewc_penalty,
+    fisher_damage_asymmetry,
+    fisher_weighted_damage,
+)
+from .sharding import Shards
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -51,9 +59,13 @@ class ForgettingTracker:
         baseline: ``L_A(theta_0)`` per task (nats).
         anchor_fisher: ``F_A(theta_0)`` per task, over the monitored weights (EWC).
         accumulators: the first-order prediction per task.
+        shards: how the parameters are split over the ranks (FSDP2): the anchor, the anchor
+            Fishers and the gradients handed in are this rank's blocks, and every sum over the
+            parameters is summed over the ranks (whole tensors otherwise).
     """
 
     def __init__(self) -> None:
+        self.shards = Shards()
         self.anchor: TensorDict | None = None
         self.baseline: dict[str, float] = {}
         self.anchor_fisher: dict[str, TensorDict] = {}
@@ -62,17 +74,18 @@ class ForgettingTracker:
 
     def take_anchor(self, params: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
         """theta_0: a copy of the monitored weights ``names``."""
-        self.anchor = {n: params[n].detach().clone() for n in names}
+        self.anchor = {n: self.shards.local(n, params[n]).detach().clone() for n in names}
 
     def anchor_task(self, task: str, loss: float, fisher0: Mapping[str, torch.Tensor]) -> None:
-        """Task ``task`` at theta_0: its probe loss and its Fisher (copied)."""
+        """Task ``task`` at theta_0: its probe loss and its Fisher (copied; this rank's rows of it
+        under FSDP2)."""
         self.baseline[task] = loss
-        self.anchor_fisher[task] = {n: f.clone() for n, f in fisher0.items()}
+        self.anchor_fisher[task] = {n: self.shards.rows(n, f).clone() for n, f in fisher0.items()}
 
     def ensure_accumulators(self, tasks: Sequence[str], layout: Any) -> None:
         """An accumulator per task over ``layout`` (a restored one keeps its sums)."""
         for task in tasks:
-            self.accumulators.setdefault(task, FirstOrderForgettingAccumulator(layout))
+            self.accumulators.setdefault(task, FirstOrderForgettingAccumulator(layout, self.shards))
             if task in self._restored:
                 self.accumulators[task].load_state_dict(self._restored.pop(task))
 
@@ -100,28 +113,39 @@ class ForgettingTracker:
         and its current Fisher ``fisher_a`` (EWC uses the anchor Fisher, ``fisher_a`` without
         one). Call :meth:`advance` first."""
         acc = self.accumulators[task]
-        current = {n: params[n].detach() for n in self.anchor}
-        fisher0 = self.anchor_fisher.get(task) or fisher_a
+        local = self.shards.local
+        current = {n: local(n, params[n]).detach() for n in self.anchor}
+        fisher0 = self.anchor_fisher.get(task) or {n: self.shards.rows(n, f) for n, f in fisher_a.items()}
+        ewc = ewc_penalty(fisher0, current, self.anchor) if fisher0 else 0.0
         return ForgettingReading(
             task=task,
             step=step,
             measured=loss - self.baseline[task],
             predicted=acc.total,
-            ewc=ewc_penalty(fisher0, current, self.anchor) if fisher0 else 0.0,
+            ewc=self.shards.reduce_floats([ewc])[0],  # this rank's rows: summed over the ranks
             attribution=acc.per_block_head(),
         )
 
-    @staticmethod
     def damage(
-        train: str, fisher_a: TensorDict, grad_a: TensorDict, fisher_b: TensorDict, grad_b: TensorDict
+        self, train: str, fisher_a: TensorDict, grad_a: TensorDict, fisher_b: TensorDict, grad_b: TensorDict
     ) -> dict[str, float]:
         """Fisher-weighted damage to task A of one unit step on the training task ``train`` and
         its asymmetry (:func:`fisher_damage_asymmetry`); empty when the gradients do not cover
-        the same parameters."""
+        the same parameters. Under FSDP2 ``grad_a`` is this rank's blocks: ``F_B g_A^2`` is
+        summed over this rank's rows of the whole ``fisher_b``, then over the ranks; ``F_A g_B^2``
+        (whole tensors, ``grad_b`` this rank's stored gradients) is this rank's, as under DDP."""
         grad_a = {n: grad_a[n] for n in grad_b if n in grad_a}
         if len(grad_a) != len(grad_b) or not fisher_a:
             return {}
-        res = fisher_damage_asymmetry(fisher_a, grad_a, fisher_b, grad_b)
+        if not self.shards.sharded:
+            res = fisher_damage_asymmetry(fisher_a, grad_a, fisher_b, grad_b)
+        else:
+            rows = self.shards.rows
+            a_from_b = fisher_weighted_damage(fisher_a, grad_b)
+            b_from_a = fisher_weighted_damage({n: rows(n, f) for n, f in fisher_b.items()}, grad_a)
+            b_from_a = self.shards.reduce_floats([b_from_a])[0]
+            log_ratio = math.log(max(a_from_b, DAMAGE_LOG_FLOOR)) - math.log(max(b_from_a, DAMAGE_LOG_FLOOR))
+            res = {"a_from_b": a_from_b, "log_ratio": log_ratio}
         return {f"damage_from_{train}": res["a_from_b"], "damage_log_ratio": res["log_ratio"]}
 
     def state_dict(self) -> dict[str, Any]:

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._rng import isolated_rng
-from ..capture import ProbeResult, probe_pass, summed_backward
+from ..capture import ProbeResult, add_sums, probe_pass, summed_backward
 from ..fisher import _collective_device
 from ..losses import forward_logits, infer_loss_type, is_squared_error, per_sample_loss, target_token_counts
 from ..memory import tensor_bytes
 from .host import Host
 from .ranks import distributed
 from .readings import ProbeReading
+from .sharding import gradient_sums, is_dtensor
 
 if TYPE_CHECKING:
     from .fisher import FisherEngine
@@ -197,7 +198,11 @@ class ProbeRunner:
                     per_sample = per_sample[counts > 0]  # a sample without targets has no loss
                     if per_sample.numel() == 0:
                         continue
-                    summed_backward(per_sample.sum(), [], params, total, self.engine.probe_grad_dtype)
+                    dtype = self.engine.probe_grad_dtype
+                    if any(is_dtensor(p) for p in params.values()):  # FSDP2: a full backward
+                        add_sums(total, gradient_sums(host.module, per_sample.sum(), params).items(), dtype)
+                    else:
+                        summed_backward(per_sample.sum(), [], params, total, dtype)
                     losses.append(per_sample.detach().float().cpu())
         except Exception as err:
             if not distributed():
@@ -245,15 +250,21 @@ def _reduce_probe(
     if not params:
         return all_losses, {}, int(all_losses.numel())
     device = _collective_device()
+    # FSDP2-sharded parameters: this rank's block, already summed over the ranks by the backward
+    whole = {n: p for n, p in params.items() if not is_dtensor(p)}
     flat = torch.cat(
         [
             (total[name] if name in total else torch.zeros_like(p)).detach().float().reshape(-1).to(device)
-            for name, p in params.items()
+            for name, p in whole.items()
         ]
+        or [torch.zeros(0, device=device)]
     )  # [sum of numel], in the (rank-independent) parameter order
     dist.all_reduce(flat)
     out, offset = {}, 0
     for name, p in params.items():
+        if name not in whole:
+            out[name] = total[name] if name in total else torch.zeros_like(p.to_local())
+            continue
         out[name] = flat[offset : offset + p.numel()].view(p.shape).to(p.device)
         offset += p.numel()
     return all_losses, out, int(all_losses.numel())

@@ -221,10 +221,15 @@ class FirstOrderForgettingAccumulator:
     Args:
         layout: Optional attention layout; without it only the total and per-parameter values
             are kept.
+        shards: Optional :class:`~fisher_callbacks.engine.sharding.Shards` of sharded (FSDP2)
+            parameters: the tensors handed to :meth:`update` are then this rank's blocks, and
+            each step's per-parameter and per-head sums are summed over the ranks before they
+            are accumulated (the same on every rank, as with whole tensors).
     """
 
-    def __init__(self, layout: AttentionLayout | None = None) -> None:
+    def __init__(self, layout: AttentionLayout | None = None, shards: Any = None) -> None:
         self.layout = layout
+        self.shards = shards if shards is not None and shards.sharded else None
         self.reset()
 
     def reset(self) -> None:
@@ -262,6 +267,8 @@ class FirstOrderForgettingAccumulator:
             sums[k] = product.sum()  # 0-d fp32
             if k in heads:
                 products[k] = product
+        if self.shards is not None and sums:  # this rank's partial sums: over every rank
+            sums = dict(zip(sums, self.shards.reduce(torch.stack(list(sums.values())))))
         step = sum_fp32(sums.values(), grad_a)
         acc_dtype = _running_dtype(step.device)
         if self._total is None:
@@ -294,15 +301,23 @@ class FirstOrderForgettingAccumulator:
                     rows.append(torch.full((layout.heads_in_block(block),), math.nan, device=device))
                     continue
                 row = sum(  # [H_b]; the weight, plus the Q/K/V bias when the layout includes it
-                    layout.head_view(products[name], layer, block, bias=is_bias).sum(-1)
+                    self._head_sums(products[name], name, layer, block, is_bias)
                     for name, is_bias in layout.block_entries(layer, block)
                 )
                 rows.append(row)
-            per_head = torch.stack(rows).to(acc_dtype)  # [L, H_b]
+            per_head = torch.stack(rows)
+            if self.shards is not None:  # this rank's rows of each weight: over every rank
+                per_head = self.shards.reduce(per_head)
+            per_head = per_head.to(acc_dtype)  # [L, H_b]
             if block in self._per_block_head:
                 self._per_block_head[block] += per_head
             else:
                 self._per_block_head[block] = per_head
+
+    def _head_sums(self, product: Tensor, name: str, layer: int, block: str, bias: bool) -> Tensor:
+        if self.shards is not None:
+            return self.shards.head_sums(self.layout, product, name, layer, block, bias)
+        return self.layout.head_view(product, layer, block, bias=bias).sum(-1)
 
     @property
     def total(self) -> float:

@@ -1,0 +1,125 @@
+"""Per-rank memory of the monitors under DDP and under FSDP2, the same seeded fit.
+
+A TinyGPT (GPT-2 blocks, ``--n-layer``/``--n-embd``, random init) runs a short CPU fit on
+``--world`` gloo processes with the three monitors at their defaults (``predict_on="all"``:
+theta_b and the probe-gradient rows over every trainable parameter), once under Lightning's DDP
+and once under ``ModelParallelStrategy`` with ``fully_shard`` on every block and the root. Each
+rank's ledger (:func:`fisher_callbacks.memory.suite_ledger`, the model's own parameters and
+gradients not counted) is printed per group: under FSDP2 the forgetting monitor's per-parameter
+state (anchor, anchor Fisher, theta_b, probe-gradient rows) and the FisherMonitor's probe
+gradients are this rank's shards, about ``1/world`` of DDP's; the Fisher sums of the Q/K/V/O
+weights stay whole on every rank.
+
+Run: ``python benchmarks/bench_sharded_memory.py [--world 2] [--n-layer 4] [--n-embd 128]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def child(kind: str, world: int, out: str, n_layer: int, n_embd: int) -> None:
+    import lightning.pytorch as pl
+    import torch
+
+    from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
+    from fisher_callbacks.memory import suite_ledger
+    from lightning_examples.synthetic import SyntheticTasks, TinyGPT
+
+    class ShardedGPT(TinyGPT):
+        def configure_model(self) -> None:
+            if self.device_mesh is None:
+                return
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.model.transformer.h:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+    torch.manual_seed(0)
+    model = ShardedGPT(n_layer=n_layer, n_head=4, n_embd=n_embd, pretrain_steps=0)
+    dm = SyntheticTasks(n_train=16 * world, n_val=8, n_probe=8, batch_size=4)
+    fm = FisherMonitor(train_task="math", reference_tasks=["general"], capture_every_n_steps=2)
+    qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=10)
+    rm = ForgettingRiskMonitor(fm, reference_tasks=["general"])
+    if kind == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    else:
+        strategy = "ddp"
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[fm, qm, rm],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=dm)
+    ledger = suite_ledger([fm, qm, rm], model)
+    trainable = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, {"ledger": ledger, "weights": trainable * 4})
+    if trainer.is_global_zero:
+        Path(out).write_text(json.dumps(gathered))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.world, args.out, args.n_layer, args.n_embd)
+        return
+    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("ddp", "fsdp2"):
+            out = Path(tmp) / f"{kind}.json"
+            cmd = [sys.executable, __file__, "--child", kind, "--out", str(out), "--world", str(args.world)]
+            cmd += ["--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd)]
+            proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(proc.stderr[-3000:])
+            runs[kind] = json.loads(out.read_text())
+    groups = sorted({g for run in runs.values() for rank in run for g in rank["ledger"]})
+    print(f"world={args.world}, TinyGPT n_layer={args.n_layer} n_embd={args.n_embd}; bytes held per rank")
+    head = f"{'group':44s}" + "".join(f"{k} r{r:<10d}" for k in runs for r in range(args.world))
+    print(head + "fsdp2/ddp (rank 0)")
+    for g in groups:
+        cells = [runs[k][r]["ledger"].get(g, 0) for k in runs for r in range(args.world)]
+        ddp0, fsdp0 = runs["ddp"][0]["ledger"].get(g, 0), runs["fsdp2"][0]["ledger"].get(g, 0)
+        ratio = f"{fsdp0 / ddp0:.2f}" if ddp0 else "-"
+        print(f"{g:44s}" + "".join(f"{c:<15d}" for c in cells) + ratio)
+    totals = [sum(runs[k][r]["ledger"].values()) for k in runs for r in range(args.world)]
+    print(f"{'total':44s}" + "".join(f"{c:<15d}" for c in totals))
+    weights = [runs[k][r]["weights"] for k in runs for r in range(args.world)]
+    print(f"{'(model weights held, fp32)':44s}" + "".join(f"{c:<15d}" for c in weights))
+
+
+if __name__ == "__main__":
+    main()
