@@ -336,26 +336,36 @@ def test_resume_from_a_trainer_checkpoint_continues_the_monitors(tmp_path):
         assert again == pytest.approx(trace, rel=1e-5), task
 
 
+def _torchrun(script: str, *argv, out: Path, cwd: Path) -> dict:
+    """``python -m torch.distributed.run --nproc_per_node 2 tests/{script} {argv}`` (CPU, gloo, one
+    OpenMP thread); what rank 0 wrote to ``out``."""
+    import subprocess
+    import sys
+
+    path = Path(__file__).parent / script
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(path)]
+    try:
+        proc = subprocess.run(
+            [*command, *map(str, argv)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=cwd,
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{script} hung: {str(err.stderr)[-3000:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
 def test_two_processes_give_the_numbers_of_one(tmp_path):
     """``torch.distributed.run`` with 2 CPU processes (gloo), 4 samples each per step, against one
     process with 8: accelerate hands rank r every other batch of the same shuffled order, so the
     steps see the same samples; Fisher sums are synced, probe sets reduced, warnings gathered."""
-    import subprocess
-    import sys
-
-    script = Path(__file__).parent / "hf_ddp_script.py"
     out = tmp_path / "ddp" / "out.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = torch.load(out, weights_only=False)
+    ddp = _torchrun("hf_ddp_script.py", out, out=out, cwd=tmp_path)
     assert ddp["world"] == 2
     callback = _callback()
     trainer = Trainer(
@@ -377,6 +387,116 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     for key in ("measured", "predicted"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert all("[ranks 0, 1]" in w for w in ddp["warnings"])  # gathered once, from rank zero
+
+
+def _leaves(tree, path=()):
+    """``(path, leaf)`` of nested dicts."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, (*path, key))
+    else:
+        yield path, tree
+
+
+def _assert_same(a, b, path="", rel=1e-4):
+    """Nested dicts/lists of floats and tensors equal to ``rel`` (of the tensor's largest entry)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), (path, set(a) ^ set(b))
+        for key in a:
+            _assert_same(a[key], b[key], f"{path}/{key}", rel)
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]", rel)
+    elif torch.is_tensor(a):
+        assert a.shape == b.shape and a.dtype == b.dtype, path
+        if a.is_floating_point() and a.numel():
+            assert_close_rel(b.double(), a.double(), rtol=rel, msg=path)
+        else:
+            assert torch.equal(a, b), path
+    elif isinstance(a, float) and not (math.isnan(a) and math.isnan(b)):
+        assert b == pytest.approx(a, rel=rel, abs=1e-9), path
+    elif not isinstance(a, float):
+        assert a == b, path
+
+
+@pytest.fixture(scope="module")
+def hf_fsdp2_runs(tmp_path_factory):
+    """The same seeded 2-process fit under DDP and under accelerate's FSDP2 (checkpoint at step 4),
+    and the FSDP2 fit resumed from its checkpoint-4 (tests/hf_fsdp2_script.py)."""
+    tmp = tmp_path_factory.mktemp("hf_fsdp2")
+    runs = {}
+    for kind in ("ddp", "fsdp2"):
+        out = tmp / kind / "out.pt"
+        runs[kind] = _torchrun("hf_fsdp2_script.py", kind, out, out=out, cwd=tmp)
+    out = tmp / "resumed.pt"
+    runs["resumed"] = _torchrun(
+        "hf_fsdp2_script.py", "fsdp2", out, tmp / "fsdp2" / "hf" / "checkpoint-4", out=out, cwd=tmp
+    )
+    return runs
+
+
+def test_hf_trainer_under_fsdp2_gives_the_numbers_of_ddp(hf_fsdp2_runs):
+    """accelerate's FSDP2 (``fully_shard`` per GPT2Block and on the root) under the HF Trainer,
+    2 CPU processes: every logged ``fisher/*``, ``qkov/*`` and ``forgetting/*`` value, the Fisher
+    traces and the forgetting history equal the DDP run's; the engines watch the Trainer's
+    sharded model (DTensor parameters) and hold its forgetting state as local shards."""
+    ddp, fsdp = hf_fsdp2_runs["ddp"], hf_fsdp2_runs["fsdp2"]
+    assert fsdp["fsdp"] and not ddp["fsdp"]
+    assert fsdp["sharded"] and fsdp["same_model"] and not ddp["sharded"]
+    for task in ("math", "general"):
+        assert fsdp["traces"][task] == pytest.approx(ddp["traces"][task], rel=1e-4), task
+        assert fsdp["samples"][task] == ddp["samples"][task]
+    _assert_same(ddp["forgetting"], fsdp["forgetting"])
+    assert ddp["forgetting"]["step"] == [4, 8]
+
+    def scalars(run):
+        return {
+            (row["step"], key): value
+            for row in run["history"]
+            for key, value in row.items()
+            if key.split("/")[0] in ("fisher", "qkov", "forgetting")
+        }
+
+    want, got = scalars(ddp), scalars(fsdp)
+    assert set(got) == set(want)
+    assert {k.split("/")[0] for _, k in want} == {"fisher", "qkov", "forgetting"}
+    for key, value in want.items():
+        if key[1] == "fisher/memory_mb":  # the forgetting state: this rank's shards under FSDP2
+            assert got[key] < value, key
+        else:
+            _assert_same(value, got[key], str(key))
+    assert fsdp["warnings"] == ddp["warnings"]
+    ours = [w for w in fsdp["all_warnings"] if "fisher_callbacks" in w]
+    assert not any("FSDP2" in w or "failed" in w or "DTensor" in w for w in ours), ours
+
+
+def test_hf_fsdp2_checkpoint_holds_every_ranks_shards_and_resumes_the_monitors(hf_fsdp2_runs):
+    """``on_save`` under FSDP2: every rank takes the state (the forgetting engine gathers its
+    shards), rank 0 writes it: the shards of rank 0 and 1, end to end, are the DDP run's whole
+    tensors and the rest of the state is the DDP run's. Resumed from that checkpoint (the Trainer's
+    sharded model and optimizer, the monitors' state) the fit gives the uninterrupted history."""
+    from fisher_callbacks.engine.forgetting import PER_RANK
+
+    ddp, fsdp = hf_fsdp2_runs["ddp"]["saved"], hf_fsdp2_runs["fsdp2"]["saved"]
+    whole, sharded = ddp["ForgettingEngine"], fsdp["ForgettingEngine"]
+    assert len(sharded["ranks"]) == 2 and "ranks" not in whole
+    for key in PER_RANK:
+        assert sharded[key] is None, key
+        parts = [dict(_leaves(rank[key])) for rank in sharded["ranks"]]
+        full = dict(_leaves(whole[key]))
+        assert full and set(parts[0]) == set(parts[1]) == set(full), key
+        for path, tensor in full.items():
+            _assert_same(tensor, torch.cat([parts[0][path], parts[1][path]]), f"{key}{path}")
+    rest = {k: v for k, v in sharded.items() if k not in (*PER_RANK, "ranks")}
+    _assert_same({k: v for k, v in whole.items() if k not in PER_RANK}, rest, "ForgettingEngine")
+    for engine in ddp.keys() - {"ForgettingEngine"}:  # the Fisher and QK-OV engines: the same
+        _assert_same(ddp[engine], fsdp[engine], engine)
+    resumed, uninterrupted = hf_fsdp2_runs["resumed"], hf_fsdp2_runs["fsdp2"]
+    assert resumed["sharded"]
+    _assert_same(uninterrupted["forgetting"], resumed["forgetting"], rel=1e-5)
+    for task in ("math", "general"):
+        assert resumed["traces"][task] == pytest.approx(uninterrupted["traces"][task], rel=1e-5), task
 
 
 def test_a_reused_callback_starts_afresh_on_the_next_model(tmp_path):
