@@ -65,6 +65,7 @@ from .engine.forgetting import ForgettingEngine
 from .engine.host import Host
 from .engine.qkov import QKOVEngine
 from .engine.ranks import gather
+from .engine.sharding import sharding_of
 from .losses import reduction_scale, target_token_counts
 from .sinks import FolderSink, Sink, TensorBoardSink, WandbSink, warn_once
 
@@ -264,6 +265,13 @@ class FisherTrainerCallback(TrainerCallback):
             model.register_forward_hook(self._post_forward, with_kwargs=True),
         ]
         self._training = True
+        if fsdp_not_applied(args, model):
+            warnings.warn(
+                "fisher_callbacks: TrainingArguments.fsdp is set but the model is not sharded "
+                "(accelerate runs FSDP on accelerators only and falls back to DDP on CPU, "
+                "silently): the callbacks watch the run as it is, unsharded.",
+                stacklevel=2,
+            )
         if host.validation_interval is None and (self.qkov is not None or self.forgetting is not None):
             warnings.warn(
                 "fisher_callbacks: eval_strategy is not 'steps': the QK-OV and forgetting monitors "
@@ -489,3 +497,9 @@ def _wandb_run() -> Any:
     import wandb
 
     return wandb.run
+
+
+def fsdp_not_applied(args: Any, model: torch.nn.Module) -> bool:
+    """``args.fsdp`` asks for FSDP but ``model`` holds no FSDP2-sharded parameter: what
+    accelerate leaves on CPU, where it keeps DDP and drops the FSDP plugin without a word."""
+    return bool(getattr(args, "fsdp", None)) and sharding_of(model) != "fsdp2"

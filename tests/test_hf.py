@@ -519,3 +519,16 @@ def test_a_reused_callback_starts_afresh_on_the_next_model(tmp_path):
         monitored = callback.fisher.layout.monitored_parameters()
         live = dict(model.named_parameters())
         assert all(callback.fisher.collector.model.get_parameter(n) is live[n] for n in monitored)
+
+
+def test_fsdp_asked_for_but_not_applied_is_detected():
+    """``TrainingArguments.fsdp`` on CPU: accelerate drops FSDP without a word and trains
+    unsharded (DDP); the callback tells that apart (and warns at train begin)."""
+    import types
+
+    from fisher_callbacks.hf import fsdp_not_applied
+
+    model = _pretrained().model
+    assert fsdp_not_applied(types.SimpleNamespace(fsdp=["full_shard"]), model)
+    assert not fsdp_not_applied(types.SimpleNamespace(fsdp=[]), model)
+    assert not fsdp_not_applied(types.SimpleNamespace(), model)
