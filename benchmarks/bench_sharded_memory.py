@@ -33,18 +33,7 @@ def child(kind: str, world: int, out: str, n_layer: int, n_embd: int) -> None:
 
     from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
     from fisher_callbacks.memory import suite_ledger
-    from lightning_examples.synthetic import SyntheticTasks, TinyGPT
-
-    class ShardedGPT(TinyGPT):
-        def configure_model(self) -> None:
-            if self.device_mesh is None:
-                return
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for block in self.model.transformer.h:
-                fully_shard(block, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
+    from lightning_examples.synthetic import ShardedGPT, SyntheticTasks
 
     torch.manual_seed(0)
     model = ShardedGPT(n_layer=n_layer, n_head=4, n_embd=n_embd, pretrain_steps=0)

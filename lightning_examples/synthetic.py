@@ -234,3 +234,18 @@ class TinyGPT(pl.LightningModule):
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.hparams.lr, momentum=0.9)
         return torch.optim.AdamW(params, lr=self.hparams.lr)
+
+
+class ShardedGPT(TinyGPT):
+    """:class:`TinyGPT` whose GPT-2 blocks and root are wrapped by ``fully_shard`` (FSDP2) under
+    Lightning's ``ModelParallelStrategy``; unsharded under any other strategy."""
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)

@@ -21,21 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
-from lightning_examples.synthetic import SyntheticTasks, TinyGPT
-
-
-class ShardedGPT(TinyGPT):
-    """TinyGPT whose GPT-2 blocks and root are wrapped by ``fully_shard`` (FSDP2)."""
-
-    def configure_model(self) -> None:
-        if self.device_mesh is None:
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for block in self.model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+from lightning_examples.synthetic import ShardedGPT, SyntheticTasks
 
 
 def main(kind: str, out: str, ckpt_dir: str | None = None, resume: str | None = None) -> None:
