@@ -158,7 +158,7 @@ def run(kind: str, rounds: int, steps: int, every: int, batch: int, seq: int) ->
                 base_times += timer.plain
     base = statistics.median(base_times)
     r_flag = statistics.median(flagged) / base
-    r_plain = statistics.median(non_flagged) / base
+    r_plain = statistics.median(non_flagged) / base if non_flagged else float("nan")
     print(
         f"\n{kind}: B={batch}, T={seq}, {rounds} rounds x {steps} steps, capture every {every}; "
         f"plain step {base * 1e3:.1f} ms (median of {len(base_times)})"
@@ -167,10 +167,13 @@ def run(kind: str, rounds: int, steps: int, every: int, batch: int, seq: int) ->
         f"  flagged step / plain step        {r_flag:5.2f}x  budget <= 1.15x  {verdict(r_flag, 1.15)}"
         f"  (n={len(flagged)})"
     )
-    print(
-        f"  non-flagged step / plain step    {r_plain:5.2f}x  budget <= 1.05x  {verdict(r_plain, 1.05)}"
-        f"  (n={len(non_flagged)})"
-    )
+    if non_flagged:
+        print(
+            f"  non-flagged step / plain step    {r_plain:5.2f}x  budget <= 1.05x  {verdict(r_plain, 1.05)}"
+            f"  (n={len(non_flagged)})"
+        )
+    else:
+        print("  non-flagged step: none (every step captured)")
     print(
         f"  validation boundary (probe pass + QK-OV heatmap, 50 permutations): "
         f"{statistics.median(boundary):.2f} s = {statistics.median(boundary) / base:.0f} plain steps"
