@@ -4,7 +4,8 @@ monitors. Rank 0 writes the logged scalars, the Fisher traces, the forgetting hi
 and the monitors' warnings to argv[2]. One training batch per rank and epoch, so a run resumed
 from the step-2 checkpoint sees the batches of the uninterrupted one.
 
-Run: ``python tests/fsdp2_script.py {ddp|fsdp2} OUT [CKPT_DIR [RESUME_FROM]]``: with ``CKPT_DIR`` a
+Run: ``python tests/fsdp2_script.py {ddp|fsdp2}[-empty] OUT [CKPT_DIR [RESUME_FROM]]`` (``-empty``:
+rank 1's first probe batch has no targets): with ``CKPT_DIR`` a
 checkpoint every 2 steps is written there (FSDP2: a distributed checkpoint directory); with
 ``RESUME_FROM`` the fit resumes from that checkpoint.
 """
@@ -24,11 +25,24 @@ from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKO
 from lightning_examples.synthetic import ShardedGPT, SyntheticTasks
 
 
+class NoTargetsOnRankOne(SyntheticTasks):
+    """Rank 1's first probe batch has no target token (every label ``-100``): its probe
+    gradient adds nothing there, while the FSDP2 backward stays a collective of every rank."""
+
+    def probe_dataloader(self, task: str):
+        batches = list(super().probe_dataloader(task))
+        if torch.distributed.get_rank() == 1:
+            batches[0] = {**batches[0], "labels": torch.full_like(batches[0]["labels"], -100)}
+        return batches
+
+
 def main(kind: str, out: str, ckpt_dir: str | None = None, resume: str | None = None) -> None:
     torch.manual_seed(0)
     model = ShardedGPT(n_layer=2, n_head=4, n_embd=32, pretrain_steps=20, pretrain_lr=1e-2, lr=3e-3)
     model.pretrain_general()  # the same weights in every process before any sharding
-    dm = SyntheticTasks(n_train=8, n_val=8, n_probe=8, batch_size=4)
+    empty = kind.endswith("-empty")  # "fsdp2-empty": rank 1 probes a batch without targets
+    kind = kind.removesuffix("-empty")
+    dm = (NoTargetsOnRankOne if empty else SyntheticTasks)(n_train=8, n_val=8, n_probe=8, batch_size=4)
     fm = FisherMonitor(
         train_task="math", reference_tasks=["general"], capture_every_n_steps=2, max_samples_per_task=32
     )

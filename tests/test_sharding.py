@@ -62,6 +62,17 @@ def test_fsdp2_gives_the_fisher_qkov_and_forgetting_of_ddp(runs):
     assert not any("DTensor" in w or "sharding strategy" in w for w in fsdp["all_warnings"])
 
 
+def test_fsdp2_probe_batch_without_targets_on_one_rank_keeps_the_collectives_matched(tmp_path):
+    """Rank 1's first probe batch has no target: under FSDP2 its probe backward (a collective,
+    with an empty sum) still runs, so the fit neither hangs nor loses the forgetting metrics."""
+    path = tmp_path / "empty.pt"
+    run_ddp_script(SCRIPT, "fsdp2-empty", path, cwd=tmp_path, timeout=300)
+    got = torch.load(path, weights_only=False)
+    assert all(f"forgetting/general/{s}" in got["metrics"] for s in ("measured", "predicted", "risk"))
+    assert got["history"]["general"]["forecast_step"] == [1, 2, 3, 4]
+    assert not any("failed" in w for w in got["warnings"])
+
+
 def test_fsdp2_resumed_from_a_distributed_checkpoint_gives_the_uninterrupted_forgetting(runs, tmp_path):
     # ModelParallelStrategy writes the callbacks' states with rank 0's metadata only: each rank's
     # shards of the anchor, theta_b and the probe gradients travel under "ranks" and come back on

@@ -196,11 +196,13 @@ class ProbeRunner:
                     per_sample, counts = per_sample_loss(logits, batch["labels"], loss_type)
                     self.log_loss = not is_squared_error(logits, batch["labels"], loss_type)
                     per_sample = per_sample[counts > 0]  # a sample without targets has no loss
-                    if per_sample.numel() == 0:
-                        continue
                     dtype = self.engine.probe_grad_dtype
-                    if any(is_dtensor(p) for p in params.values()):  # FSDP2: a full backward
+                    if any(is_dtensor(p) for p in params.values()):
+                        # FSDP2: a full backward, a collective every rank runs for every batch
+                        # (an empty sum adds zeros), else the ranks' collectives fall out of step
                         add_sums(total, gradient_sums(host.module, per_sample.sum(), params).items(), dtype)
+                    elif per_sample.numel() == 0:
+                        continue
                     else:
                         summed_backward(per_sample.sum(), [], params, total, dtype)
                     losses.append(per_sample.detach().float().cpu())
