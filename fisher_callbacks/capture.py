@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -560,10 +560,7 @@ def probe_pass(
         else:
             objective = losses
         summed: dict[str, torch.Tensor] = {} if sum_into is None else sum_into
-        if any(is_dtensor(w) for w in weights):
-            add_sums(summed, gradient_sums(model, objective.sum(), extra).items(), sum_dtype)
-        else:
-            summed_backward(objective.sum(), weights, extra, summed, sum_dtype)
+        summed_backward(objective.sum(), model, extra, summed, sum_dtype, reach=weights)
         log_loss = not is_squared_error(logits, labels, loss_type)
         return ProbeResult(capture.pop(), losses.detach(), counts, summed, log_loss)
 
@@ -587,10 +584,11 @@ def add_sums(
 
 def summed_backward(
     loss: torch.Tensor,
-    reach: list[torch.Tensor],
+    model: nn.Module,
     params: Mapping[str, torch.Tensor],
     total: dict[str, torch.Tensor],
     dtype: torch.dtype | None = None,
+    reach: Sequence[torch.Tensor] = (),
 ) -> None:
     """``loss.backward()`` over ``reach`` and ``params`` only, adding the gradient of each of
     ``params`` into ``total[name]`` (in place; the first one taken without a copy; in ``dtype``
@@ -601,7 +599,14 @@ def summed_backward(
     weights, whose backward hooks capture per-sample gradients) get no sum. A parameter the loss
     does not reach gets zeros. The ``.grad`` of every parameter is as before (the training's
     gradients are set aside and put back, the same tensors).
+
+    Under FSDP2 (``model``'s parameters are ``DTensor`` s) a full backward of ``model`` runs
+    instead, a collective every rank must run (also for an empty sum), and each sum is this rank's
+    block of the sum over the ranks (:func:`~fisher_callbacks.engine.sharding.gradient_sums`).
     """
+    if any(is_dtensor(p) for p in [*reach, *params.values()]):
+        add_sums(total, gradient_sums(model, loss, params).items(), dtype)
+        return
     wanted = {id(p): name for name, p in params.items() if p.requires_grad}
     inputs = list({id(p): p for p in [*reach, *params.values()] if p.requires_grad}.values())
 

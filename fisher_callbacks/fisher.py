@@ -38,6 +38,7 @@ from torch import nn
 
 from ._rng import SeededGenerator
 from .capture import per_sample_gradients
+from .engine.sharding import collective_device
 from .layouts import AttentionLayout
 from .losses import LossType
 from .memory import tensor_bytes
@@ -512,7 +513,7 @@ class FisherCollector:
         count = int(count) if sums is not None else 0
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            cdev = _collective_device()
+            cdev = collective_device()
             n = torch.tensor([float(count)], device=cdev)
             dist.all_reduce(n)
             count = int(n.item())
@@ -785,7 +786,7 @@ class FisherCollector:
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        device = _collective_device()
+        device = collective_device()
         world = dist.get_world_size()
         # Ranks may have met tasks in different orders (or not at all): reduce the sorted union.
         gathered: list[list[str] | None] = [None] * world
@@ -960,11 +961,3 @@ def _tree_to(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: _tree_to(v, device) for k, v in obj.items()}
     return obj
-
-
-def _collective_device() -> torch.device:
-    """Device for collectives: CUDA for NCCL, CPU for gloo."""
-    backend = torch.distributed.get_backend()
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

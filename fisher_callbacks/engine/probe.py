@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._rng import isolated_rng
-from ..capture import ProbeResult, add_sums, probe_pass, summed_backward
-from ..fisher import _collective_device
+from ..capture import ProbeResult, probe_pass, summed_backward
 from ..losses import forward_logits, infer_loss_type, is_squared_error, per_sample_loss, target_token_counts
 from ..memory import tensor_bytes
 from .host import Host
 from .ranks import distributed
 from .readings import ProbeReading
-from .sharding import gradient_sums, is_dtensor
+from .sharding import collective_device, is_dtensor
 
 if TYPE_CHECKING:
     from .fisher import FisherEngine
@@ -188,6 +187,10 @@ class ProbeRunner:
         total: dict[str, torch.Tensor] = {}
         forward = host.forward_module
         loss_type = self.engine.loss_type or infer_loss_type(forward)
+        dtype = self.engine.probe_grad_dtype
+        # FSDP2: the backward is a collective every rank runs for every batch (an empty sum adds
+        # zeros), else the ranks' collectives fall out of step
+        sharded = any(is_dtensor(p) for p in params.values())
         try:
             with _probe_mode(host.module):
                 for batch in self.batches(task):
@@ -196,15 +199,9 @@ class ProbeRunner:
                     per_sample, counts = per_sample_loss(logits, batch["labels"], loss_type)
                     self.log_loss = not is_squared_error(logits, batch["labels"], loss_type)
                     per_sample = per_sample[counts > 0]  # a sample without targets has no loss
-                    dtype = self.engine.probe_grad_dtype
-                    if any(is_dtensor(p) for p in params.values()):
-                        # FSDP2: a full backward, a collective every rank runs for every batch
-                        # (an empty sum adds zeros), else the ranks' collectives fall out of step
-                        add_sums(total, gradient_sums(host.module, per_sample.sum(), params).items(), dtype)
-                    elif per_sample.numel() == 0:
+                    if per_sample.numel() == 0 and not sharded:
                         continue
-                    else:
-                        summed_backward(per_sample.sum(), [], params, total, dtype)
+                    summed_backward(per_sample.sum(), host.module, params, total, dtype)
                     losses.append(per_sample.detach().float().cpu())
         except Exception as err:
             if not distributed():
@@ -251,7 +248,7 @@ def _reduce_probe(
     all_losses = torch.tensor([v for rank in gathered for v in (rank or [])], dtype=torch.float32)
     if not params:
         return all_losses, {}, int(all_losses.numel())
-    device = _collective_device()
+    device = collective_device()
     # FSDP2-sharded parameters: this rank's block, already summed over the ranks by the backward
     whole = {n: p for n, p in params.items() if not is_dtensor(p)}
     flat = torch.cat(

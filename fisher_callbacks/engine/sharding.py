@@ -152,7 +152,7 @@ class Shards:
         """Python floats summed over the shard group (themselves without sharding)."""
         if self.group is None:
             return list(values)
-        device = _collective_device(self.group)
+        device = collective_device(self.group)
         return self.reduce(torch.tensor(list(values), dtype=torch.float64, device=device)).tolist()
 
     def head_sums(
@@ -265,7 +265,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def _collective_device(group: Any) -> torch.device:
+def collective_device(group: Any = None) -> torch.device:
+    """Device for collectives over ``group`` (default: the world): CUDA for NCCL, CPU for gloo."""
     backend = torch.distributed.get_backend(group)
     if "nccl" in str(backend) and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
