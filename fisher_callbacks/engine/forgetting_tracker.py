@@ -7,7 +7,6 @@ accumulators) and returns one :class:`ForgettingReading` per task and boundary. 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,10 +14,9 @@ from typing import Any
 import torch
 
 from ..functional.forgetting import (
-    DAMAGE_LOG_FLOOR,
     FirstOrderForgettingAccumulator,
+    damage_log_ratio,
     ewc_penalty,
-    fisher_damage_asymmetry,
     fisher_weighted_damage,
 )
 from .sharding import Shards
@@ -130,23 +128,18 @@ class ForgettingTracker:
         self, train: str, fisher_a: TensorDict, grad_a: TensorDict, fisher_b: TensorDict, grad_b: TensorDict
     ) -> dict[str, float]:
         """Fisher-weighted damage to task A of one unit step on the training task ``train`` and
-        its asymmetry (:func:`fisher_damage_asymmetry`); empty when the gradients do not cover
+        its asymmetry (as :func:`fisher_damage_asymmetry`); empty when the gradients do not cover
         the same parameters. Under FSDP2 ``grad_a`` is this rank's blocks: ``F_B g_A^2`` is
         summed over this rank's rows of the whole ``fisher_b``, then over the ranks; ``F_A g_B^2``
         (whole tensors, ``grad_b`` this rank's stored gradients) is this rank's, as under DDP."""
         grad_a = {n: grad_a[n] for n in grad_b if n in grad_a}
         if len(grad_a) != len(grad_b) or not fisher_a:
             return {}
-        if not self.shards.sharded:
-            res = fisher_damage_asymmetry(fisher_a, grad_a, fisher_b, grad_b)
-        else:
-            rows = self.shards.rows
-            a_from_b = fisher_weighted_damage(fisher_a, grad_b)
-            b_from_a = fisher_weighted_damage({n: rows(n, f) for n, f in fisher_b.items()}, grad_a)
-            b_from_a = self.shards.reduce_floats([b_from_a])[0]
-            log_ratio = math.log(max(a_from_b, DAMAGE_LOG_FLOOR)) - math.log(max(b_from_a, DAMAGE_LOG_FLOOR))
-            res = {"a_from_b": a_from_b, "log_ratio": log_ratio}
-        return {f"damage_from_{train}": res["a_from_b"], "damage_log_ratio": res["log_ratio"]}
+        rows = self.shards.rows  # whole tensors, and the sum below itself, without sharding
+        a_from_b = fisher_weighted_damage(fisher_a, grad_b)
+        b_from_a = fisher_weighted_damage({n: rows(n, f) for n, f in fisher_b.items()}, grad_a)
+        b_from_a = self.shards.reduce_floats([b_from_a])[0]
+        return {f"damage_from_{train}": a_from_b, "damage_log_ratio": damage_log_ratio(a_from_b, b_from_a)}
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -50,6 +50,7 @@ __all__ = [
     "RATE_POINTS",
     "FirstOrderForgettingAccumulator",
     "WarningDecision",
+    "damage_log_ratio",
     "early_warning",
     "ewc_penalty",
     "first_order_forgetting",
@@ -456,12 +457,18 @@ def fisher_damage_asymmetry(
     Returns:
         ``{"a_from_b": float, "b_from_a": float, "log_ratio": float}``.
     """
-    if not floor > 0:
-        raise ValueError(f"floor must be > 0, got {floor}")
     a_from_b = fisher_weighted_damage(fisher_a, grad_b)
     b_from_a = fisher_weighted_damage(fisher_b, grad_a)
-    log_ratio = math.log(max(a_from_b, floor)) - math.log(max(b_from_a, floor))
+    log_ratio = damage_log_ratio(a_from_b, b_from_a, floor=floor)
     return {"a_from_b": a_from_b, "b_from_a": b_from_a, "log_ratio": log_ratio}
+
+
+def damage_log_ratio(a_from_b: float, b_from_a: float, *, floor: float = DAMAGE_LOG_FLOOR) -> float:
+    """``log(max(a_from_b, floor) / max(b_from_a, floor))``, the asymmetry of
+    :func:`fisher_damage_asymmetry` from its two damages."""
+    if not floor > 0:
+        raise ValueError(f"floor must be > 0, got {floor}")
+    return math.log(max(a_from_b, floor)) - math.log(max(b_from_a, floor))
 
 
 # --------------------------------------------------------------------------------------------------
