@@ -23,6 +23,14 @@ after any number of samples the stored ones are a uniform random subset of those
 task arrives the per-task capacity shrinks and the other reservoirs drop random members (still
 uniform). A sample whose id is already stored replaces its row (one row per id, the newest).
 The Fisher sums and the EMA are exact fp32 in both modes (never sketched).
+
+Under FSDP2 (the monitored weights are ``DTensor`` shards) the synced Fisher sums and the per-entry
+EMA are kept as this rank's blocks of the weights (:class:`~fisher_callbacks.engine.sharding.Shards`,
+``Shard(0)`` rows): :meth:`FisherCollector.sync` reduces what arrived and keeps this rank's rows, and
+the whole Fisher exists only while it is read (:meth:`FisherCollector.materialise` at a boundary,
+released by :meth:`FisherCollector.release_whole`), as FSDP2 gathers whole weights only around a
+module's forward and backward. What a step adds is whole until the next sync (each rank's samples
+reach every entry), which the FisherEngine makes right after every captured step.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from torch import nn
 
 from ._rng import SeededGenerator
 from .capture import per_sample_gradients
-from .engine.sharding import collective_device
+from .engine.sharding import Shards, collective_device
 from .layouts import AttentionLayout
 from .losses import LossType
 from .memory import tensor_bytes
@@ -67,6 +75,10 @@ class _TaskState:
     ema_trace: torch.Tensor | None = None  # 0-dim fp32: EMA of the trace (sum over entries)
     ema_steps: int = 0
     next_id: int = 0  # running counter for samples without ids
+    # sharded (FSDP2) per-entry EMA: ``ema`` is this rank's block of the mean over the ranks; the
+    # steps since the last sync are ``beta**ema_since * ema + ema_pending`` (whole, until the sync)
+    ema_pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    ema_since: int = 0
 
 
 class _FisherMeans(dict):
@@ -281,6 +293,8 @@ class FisherCollector:
         self.skipped_nonfinite = 0
         self._tasks: dict[str, _TaskState] = {}
         self._fisher_cache: weakref.WeakValueDictionary[str, _FisherMeans] = weakref.WeakValueDictionary()
+        self.shards = Shards.of(model)  # FSDP2: synced sums and EMA as this rank's blocks
+        self._whole: dict[str, _FisherMeans] = {}  # sharded: the whole Fisher while it is read
         self._fisher_warned: dict[str, int] = {}  # task -> sample count of its last "few samples" warning
         self._rng = SeededGenerator(seed)  # picklable (ddp_spawn); the torch.Generator is lazy
         self._warned_budget = False
@@ -467,6 +481,8 @@ class FisherCollector:
         if ema:
             self._ema_trace_step(state, trace, n)
             state.ema_steps += 1
+            if self.ema_entries and self.shards.sharded:
+                state.ema_since += 1
 
     # ------------------------------------------------------------------ whitening (sketch store)
     def whitening_fisher(self, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -475,9 +491,14 @@ class FisherCollector:
         For two tasks this is the pooled Fisher ``(I_A + I_B) / 2`` of the conflict cosine.
         """
         names = [t for t in (tasks if tasks is not None else self.tasks) if self.num_samples(t) > 0]
+        if self.shards.sharded:  # the same order on every rank (a task not materialised gathers)
+            names = sorted(names)
         out: dict[str, torch.Tensor] = {}
         for t in names:
-            sums, count = self.fisher_state(t)
+            if t in self._whole:
+                sums, count = self._whole[t], 1
+            else:
+                sums, count = self.fisher_state(t)
             for n, s in sums.items():
                 if n in out:
                     out[n].add_(s, alpha=1.0 / count)  # in place: one weight-sized result
@@ -559,8 +580,16 @@ class FisherCollector:
         return torch.nonzero(finite).flatten()
 
     def _ema_step(self, state: _TaskState, name: str, sum_c: torch.Tensor, n: int) -> None:
-        """``F <- beta F + (1 - beta) sum_c / n`` in place."""
+        """``F <- beta F + (1 - beta) sum_c / n`` in place (sharded: into the whole pending part,
+        folded into this rank's block at the next :meth:`sync`)."""
         beta = self.ema_decay
+        if self.shards.sharded:
+            pending = state.ema_pending.get(name)
+            if pending is None:
+                state.ema_pending[name] = sum_c * ((1.0 - beta) / n)
+            else:
+                pending.mul_(beta).add_(sum_c, alpha=(1.0 - beta) / n)
+            return
         if name in state.ema:
             state.ema[name].mul_(beta).add_(sum_c, alpha=(1.0 - beta) / n)
         else:
@@ -639,11 +668,14 @@ class FisherCollector:
 
     def fisher_ema(self, task: str) -> dict[str, torch.Tensor]:
         """Bias-corrected EMA Fisher ``F_t / (1 - beta**t)``; ``{}`` before the first update and
-        when the collector keeps the trace only (``ema_entries=False``)."""
+        when the collector keeps the trace only (``ema_entries=False``). Sharded (FSDP2): the
+        synced EMA, gathered whole (a collective: every rank calls it)."""
         state = self._tasks.get(task)
         if state is None or state.ema_steps == 0:
             return {}
         correction = 1.0 - self.ema_decay**state.ema_steps
+        if self.shards.sharded:
+            return {n: self.shards.whole(n, state.ema[n]).div_(correction) for n in sorted(state.ema)}
         return {name: f / correction for name, f in state.ema.items()}
 
     # ------------------------------------------------------------------ queries
@@ -652,8 +684,12 @@ class FisherCollector:
         return list(self._tasks)
 
     def num_samples(self, task: str) -> int:
-        """Samples in the task's contribution Fisher (all seen, not only the stored ones)."""
-        return self.fisher_state(task)[1]
+        """Samples in the task's contribution Fisher (all seen, not only the stored ones;
+        sharded: the synced ones, the same on every rank)."""
+        state = self._tasks.get(task)
+        if state is None:
+            return 0
+        return state.synced_count + (0 if self.shards.sharded else state.fisher_count)
 
     def num_stored(self, task: str) -> int:
         return self.store.num_stored(task)
@@ -709,8 +745,11 @@ class FisherCollector:
         none does, the memory is freed (no persistent weight-sized copy per task) and the next
         call divides the sums again. ``{}`` (and a warning) for a task without samples; a
         warning below ``min_samples_for_fisher`` samples (once per sample count).
+
+        Sharded (FSDP2): the Fisher of the synced samples, whole; :meth:`materialise` made it
+        at the boundary, else it is gathered now (a collective: every rank calls it).
         """
-        cached = self._fisher_cache.get(task)
+        cached = self._whole.get(task) or self._fisher_cache.get(task)
         if cached is not None:
             return cached
         sums, count = self.fisher_state(task)
@@ -729,14 +768,28 @@ class FisherCollector:
         return out
 
     def fisher_state(self, task: str) -> tuple[dict[str, torch.Tensor], int]:
-        """``(sum of C_i, count)`` behind :meth:`fisher` (synced total plus local since the sync)."""
+        """``(sum of C_i, count)`` behind :meth:`fisher` (synced total plus local since the sync;
+        sharded: the synced total, gathered whole, a collective)."""
         state = self._tasks.get(task)
         if state is None:
             return {}, 0
+        if self.shards.sharded:
+            if state.synced_count == 0:
+                return {}, 0
+            sums = {n: self.shards.whole(n, self._synced_block(state, n)) for n in self.param_names}
+            return sums, state.synced_count
         if not state.synced_sum:
             return state.fisher_sum, state.fisher_count
-        sums = {n: state.synced_sum[n] + state.fisher_sum[n] for n in state.synced_sum}
+        pending = state.fisher_sum
+        sums = {n: s + pending[n] if n in pending else s for n, s in state.synced_sum.items()}
         return sums, state.synced_count + state.fisher_count
+
+    def _synced_block(self, state: _TaskState, name: str) -> torch.Tensor:
+        """This rank's block of the synced sum of ``name`` (zeros before any sync)."""
+        block = state.synced_sum.get(name)
+        if block is None:
+            block = self.shards.rows(name, torch.zeros(self.param_shapes[name], device=self.device)).clone()
+        return block
 
     @property
     def contribution_cache(self) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
@@ -765,14 +818,14 @@ class FisherCollector:
         out: dict[str, int] = {}
         for task, state in self._tasks.items():
             out[f"fisher_sum[{task}]"] = tensor_bytes([state.fisher_sum, state.synced_sum], seen)
-            out[f"ema[{task}]"] = tensor_bytes(state.ema, seen)
-        out["fisher_cache"] = tensor_bytes(self._fisher_cache, seen)
+            out[f"ema[{task}]"] = tensor_bytes([state.ema, state.ema_pending], seen)
+        out["fisher_cache"] = tensor_bytes([self._fisher_cache, self._whole], seen)
         for group, n in self.store.memory_ledger(seen).items():
             out[f"store.{group}"] = n
         return {k: v for k, v in out.items() if v}
 
     # ------------------------------------------------------------------ distributed
-    def sync(self, tasks: Iterable[str] | None = None) -> None:
+    def sync(self, tasks: Iterable[str] | None = None, *, materialise: bool = True) -> None:
         """Reduce the Fisher sums and counts across ``torch.distributed`` ranks (collective).
 
         Every rank must call it with the same tasks (in the same order). Like a torchmetrics
@@ -782,12 +835,17 @@ class FisherCollector:
         across ranks (each rank's EMA is over its local batches; with equal batch sizes the mean
         is the EMA of the global batch mean). Stored per-sample gradients stay local.
         No-op outside an initialised process group.
+
+        Sharded (FSDP2): the reduced sums and EMA are folded into this rank's blocks and the
+        whole ones of the steps since the last sync are freed; with ``materialise`` every task's
+        whole Fisher is then gathered for the readers of a boundary (:meth:`materialise`).
         """
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         device = collective_device()
         world = dist.get_world_size()
+        sharded = self.shards.sharded
         # Ranks may have met tasks in different orders (or not at all): reduce the sorted union.
         gathered: list[list[str] | None] = [None] * world
         dist.all_gather_object(gathered, sorted(tasks if tasks is not None else self.tasks))
@@ -795,8 +853,9 @@ class FisherCollector:
             state = self._task(task)
             has_ema = float(state.ema_steps > 0)
             trace = float(state.ema_trace) if state.ema_trace is not None else 0.0
+            decay = has_ema * self.ema_decay**state.ema_since  # sharded: what is left of the synced EMA
             count = torch.tensor(
-                [float(state.fisher_count), float(state.ema_steps), has_ema, trace],
+                [float(state.fisher_count), float(state.ema_steps), has_ema, trace, decay],
                 dtype=torch.float64,
                 device=device,
             )
@@ -812,27 +871,81 @@ class FisherCollector:
                 )
                 dist.all_reduce(t)
                 home = self._home_device(name, local, state.synced_sum.get(name))
+                if sharded:
+                    t = self.shards.rows(name, t).clone()  # this rank's block; the whole is freed
                 state.synced_sum[name] = state.synced_sum.get(name, torch.zeros_like(t, device=home)) + t.to(
                     home
                 )
-                state.fisher_sum[name] = torch.zeros_like(state.synced_sum[name])
                 if not self.ema_entries:
                     continue
-                ema = state.ema.get(name)
+                ema = state.ema_pending.get(name) if sharded else state.ema.get(name)
                 e = ema.to(device) if ema is not None else torch.zeros(self.param_shapes[name], device=device)
                 dist.all_reduce(e)
-                if count[2] > 0:  # mean over the ranks that have an EMA for this task
+                if count[2] <= 0:
+                    continue
+                if not sharded:  # mean over the ranks that have an EMA for this task
                     state.ema[name] = (e / count[2]).to(home)
+                    continue
+                # mean over those ranks of beta**k_r * (the synced EMA) + their pending steps
+                block = self.shards.rows(name, e).clone().div_(count[2]).to(home)
+                if name in state.ema:
+                    block.add_(state.ema[name], alpha=float(count[4] / count[2]))
+                state.ema[name] = block
+            state.fisher_sum = {}  # what arrives next starts a new sum
+            if sharded:
+                state.ema_pending, state.ema_since = {}, 0
             state.synced_count += int(count[0].item())
             state.fisher_count = 0
             state.ema_steps = round(count[1].item() / max(count[2].item(), 1.0))
             self._fisher_cache.pop(task, None)
+            self._whole.pop(task, None)
+        if sharded and materialise:
+            self.materialise()
+
+    def materialise(self) -> None:
+        """Sharded (FSDP2): gather the whole Fisher (of the synced samples) of every task that
+        has none gathered, kept for :meth:`fisher` until :meth:`release_whole` (the readers of a
+        boundary: QK-OV maps, the forgetting monitor, the whitening, trace logging). A
+        collective over every rank's tasks (sorted); a no-op without sharding."""
+        if not self.shards.sharded:
+            return
+        world = torch.distributed.get_world_size()
+        gathered: list[dict[str, int] | None] = [None] * world
+        torch.distributed.all_gather_object(gathered, {t: s.synced_count for t, s in self._tasks.items()})
+        counts: dict[str, int] = {}
+        for rank in gathered:
+            for task, n in (rank or {}).items():
+                counts[task] = max(counts.get(task, 0), n)
+        for task in sorted(t for t, n in counts.items() if n > 0 and t not in self._whole):
+            self._task(task).synced_count = counts[task]  # a rank that never met it gathers too
+            sums, count = self.fisher_state(task)
+            self._whole[task] = _FisherMeans((n, s.div_(count)) for n, s in sums.items())
+
+    def release_whole(self) -> None:
+        """Free the whole Fisher :meth:`materialise` gathered (sharded; nothing otherwise)."""
+        self._whole.clear()
+
+    def set_shards(self, shards: Shards) -> None:
+        """Keep the synced sums and EMA as ``shards``' blocks from now on (a model FSDP2 sharded
+        after the collector was made, e.g. by Lightning's ``configure_model``, or a checkpoint
+        of whole tensors loaded before): whole tensors kept so far are cut to this rank's rows."""
+        if shards.sharded == self.shards.sharded:
+            self.shards = shards
+            return
+        if not shards.sharded:
+            raise ValueError("the collector's state is sharded: it cannot go back to whole tensors")
+        self.shards = shards
+        for state in self._tasks.values():
+            state.synced_sum = {n: shards.rows(n, t).clone() for n, t in state.synced_sum.items()}
+            state.ema = {n: shards.rows(n, t).clone() for n, t in state.ema.items()}
+        self._fisher_cache.clear()
 
     def drop_unsynced(self) -> None:
         """Forget the Fisher sums added since the last :meth:`sync` (see FisherMonitor resume)."""
         for state in self._tasks.values():
-            state.fisher_sum = {n: torch.zeros_like(t) for n, t in state.fisher_sum.items()}
+            state.fisher_sum = {}
             state.fisher_count = 0
+            state.ema_pending, state.ema_since = {}, 0
         self._fisher_cache.clear()
 
     @staticmethod
@@ -848,9 +961,11 @@ class FisherCollector:
         if task is None:
             self._tasks.clear()
             self._fisher_cache.clear()
+            self._whole.clear()
         else:
             self._tasks.pop(task, None)
             self._fisher_cache.pop(task, None)
+            self._whole.pop(task, None)
         self.store.reset(task)
         self._rebalance()
 
@@ -862,15 +977,23 @@ class FisherCollector:
                 (``n_stored * bytes_per_sample`` per task): the restored collector keeps every
                 Fisher sum, count and EMA, and its reservoirs start empty (``seen`` 0, so they
                 refill as uniform samples of what comes after the resume).
+
+        Sharded (FSDP2): a collective. What the ranks added since the last sync is synced
+        first, and the sums and EMA are gathered whole, so the state is the one a DDP run
+        would save and resumes on any number of ranks.
         """
+        whole = self.shards.whole
+        if self.shards.sharded:
+            self.sync(materialise=False)
         tasks = {}
-        for name, s in self._tasks.items():
+        for name in sorted(self._tasks) if self.shards.sharded else self._tasks:
+            s = self._tasks[name]
             tasks[name] = {
                 "fisher_sum": {p: t.clone() for p, t in s.fisher_sum.items()},
                 "fisher_count": s.fisher_count,
-                "synced_sum": {p: t.clone() for p, t in s.synced_sum.items()},
+                "synced_sum": {p: whole(p, t).clone() for p, t in sorted(s.synced_sum.items())},
                 "synced_count": s.synced_count,
-                "ema": {p: t.clone() for p, t in s.ema.items()},
+                "ema": {p: whole(p, t).clone() for p, t in sorted(s.ema.items())},
                 "ema_trace": None if s.ema_trace is None else float(s.ema_trace),
                 "ema_steps": s.ema_steps,
                 "next_id": s.next_id,
@@ -906,6 +1029,9 @@ class FisherCollector:
                 trace = sum(float(v.float().sum()) for v in s["ema"].values())
             t.ema_trace = None if trace is None else torch.tensor(float(trace))
             self._tasks[name] = t
+        if self.shards.sharded:  # this rank's blocks of the whole sums and EMA
+            shards, self.shards = self.shards, Shards()
+            self.set_shards(shards)
         store = state.get("store")
         if store is None:  # checkpoints of the first version: exact rows inside each task
             store = {

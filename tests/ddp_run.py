@@ -30,3 +30,20 @@ def run_ddp_script(script: Path, *args: str, cwd: Path, timeout: float = 600) ->
         pytest.fail(f"{Path(script).name} hung: {str(err.stderr)[-3000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def run_torchrun(script: Path, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node 2 script args`` (CPU, gloo,
+    one OpenMP thread, a free port: other tests may run beside it), failing the test on a hang or
+    a non-zero exit as :func:`run_ddp_script` does."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launcher, str(script)]
+    try:
+        proc = subprocess.run(
+            [*command, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{Path(script).name} hung: {str(err.stderr)[-3000:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -90,6 +90,7 @@ def main(kind: str, out: str, ckpt_dir: str | None = None, resume: str | None = 
                 },
                 "history": rm.history,
                 "ledger": rm.memory_ledger(),
+                "fisher_ledger": fm.memory_ledger(),
                 "warnings": [str(w.message) for w in caught if "Monitor" in str(w.message)],
                 "all_warnings": [f"{w.filename}:{w.lineno}: {w.message}" for w in caught],
             },

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from ddp_run import run_torchrun
 from reference import assert_close_rel, microbatch_gradients
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainingArguments
@@ -339,24 +339,7 @@ def test_resume_from_a_trainer_checkpoint_continues_the_monitors(tmp_path):
 def _torchrun(script: str, *argv, out: Path, cwd: Path) -> dict:
     """``python -m torch.distributed.run --nproc_per_node 2 tests/{script} {argv}`` (CPU, gloo, one
     OpenMP thread); what rank 0 wrote to ``out``."""
-    import subprocess
-    import sys
-
-    path = Path(__file__).parent / script
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(path)]
-    try:
-        proc = subprocess.run(
-            [*command, *map(str, argv)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-            cwd=cwd,
-        )
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{script} hung: {str(err.stderr)[-3000:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(Path(__file__).parent / script, *argv, cwd=cwd)
     return torch.load(out, weights_only=False)
 
 

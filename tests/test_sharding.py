@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_run import run_ddp_script
+from ddp_run import run_ddp_script, run_torchrun
+from reference import assert_close_rel
 from tiny_models import tiny_causal_lm
 
 from fisher_callbacks.callbacks import FisherMonitor
 from fisher_callbacks.engine.sharding import Shards, check_supported, sharding_of
 
 SCRIPT = Path(__file__).parent / "fsdp2_script.py"
+FULLY_SHARD = Path(__file__).parent / "fully_shard_script.py"
 
 
 def _close(a: float, b: float, rel: float = 1e-4, floor: float = 1e-7) -> bool:
@@ -58,6 +60,11 @@ def test_fsdp2_gives_the_fisher_qkov_and_forgetting_of_ddp(runs):
     # per-rank state: this rank's shards (half of the whole tensors on 2 ranks)
     for group in ("anchor", "anchor_fisher", "base", "grads"):
         assert fsdp["ledger"][group] * 2 == ddp["ledger"][group], group
+    # and the FisherMonitor's Fisher sums of every task (its stored per-sample rows are per rank)
+    sums = [g for g in ddp["fisher_ledger"] if g.startswith("collector.fisher_sum[")]
+    assert len(sums) == 2, ddp["fisher_ledger"]
+    for group in sums:
+        assert fsdp["fisher_ledger"][group] * 2 == ddp["fisher_ledger"][group], group
     assert not any("FSDP2" in w or "failed" in w for w in fsdp["warnings"])
     assert not any("DTensor" in w or "sharding strategy" in w for w in fsdp["all_warnings"])
 
@@ -95,6 +102,51 @@ def test_fsdp2_resumed_from_a_distributed_checkpoint_gives_the_uninterrupted_for
     for key, value in whole["metrics"].items():
         if key.startswith("forgetting/") and "/damage_" not in key:
             assert _close(resumed["metrics"][key], value, rel=1e-5), key
+
+
+def test_a_plain_fully_shard_loop_keeps_the_fisher_as_shards_and_gives_the_whole_one(tmp_path):
+    """torch's own fully_shard, a plain loop (no Lightning): the collector keeps this rank's half
+    of the Fisher sums and EMA, and gives the Fisher, EMA and state of both ranks' samples,
+    checked against one process that watches the two ranks' batches and takes the same steps."""
+    from fully_shard_script import LR, batches
+    from tiny_models import tiny_causal_lm
+
+    from fisher_callbacks import FisherCollector
+
+    out = tmp_path / "fully_shard.pt"
+    run_torchrun(FULLY_SHARD, out, cwd=tmp_path, timeout=300)
+    got = torch.load(out, weights_only=False)
+    model = tiny_causal_lm("gpt2", seed=0)
+    ranks = [FisherCollector(model, store="exact", ema_entries=True) for _ in range(2)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    for step_batches in zip(batches(0), batches(1)):
+        for collector, batch in zip(ranks, step_batches):
+            collector.collect({k: v for k, v in batch.items() if k != "sample_id"}, "math")
+            collector.update_ema({k: v for k, v in batch.items() if k != "sample_id"}, "math")
+        loss = sum(model(**{k: v for k, v in b.items() if k != "sample_id"}).loss for b in step_batches) / 2
+        loss.backward()  # FSDP2's gradient: the mean over the ranks of each rank's mean loss
+        optimizer.step()
+        optimizer.zero_grad()
+    count = sum(c.num_samples("math") for c in ranks)
+    assert got["num_samples"] == count == 24
+    sums = {n: sum(c.fisher_state("math")[0][n] for c in ranks) for n in got["fisher"]}
+    ema = {n: (ranks[0].fisher_ema("math")[n] + ranks[1].fisher_ema("math")[n]) / 2 for n in got["ema"]}
+    assert sorted(got["fisher"]) == sorted(ranks[0].param_names) == sorted(got["ema"])
+    for name in got["fisher"]:
+        assert_close_rel(got["fisher"][name], sums[name] / count, rtol=1e-4)
+        assert_close_rel(got["ema"][name], ema[name], rtol=1e-4)
+        # the state holds whole tensors: it resumes on any number of ranks
+        assert_close_rel(got["state"]["tasks"]["math"]["synced_sum"][name], sums[name], rtol=1e-4)
+    trace = sum(c.fisher_ema_trace("math") for c in ranks) / 2
+    assert got["ema_trace"] == pytest.approx(trace, rel=1e-4)
+    # per rank: half of the whole Fisher sums and EMA; the gathered Fisher only until released
+    whole = sum(t.numel() * 4 for t in got["fisher"].values())
+    assert got["ledger"]["fisher_sum[math]"] * 2 == whole == got["ledger"]["ema[math]"] * 2
+    assert got["ledger"]["fisher_cache"] == whole and "fisher_cache" not in got["ledger_released"]
+    resumed = FisherCollector(tiny_causal_lm("gpt2", seed=0), store="exact", ema_entries=True)
+    resumed.load_state_dict(got["state"])
+    for name, f in resumed.fisher("math").items():
+        assert_close_rel(f, got["fisher"][name], rtol=1e-6)
 
 
 def _imitate(model, attribute: str, value) -> torch.nn.Module:

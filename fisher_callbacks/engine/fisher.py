@@ -28,7 +28,7 @@ from .host import Host
 from .probe import ProbeRunner
 from .ranks import WarningRelay, log_agreed
 from .readings import ProbeReading
-from .sharding import check_supported, parameters
+from .sharding import Shards, check_supported, parameters
 from .steps import StepCapture
 
 log = logging.getLogger("fisher_callbacks")
@@ -192,7 +192,12 @@ class FisherEngine:
             self.capture.remove()
 
     def finish(self) -> None:
-        """End of training: the warnings of the last steps (every rank calls it: a collective)."""
+        """End of training: the warnings of the last steps (every rank calls it: a collective);
+        under FSDP2 the last steps' sums are synced and the whole Fisher gathered, so that
+        :meth:`FisherCollector.fisher` after the fit is no collective."""
+        if self.collector is not None and self.collector.shards.sharded:
+            with self._relay.catch():
+                self.collector.sync()
         self._relay.flush()
 
     def _resolve_layout(self, module: torch.nn.Module) -> AttentionLayout:
@@ -232,6 +237,8 @@ class FisherEngine:
         samples: names are matched through :func:`~fisher_callbacks.layouts.canonical_name`."""
         if self.collector is None:
             return
+        if not self.collector.shards.sharded:  # FSDP2 shards the model after prepare (Lightning)
+            self.collector.set_shards(Shards.of(module))
         params = dict(module.named_parameters())
         names = self.layout.monitored_parameters()
         if all(n in params and params[n].requires_grad for n in names):

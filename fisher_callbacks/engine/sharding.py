@@ -84,6 +84,7 @@ class Shards:
         self.group: Any = None
         self._first = True  # this rank is the group's first: it holds the whole tensors' terms
         self._blocks: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # name -> offset, shape
+        self._shapes: dict[str, tuple[int, ...]] = {}  # name -> the whole parameter's shape
         self._sharded: set[str] = set()
         if module is None:
             return
@@ -111,6 +112,7 @@ class Shards:
                 shape = tuple(p.shape) if self._first else (0, *p.shape[1:])
                 offset = (0,) * p.dim()
             self._blocks[name] = (tuple(offset), tuple(shape))
+            self._shapes[name] = tuple(p.shape)
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> Shards:
@@ -138,6 +140,18 @@ class Shards:
             return whole
         offset, shape = self._blocks[name]
         return whole[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+    def whole(self, name: str, block: torch.Tensor) -> torch.Tensor:
+        """The whole tensor of parameter ``name``'s shape from every rank's ``block`` (what
+        :meth:`rows` took from it), on ``block``'s device: ``block`` itself without sharding. A
+        collective over the shard group: every rank calls it, for the same names in the same
+        order. Exact in any dtype (each entry is one rank's, the others add zeros)."""
+        if self.group is None or name not in self._blocks:
+            return block
+        out = torch.zeros(self._shapes[name], dtype=block.dtype, device=collective_device(self.group))
+        self.rows(name, out).copy_(block)
+        torch.distributed.all_reduce(out, group=self.group)
+        return out.to(block.device)
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         """The sum of ``t`` over the shard group (fp64 on the wire), in ``t``'s dtype; ``t``

@@ -49,6 +49,8 @@ class StepCapture:
         self._captured: CapturedSum | None = None  # this step's captured sums, for the .grad check
         self._grad_checked = False  # the .grad check runs once per fit
         self._ema_step: int | None = None  # optimizer step of the last EMA update
+        self._step: int | None = None  # optimizer step of the last micro-batch (sharded fold)
+        self._fold_due = False  # the last step added whole sums a sharded collector folds
 
     def start(self, host: Host, batch: Any, scale: torch.Tensor | None = None) -> None:
         """Before a training micro-batch's forward: arm the capture when the step is flagged
@@ -61,6 +63,8 @@ class StepCapture:
         """
         self._pending = None
         engine = self.engine
+        if engine.collector is not None and engine.collector.shards.sharded and host.step != self._step:
+            self._fold(host.step)
         if self.failed or engine.capture is None:
             return
         if not isinstance(batch, Mapping) or "labels" not in batch:
@@ -90,6 +94,19 @@ class StepCapture:
                 f"scale must have shape [{size}] (one factor per sample), got {tuple(scale.shape)}"
             )
         self._arm(host, batch, samples, scale.float() / self.loss_factor)
+
+    def _fold(self, step: int) -> None:
+        """First micro-batch of optimizer step ``step`` under FSDP2: the whole sums (and
+        per-entry EMA steps) the last step added are synced into this rank's blocks, and the
+        whole Fisher of the last boundary is freed. Decided by the step numbers alone, so every
+        rank joins the collective, whatever its capture did."""
+        engine, collector = self.engine, self.engine.collector
+        if self._fold_due:
+            collector.sync(materialise=False)
+        collector.release_whole()
+        ema = engine.ema_samples_per_step and step % engine.ema_every_n_steps == 0
+        self._fold_due = engine.is_flagged(step) or bool(ema and collector.ema_entries)
+        self._step = step
 
     def _arm(
         self, host: Host, batch: Mapping[str, Any], samples: torch.Tensor | None, scale: torch.Tensor
