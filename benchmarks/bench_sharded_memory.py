@@ -5,12 +5,16 @@ A TinyGPT (GPT-2 blocks, ``--n-layer``/``--n-embd``, random init) runs a short C
 theta_b and the probe-gradient rows over every trainable parameter), once under Lightning's DDP
 and once under ``ModelParallelStrategy`` with ``fully_shard`` on every block and the root. Each
 rank's ledger (:func:`fisher_callbacks.memory.suite_ledger`, the model's own parameters and
-gradients not counted) is printed per group: under FSDP2 the forgetting monitor's per-parameter
-state (anchor, anchor Fisher, theta_b, probe-gradient rows) and the FisherMonitor's probe
-gradients are this rank's shards, about ``1/world`` of DDP's; the Fisher sums of the Q/K/V/O
-weights stay whole on every rank.
+gradients not counted) is printed per group, taken after the last training step (before its
+boundary: what the monitors keep between boundaries). Under FSDP2 the forgetting monitor's
+per-parameter state (anchor, anchor Fisher, theta_b, probe-gradient rows), the FisherMonitor's
+probe gradients and its Fisher sums of the Q/K/V/O weights are this rank's shards, ``1/world`` of
+DDP's. Not sharded: the stored per-sample rows (each rank's own samples; ``--store sketch`` keeps
+them as per-head sketches, the store ``"auto"`` picks past the smallest models) and the sketch
+store's frozen whitening.
 
-Run: ``python benchmarks/bench_sharded_memory.py [--world 2] [--n-layer 4] [--n-embd 128]``.
+Run: ``python benchmarks/bench_sharded_memory.py [--world 2] [--n-layer 4] [--n-embd 128]
+[--store auto|exact|sketch]``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def child(kind: str, world: int, out: str, n_layer: int, n_embd: int) -> None:
+def child(kind: str, world: int, out: str, n_layer: int, n_embd: int, store: str) -> None:
     import lightning.pytorch as pl
     import torch
 
@@ -35,10 +39,20 @@ def child(kind: str, world: int, out: str, n_layer: int, n_embd: int) -> None:
     from fisher_callbacks.memory import suite_ledger
     from lightning_examples.synthetic import ShardedGPT, SyntheticTasks
 
+    class LastStep(pl.Callback):
+        """The suite's ledger after the last training step (before its boundary)."""
+
+        def __init__(self) -> None:
+            self.ledger: dict = {}
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == trainer.max_steps:
+                self.ledger = suite_ledger([fm, qm, rm], model)
+
     torch.manual_seed(0)
     model = ShardedGPT(n_layer=n_layer, n_head=4, n_embd=n_embd, pretrain_steps=0)
     dm = SyntheticTasks(n_train=16 * world, n_val=8, n_probe=8, batch_size=4)
-    fm = FisherMonitor(train_task="math", reference_tasks=["general"], capture_every_n_steps=2)
+    fm = FisherMonitor(train_task="math", reference_tasks=["general"], capture_every_n_steps=2, store=store)
     qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=10)
     rm = ForgettingRiskMonitor(fm, reference_tasks=["general"])
     if kind == "fsdp2":
@@ -60,12 +74,12 @@ def child(kind: str, world: int, out: str, n_layer: int, n_embd: int) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[fm, qm, rm],
+        callbacks=[fm, qm, rm, last := LastStep()],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, datamodule=dm)
-    ledger = suite_ledger([fm, qm, rm], model)
+    ledger = last.ledger
     trainable = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, {"ledger": ledger, "weights": trainable * 4})
@@ -78,11 +92,12 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--store", default="auto", choices=("auto", "exact", "sketch"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.world, args.out, args.n_layer, args.n_embd)
+        child(args.child, args.world, args.out, args.n_layer, args.n_embd, args.store)
         return
     env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
     runs = {}
@@ -90,13 +105,16 @@ def main() -> None:
         for kind in ("ddp", "fsdp2"):
             out = Path(tmp) / f"{kind}.json"
             cmd = [sys.executable, __file__, "--child", kind, "--out", str(out), "--world", str(args.world)]
-            cmd += ["--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd)]
+            cmd += ["--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd), "--store", args.store]
             proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(proc.stderr[-3000:])
             runs[kind] = json.loads(out.read_text())
     groups = sorted({g for run in runs.values() for rank in run for g in rank["ledger"]})
-    print(f"world={args.world}, TinyGPT n_layer={args.n_layer} n_embd={args.n_embd}; bytes held per rank")
+    print(
+        f"world={args.world}, TinyGPT n_layer={args.n_layer} n_embd={args.n_embd}, store={args.store}; "
+        "bytes held per rank after the last training step"
+    )
     head = f"{'group':44s}" + "".join(f"{k} r{r:<10d}" for k in runs for r in range(args.world))
     print(head + "fsdp2/ddp (rank 0)")
     for g in groups:

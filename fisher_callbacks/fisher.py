@@ -684,12 +684,9 @@ class FisherCollector:
         return list(self._tasks)
 
     def num_samples(self, task: str) -> int:
-        """Samples in the task's contribution Fisher (all seen, not only the stored ones;
-        sharded: the synced ones, the same on every rank)."""
+        """Samples in the task's contribution Fisher (all seen, not only the stored ones)."""
         state = self._tasks.get(task)
-        if state is None:
-            return 0
-        return state.synced_count + (0 if self.shards.sharded else state.fisher_count)
+        return 0 if state is None else state.synced_count + state.fisher_count
 
     def num_stored(self, task: str) -> int:
         return self.store.num_stored(task)
@@ -746,16 +743,19 @@ class FisherCollector:
         call divides the sums again. ``{}`` (and a warning) for a task without samples; a
         warning below ``min_samples_for_fisher`` samples (once per sample count).
 
-        Sharded (FSDP2): the Fisher of the synced samples, whole; :meth:`materialise` made it
-        at the boundary, else it is gathered now (a collective: every rank calls it).
+        Sharded (FSDP2): whole; :meth:`materialise` made it at the boundary, else it is
+        gathered now (see :meth:`fisher_state`: a collective once samples were synced, so every
+        rank calls it then).
         """
         cached = self._whole.get(task) or self._fisher_cache.get(task)
-        if cached is not None:
-            return cached
-        sums, count = self.fisher_state(task)
-        if count == 0:
-            warnings.warn(f"no samples for task {task!r}: its Fisher is empty", stacklevel=2)
-            return {}
+        if cached is None:
+            sums, count = self.fisher_state(task)
+            if count == 0:
+                warnings.warn(f"no samples for task {task!r}: its Fisher is empty", stacklevel=2)
+                return {}
+            cached = _FisherMeans((n, s / float(count)) for n, s in sums.items())
+            self._fisher_cache[task] = cached
+        count = self.num_samples(task)
         if count < self.min_samples_for_fisher and self._fisher_warned.get(task) != count:
             self._fisher_warned[task] = count
             warnings.warn(
@@ -763,21 +763,23 @@ class FisherCollector:
                 f"(< min_samples_for_fisher={self.min_samples_for_fisher}): noisy estimate",
                 stacklevel=2,
             )
-        out = _FisherMeans((n, s / float(count)) for n, s in sums.items())
-        self._fisher_cache[task] = out
-        return out
+        return cached
 
     def fisher_state(self, task: str) -> tuple[dict[str, torch.Tensor], int]:
-        """``(sum of C_i, count)`` behind :meth:`fisher` (synced total plus local since the sync;
-        sharded: the synced total, gathered whole, a collective)."""
+        """``(sum of C_i, count)`` behind :meth:`fisher` (synced total plus local since the sync).
+        Sharded (FSDP2): the synced total is gathered whole, a collective once a sync has
+        counted samples of the task (a count the same on every rank), none before."""
         state = self._tasks.get(task)
         if state is None:
             return {}, 0
         if self.shards.sharded:
+            pending, count = state.fisher_sum, state.synced_count + state.fisher_count
             if state.synced_count == 0:
-                return {}, 0
+                return pending, count
             sums = {n: self.shards.whole(n, self._synced_block(state, n)) for n in self.param_names}
-            return sums, state.synced_count
+            for n, t in pending.items():
+                sums[n] += t
+            return sums, count
         if not state.synced_sum:
             return state.fisher_sum, state.fisher_count
         pending = state.fisher_sum
@@ -922,8 +924,16 @@ class FisherCollector:
             self._whole[task] = _FisherMeans((n, s.div_(count)) for n, s in sums.items())
 
     def release_whole(self) -> None:
-        """Free the whole Fisher :meth:`materialise` gathered (sharded; nothing otherwise)."""
+        """Free the whole Fisher :meth:`materialise` gathered and keep only this rank's rows of
+        a sketch store's whitening (sharded; nothing otherwise)."""
         self._whole.clear()
+        self.store.park_whitening(self.shards)
+
+    def gather_whitening(self) -> None:
+        """Sharded (FSDP2) sketch store: the whole whitening back from every rank's rows, before
+        samples are sketched (a collective while it is parked: every rank calls it; the
+        FisherEngine does at each captured step and probe pass). Nothing otherwise."""
+        self.store.unpark_whitening(self.shards)
 
     def set_shards(self, shards: Shards) -> None:
         """Keep the synced sums and EMA as ``shards``' blocks from now on (a model FSDP2 sharded
@@ -948,12 +958,12 @@ class FisherCollector:
             state.ema_pending, state.ema_since = {}, 0
         self._fisher_cache.clear()
 
-    @staticmethod
-    def _home_device(name: str, *candidates: torch.Tensor | None) -> torch.device:
+    def _home_device(self, name: str, *candidates: torch.Tensor | None) -> torch.device:
+        """Where the sums of ``name`` live: those kept so far, else the monitored weights'."""
         for t in candidates:
             if t is not None:
                 return t.device
-        return torch.device("cpu")
+        return self.device
 
     # ------------------------------------------------------------------ state
     def reset(self, task: str | None = None) -> None:
@@ -985,6 +995,7 @@ class FisherCollector:
         whole = self.shards.whole
         if self.shards.sharded:
             self.sync(materialise=False)
+            self.gather_whitening()
         tasks = {}
         for name in sorted(self._tasks) if self.shards.sharded else self._tasks:
             s = self._tasks[name]

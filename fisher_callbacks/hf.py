@@ -439,10 +439,11 @@ class FisherTrainerCallback(TrainerCallback):
         """Every engine's state beside the Trainer's checkpoint (``checkpoint-{step}/``
         :data:`STATE_FILE`, rank zero), so ``train(resume_from_checkpoint=...)`` resumes the
         monitors too (their anchor, histories, Fisher sums and store). Under FSDP2 every rank
-        takes the state (the forgetting engine gathers every rank's shards, a collective)."""
+        takes the state (the engines gather every rank's shards, a collective)."""
         if not self._training:
             return
-        sharded = self.forgetting is not None and self.forgetting.tracker.shards.sharded
+        collector = self.fisher.collector
+        sharded = collector is not None and collector.shards.sharded
         own = self.state_dict() if sharded else None
         if not state.is_world_process_zero:
             return

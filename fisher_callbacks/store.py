@@ -227,7 +227,12 @@ class HeadMajor:
         return out.movedim(0, self.axis).contiguous()
 
 
-_LEDGER_NAMES = {"white_views": "whitening", "white_plain": "whitening_uncovered", "proj": "projections"}
+_LEDGER_NAMES = {
+    "white_views": "whitening",
+    "white_rows": "whitening",
+    "white_plain": "whitening_uncovered",
+    "proj": "projections",
+}
 
 
 class GradientStore(ABC):
@@ -262,6 +267,15 @@ class GradientStore(ABC):
     def set_whitening(self, fisher: Mapping[str, Tensor]) -> None:
         """Freeze the whitening of the next rows from ``{name: F_w}`` (:attr:`whitened` stores)."""
         raise TypeError(f"a {self.kind!r} store keeps raw gradients: it takes no whitening")
+
+    def park_whitening(self, shards: Any) -> None:
+        """Keep only ``shards``' rows of the whitening (FSDP2, between the steps that make rows);
+        nothing for a store without one."""
+        del shards  # a store of raw gradients keeps no whitening
+
+    def unpark_whitening(self, shards: Any) -> None:
+        """The whole whitening back from every rank's rows (a collective when it is parked)."""
+        del shards  # nothing is ever parked in a store of raw gradients
 
     def __init__(
         self,
@@ -755,6 +769,7 @@ class SketchStore(GradientStore):
         self._has_white = False
         self._white_views: dict[tuple[str, bool], Tensor] = {}  # the whitening (see ``whitening``)
         self._white_plain: dict[str, Tensor] = {}  # parameters the views do not cover
+        self._white_rows: dict[str, Tensor] = {}  # parked (FSDP2): this rank's rows of sqrt(D_w)
         self._head_major: dict[str, HeadMajor | None] = {}
         self._segment: dict[str, int] = {}  # (layer, block) key -> its offset in head-major rows
 
@@ -822,7 +837,7 @@ class SketchStore(GradientStore):
         whose entries the views do not cover: at most one parameter's plain whitening is alive
         besides the views."""
         self._white_views.clear()
-        self._white_plain = {}
+        self._white_plain, self._white_rows = {}, {}
         for name in self.param_names:
             t = white[name]
             if from_fisher:
@@ -838,6 +853,24 @@ class SketchStore(GradientStore):
             if covered is None or not bool(covered.all()):
                 self._white_plain[name] = t
         self._has_white = True
+
+    def park_whitening(self, shards: Any) -> None:
+        """Keep only this rank's rows (``shards.rows``, natural shape) of ``sqrt(D_w)`` and free
+        the per-slice views (FSDP2, between the steps that sketch: the whitening is a tensor of
+        the monitored weights' size). No-op without sharding, a whitening, or when parked."""
+        if not (shards.sharded and self._has_white and self._white_views):
+            return
+        self._white_rows = {n: shards.rows(n, self._natural_white(n)).clone() for n in self.param_names}
+        self._white_views.clear()
+        self._white_plain = {}
+
+    def unpark_whitening(self, shards: Any) -> None:
+        """Rebuild the views from every rank's parked rows (``shards.whole``: a collective, every
+        rank calls it; no-op, and no collective, when nothing is parked)."""
+        if not self._white_rows:
+            return
+        rows, self._white_rows = self._white_rows, {}
+        self._set_white({n: shards.whole(n, rows.pop(n)) for n in self.param_names})
 
     def _make_view(self, group: _SliceGroup, is_bias: bool, white: Tensor) -> Tensor:
         if is_bias:
@@ -900,6 +933,11 @@ class SketchStore(GradientStore):
     def _write(self, staged: StagedRows, name: str, grad: Tensor, pos: Tensor) -> None:
         if not self._has_white:
             raise RuntimeError("SketchStore.write before set_whitening: no whitening Fisher yet")
+        if self._white_rows:
+            raise RuntimeError(
+                "SketchStore.write while the whitening is parked as this rank's rows (FSDP2): "
+                "FisherCollector.gather_whitening() on every rank first"
+            )
         m = grad.shape[0]
         for group, is_bias in self._by_param.get(name, ()):
             target = staged.rows[group.key]

@@ -4,8 +4,8 @@ monitors. Rank 0 writes the logged scalars, the Fisher traces, the forgetting hi
 and the monitors' warnings to argv[2]. One training batch per rank and epoch, so a run resumed
 from the step-2 checkpoint sees the batches of the uninterrupted one.
 
-Run: ``python tests/fsdp2_script.py {ddp|fsdp2}[-empty] OUT [CKPT_DIR [RESUME_FROM]]`` (``-empty``:
-rank 1's first probe batch has no targets): with ``CKPT_DIR`` a
+Run: ``python tests/fsdp2_script.py {ddp|fsdp2}[-empty|-sketch] OUT [CKPT_DIR [RESUME_FROM]]``
+(``-empty``: rank 1's first probe batch has no targets; ``-sketch``: the sketch store): with ``CKPT_DIR`` a
 checkpoint every 2 steps is written there (FSDP2: a distributed checkpoint directory); with
 ``RESUME_FROM`` the fit resumes from that checkpoint.
 """
@@ -36,15 +36,32 @@ class NoTargetsOnRankOne(SyntheticTasks):
         return batches
 
 
+class LastStepLedger(pl.Callback):
+    """The FisherMonitor's ledger after the last training step, before its boundary (what it
+    keeps between boundaries)."""
+
+    def __init__(self, monitor: FisherMonitor) -> None:
+        self.monitor, self.ledger = monitor, {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == trainer.max_steps:
+            self.ledger = self.monitor.memory_ledger()
+
+
 def main(kind: str, out: str, ckpt_dir: str | None = None, resume: str | None = None) -> None:
     torch.manual_seed(0)
     model = ShardedGPT(n_layer=2, n_head=4, n_embd=32, pretrain_steps=20, pretrain_lr=1e-2, lr=3e-3)
     model.pretrain_general()  # the same weights in every process before any sharding
     empty = kind.endswith("-empty")  # "fsdp2-empty": rank 1 probes a batch without targets
-    kind = kind.removesuffix("-empty")
+    sketch = kind.endswith("-sketch")  # "ddp-sketch": the sketch store (whitened per-head rows)
+    kind = kind.removesuffix("-empty").removesuffix("-sketch")
     dm = (NoTargetsOnRankOne if empty else SyntheticTasks)(n_train=8, n_val=8, n_probe=8, batch_size=4)
     fm = FisherMonitor(
-        train_task="math", reference_tasks=["general"], capture_every_n_steps=2, max_samples_per_task=32
+        train_task="math",
+        reference_tasks=["general"],
+        capture_every_n_steps=2,
+        max_samples_per_task=32,
+        store="sketch" if sketch else "auto",
     )
     qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=10)
     # fp32 probe-gradient rows: bf16 rounding of nearly equal fp32 sums could differ by one ulp
@@ -75,7 +92,7 @@ def main(kind: str, out: str, ckpt_dir: str | None = None, resume: str | None = 
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[fm, qm, rm, *saving],
+        callbacks=[fm, qm, rm, *saving, last := LastStepLedger(fm)],
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -91,6 +108,7 @@ def main(kind: str, out: str, ckpt_dir: str | None = None, resume: str | None = 
                 "history": rm.history,
                 "ledger": rm.memory_ledger(),
                 "fisher_ledger": fm.memory_ledger(),
+                "step_ledger": last.ledger,
                 "warnings": [str(w.message) for w in caught if "Monitor" in str(w.message)],
                 "all_warnings": [f"{w.filename}:{w.lineno}: {w.message}" for w in caught],
             },

@@ -69,6 +69,27 @@ def test_fsdp2_gives_the_fisher_qkov_and_forgetting_of_ddp(runs):
     assert not any("DTensor" in w or "sharding strategy" in w for w in fsdp["all_warnings"])
 
 
+def test_fsdp2_with_the_sketch_store_gives_the_fisher_and_qkov_of_ddp(tmp_path):
+    """The sketch store (what "auto" picks past the smallest models): its whitening is made
+    from the Fisher that FSDP2 keeps as shards, gathered whole at each boundary; the rows it
+    sketches and every Fisher and QK-OV value are those of DDP."""
+    got = {}
+    for kind in ("ddp-sketch", "fsdp2-sketch"):
+        run_ddp_script(SCRIPT, kind, tmp_path / f"{kind}.pt", cwd=tmp_path)
+        got[kind] = torch.load(tmp_path / f"{kind}.pt", weights_only=False)
+    ddp, fsdp = got["ddp-sketch"], got["fsdp2-sketch"]
+    keys = [k for k in ddp["metrics"] if k.startswith(("fisher/", "qkov/"))]
+    assert any(k.startswith("qkov/general_vs_math/") for k in keys), keys
+    assert sorted(k for k in fsdp["metrics"] if k.startswith(("fisher/", "qkov/"))) == sorted(keys)
+    for key in keys:
+        assert _close(fsdp["metrics"][key], ddp["metrics"][key]), key
+    assert fsdp["traces"] == pytest.approx(ddp["traces"], rel=1e-5)
+    assert not any("failed" in w or "no stored samples" in w for w in fsdp["warnings"])
+    # between boundaries each rank keeps its rows of the whitening (gathered to sketch a step)
+    group = "collector.store.whitening"
+    assert fsdp["step_ledger"][group] * 2 == ddp["step_ledger"][group] > 0
+
+
 def test_fsdp2_probe_batch_without_targets_on_one_rank_keeps_the_collectives_matched(tmp_path):
     """Rank 1's first probe batch has no target: under FSDP2 its probe backward (a collective,
     with an empty sum) still runs, so the fit neither hangs nor loses the forgetting metrics."""
@@ -81,14 +102,18 @@ def test_fsdp2_probe_batch_without_targets_on_one_rank_keeps_the_collectives_mat
 
 
 def test_fsdp2_resumed_from_a_distributed_checkpoint_gives_the_uninterrupted_forgetting(runs, tmp_path):
-    # ModelParallelStrategy writes the callbacks' states with rank 0's metadata only: each rank's
-    # shards of the anchor, theta_b and the probe gradients travel under "ranks" and come back on
-    # their rank (rank 1 given rank 0's shards predicts another drift)
+    # ModelParallelStrategy writes the callbacks' states with rank 0's metadata only: the anchor,
+    # theta_b and the probe gradients are gathered whole into it, and each rank cuts its rows back
+    # out at resume (rank 1 given rank 0's rows would predict another drift)
     ckpt = runs["ckpt"] / "epoch=1-step=2.ckpt"
     assert (ckpt / "meta.pt").is_file()
     meta = torch.load(ckpt / "meta.pt", weights_only=False)
-    (state,) = [v for k, v in meta["callbacks"].items() if k.startswith("ForgettingRiskMonitor")]
-    assert state["anchor"] is None and len(state["ranks"]) == 2
+    states = {k.split("{")[0]: v for k, v in meta["callbacks"].items()}
+    state, fisher = states["ForgettingRiskMonitor"], states["FisherMonitor"]["collector"]["tasks"]
+    assert "ranks" not in state
+    weight = "model.transformer.h.0.attn.c_attn.weight"
+    assert state["anchor"][weight].shape == state["prev"][weight].shape == (32, 96)
+    assert fisher["math"]["synced_sum"][weight].shape == (32, 96)
     out = tmp_path / "resumed.pt"
     run_ddp_script(SCRIPT, "fsdp2", out, tmp_path / "unused", ckpt, cwd=tmp_path)
     resumed, whole = torch.load(out, weights_only=False), runs["fsdp2"]

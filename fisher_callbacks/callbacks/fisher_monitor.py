@@ -77,8 +77,10 @@ class FisherMonitor(FisherEngine, BoundaryCallback):
     ``trainer.callback_metrics`` and the best checkpoint path, never callback state: after a
     spawned fit the parent's monitor is as it was before ``fit`` (no collector, no probe results).
     Read the logged metrics, or save a checkpoint (the monitor's state is in it) and load it, or
-    use ``strategy="ddp"``. FSDP works the same way for the hooks (they see the local shard of the
-    batch and the full, unsharded activations of each projection) but is not tested here.
+    use ``strategy="ddp"``. Under FSDP2 (``ModelParallelStrategy``, or ``fully_shard`` by hand)
+    the hooks see the local batch and each projection's whole activations as under DDP, and the
+    Fisher sums, per-entry EMA and a sketch store's whitening are kept as this rank's rows of the
+    weights (``docs/distributed.md``; tested equal to DDP on 2 CPU processes).
 
     Args:
         train_task: task name of training samples without a ``task_key`` entry.

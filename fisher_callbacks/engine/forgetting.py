@@ -27,12 +27,12 @@ from .forgetting_warning import WarningState
 from .host import Host
 from .ranks import WarningRelay, log_agreed
 from .readings import ProbeReading
-from .sharding import Shards, gather_rank_state, parameters, rank_state
+from .sharding import Shards, map_parameter_state, parameters
 
 if TYPE_CHECKING:
     from .fisher import FisherEngine
 
-PER_RANK = ("anchor", "anchor_fisher", "prev", "prev_grad")  # this rank's blocks under FSDP2
+PER_PARAMETER = ("anchor", "anchor_fisher", "prev", "prev_grad")  # this rank's blocks under FSDP2
 NAME = "ForgettingRiskMonitor"  # the prefix of its warnings and the owner in the memory ledger
 
 
@@ -122,6 +122,7 @@ class ForgettingEngine:
         self.fisher.resolve(host.module)  # names may have changed (compiled in setup)
         # FSDP2: the per-parameter state is this rank's shards, its sums reduced over the ranks
         self.tracker.shards = self.forecaster.shards = Shards.of(host.module)
+        self._to_blocks()  # a checkpoint loaded before (whole tensors)
         if self.tracker.anchor is None:
             self._fit_memory(host)
         self.prepare(host)
@@ -432,8 +433,8 @@ class ForgettingEngine:
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint entry (the format of the checkpoints of earlier versions). Under FSDP2
         a collective: the per-parameter state (anchor, anchor Fishers, theta_b, probe gradients)
-        is this rank's blocks, and every rank's go into the entry under ``"ranks"`` (see
-        :func:`~fisher_callbacks.engine.sharding.gather_rank_state`)."""
+        is this rank's blocks, gathered whole (:meth:`Shards.whole`, on the CPU), so the entry is
+        the one a DDP run saves and resumes on any number of ranks."""
         state = {
             **self.tracker.state_dict(),  # anchor, baseline, anchor_fisher, accumulators
             **self.forecaster.state_dict(self.checkpoint_params),  # prev, prev_grad
@@ -449,12 +450,17 @@ class ForgettingEngine:
             },
             "stopped_at": self.stopped_at,
         }
-        if self.tracker.shards.sharded:  # FSDP2: every rank's blocks, in the entry rank 0 saves
-            state = gather_rank_state(state, PER_RANK)
+        shards = self.tracker.shards
+        if shards.sharded:  # FSDP2: the whole tensors, in the entry rank 0 saves
+            state = map_parameter_state(state, PER_PARAMETER, lambda n, t: shards.whole(n, t).cpu())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = rank_state(state, PER_RANK)  # a state saved under FSDP2: this rank's blocks
+        if "ranks" in state:
+            raise ValueError(
+                "this forgetting state was saved under FSDP2 by an earlier version, as every "
+                "rank's shards; checkpoints now keep whole tensors: start the monitors afresh"
+            )
         fc = state.get("forecast", {})
         self.tracker.load_state_dict(state)
         self.forecaster.load_state_dict(state)
@@ -467,6 +473,27 @@ class ForgettingEngine:
         self.anchor_step = fc.get("anchor_step")
         self.warnings.load_state_dict(fc, self.history, self.anchor_step)
         self.stopped_at = state.get("stopped_at")
+        self._to_blocks()  # under FSDP2 (a strategy that restores after fit start): this rank's
+
+    def _to_blocks(self) -> None:
+        """The per-parameter state as this rank's blocks (:meth:`Shards.block`: a checkpoint's
+        whole tensors cut to this rank's rows; blocks and unsharded runs kept as they are)."""
+        shards = self.tracker.shards
+        if not shards.sharded:
+            return
+        state = map_parameter_state(
+            {
+                "anchor": self.tracker.anchor,
+                "anchor_fisher": self.tracker.anchor_fisher,
+                "prev": self.forecaster.base,
+                "prev_grad": self.forecaster.grads,
+            },
+            PER_PARAMETER,
+            shards.block,
+            collective=False,
+        )
+        self.tracker.anchor, self.tracker.anchor_fisher = state["anchor"], state["anchor_fisher"]
+        self.forecaster.base, self.forecaster.grads = state["prev"], state["prev_grad"]
 
 
 class BoundaryPass:

@@ -73,6 +73,7 @@ class ProbeRunner:
         """
         collector = self.engine.collector
         collector.reset(task)
+        collector.gather_whitening()  # FSDP2: a sketch store's whitening, whole to sketch the probes
         losses: list[torch.Tensor] = []
         total: dict[str, torch.Tensor] = {}
         try:

@@ -2,11 +2,12 @@
 
 - one process, DDP: everything;
 - FSDP2 (``torch.distributed.fsdp.fully_shard``, Lightning's ``ModelParallelStrategy``): the
-  parameters are ``DTensor`` shards. Capture, Fisher sums and QK-OV maps read only the
-  projections' activations and output gradients, which FSDP2 hands whole to each module's hooks,
-  and work as under DDP; the forgetting monitor keeps its per-parameter state (anchor, theta_b,
-  probe-gradient rows) as this rank's shards and sums its dot products over the shard group
-  (:class:`Shards`);
+  parameters are ``DTensor`` shards. Capture reads only the projections' activations and output
+  gradients, which FSDP2 hands whole to each module's hooks, as under DDP. Per-parameter state is
+  kept as this rank's shards (:class:`Shards`): the forgetting monitor's anchor, theta_b and
+  probe-gradient rows, whose dot products are summed over the shard group, and the Fisher sums,
+  per-entry EMA and sketch whitening of the FisherCollector, gathered whole (:meth:`Shards.whole`)
+  only while a boundary reads them or a captured step sketches;
 - DeepSpeed ZeRO-3 (parameters of shape ``[0]`` with their real shape in ``ds_shape``) and FSDP1
   (``FullyShardedDataParallel``, flattened ``FlatParameter`` s): not supported, a clear error (a
   warning and the suite out of the fit with ``required=False``), never a silent wrong result.
@@ -14,14 +15,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 SUPPORTED = (
-    "supported: one process, DDP, and FSDP2 (torch fully_shard, Lightning's ModelParallelStrategy) "
-    "for capture, Fisher, QK-OV and forgetting"
+    "supported: one process, DDP, and FSDP2 (torch fully_shard, Lightning's ModelParallelStrategy, "
+    "accelerate's FSDP2) for capture, Fisher, QK-OV and forgetting"
 )
 
 
@@ -148,10 +149,19 @@ class Shards:
         order. Exact in any dtype (each entry is one rank's, the others add zeros)."""
         if self.group is None or name not in self._blocks:
             return block
-        out = torch.zeros(self._shapes[name], dtype=block.dtype, device=collective_device(self.group))
+        wire = torch.float32 if block.dtype in (torch.bfloat16, torch.float16) else block.dtype
+        out = torch.zeros(self._shapes[name], dtype=wire, device=collective_device(self.group))
         self.rows(name, out).copy_(block)
         torch.distributed.all_reduce(out, group=self.group)
-        return out.to(block.device)
+        return out.to(block.device, block.dtype)
+
+    def block(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """This rank's block of ``t``: its rows (a copy) when ``t`` has parameter ``name``'s whole
+        shape (a tensor of a checkpoint, which keeps whole tensors), else ``t`` itself (already
+        this rank's block; whole tensors without sharding). No collective."""
+        if self.group is None or tuple(t.shape) != self._shapes.get(name):
+            return t
+        return self.rows(name, t).clone()
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         """The sum of ``t`` over the shard group (fp64 on the wire), in ``t``'s dtype; ``t``
@@ -235,43 +245,24 @@ def parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.named_parameters())
 
 
-def gather_rank_state(state: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
-    """``state`` whose entries ``keys`` hold this rank's blocks, for a checkpoint that only rank 0
-    writes (Lightning's ``ModelParallelStrategy`` saves the callbacks' states with rank 0's
-    metadata, the model's shards through ``torch.distributed.checkpoint``): those entries of every
-    rank (on the CPU) go under ``"ranks"`` (one per global rank, in rank order) and are ``None``
-    at the top. A collective (``all_gather_object``): every rank calls it. Rank 0 holds every
-    rank's blocks while the checkpoint is written."""
-    own = {k: _to_cpu(state.get(k)) for k in keys}
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, own)
-    return {**state, **dict.fromkeys(keys), "ranks": gathered}
+def map_parameter_state(
+    state: Mapping[str, Any],
+    keys: Sequence[str],
+    fn: Callable[[str, torch.Tensor], torch.Tensor],
+    collective: bool = True,
+) -> dict[str, Any]:
+    """``state`` with ``fn(name, tensor)`` applied to every tensor of its entries ``keys``, each
+    ``None``, ``{parameter: tensor}`` or ``{task: {parameter: tensor}}``. ``collective``: in
+    sorted order, the same on every rank, for an ``fn`` such as :meth:`Shards.whole`; else in
+    the entries' own order, which the result keeps."""
 
+    def apply(entry: Any) -> Any:
+        if not isinstance(entry, Mapping):
+            return entry
+        items = sorted(entry.items()) if collective else entry.items()
+        return {k: fn(k, v) if torch.is_tensor(v) else apply(v) for k, v in items}
 
-def rank_state(state: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
-    """The entries ``keys`` of this rank from a state made by :func:`gather_rank_state` (``state``
-    as it is when it has no ``"ranks"``). Raises ``ValueError`` when the state was saved on
-    another number of ranks: its blocks do not fit this run's shards."""
-    ranks = state.get("ranks")
-    if ranks is None:
-        return state
-    dist = torch.distributed
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if len(ranks) != world:
-        raise ValueError(
-            f"this forgetting state was saved under FSDP2 on {len(ranks)} ranks (each its own "
-            f"shards of the anchor and theta_b); resume it on {len(ranks)} ranks, not {world}"
-        )
-    own = ranks[dist.get_rank() if world > 1 else 0]
-    return {**{k: v for k, v in state.items() if k != "ranks"}, **{k: own.get(k) for k in keys}}
-
-
-def _to_cpu(obj: Any) -> Any:
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, Mapping):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    return obj
+    return {**state, **{k: apply(state[k]) for k in keys if k in state}}
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

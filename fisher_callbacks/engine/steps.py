@@ -97,15 +97,18 @@ class StepCapture:
 
     def _fold(self, step: int) -> None:
         """First micro-batch of optimizer step ``step`` under FSDP2: the whole sums (and
-        per-entry EMA steps) the last step added are synced into this rank's blocks, and the
-        whole Fisher of the last boundary is freed. Decided by the step numbers alone, so every
-        rank joins the collective, whatever its capture did."""
+        per-entry EMA steps) the last step added are synced into this rank's blocks, the whole
+        Fisher of the last boundary is freed and a sketch store's whitening kept as this rank's
+        rows, gathered whole again when ``step`` is captured. Decided by the step numbers alone,
+        so every rank joins the collectives, whatever its capture did."""
         engine, collector = self.engine, self.engine.collector
         if self._fold_due:
             collector.sync(materialise=False)
         collector.release_whole()
         ema = engine.ema_samples_per_step and step % engine.ema_every_n_steps == 0
         self._fold_due = engine.is_flagged(step) or bool(ema and collector.ema_entries)
+        if engine.is_flagged(step):  # a sketch store's whitening, whole while this step sketches
+            collector.gather_whitening()
         self._step = step
 
     def _arm(
