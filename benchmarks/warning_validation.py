@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fisher_callbacks.functional.forgetting import MIN_EVIDENCE_STEPS, RATE_POINTS
 from lightning_examples.lead_time import LeadTime, time_warning
 from lightning_examples.synthetic import PhasedTasks, SyntheticTasks, TinyGPT
 
@@ -294,6 +295,29 @@ def verdict(r: LeadTime) -> str:
     return "TN"
 
 
+def first_projection_step(val_every: int) -> int:
+    """The first step at which the rule can project at all with the default measurements (early
+    probes at steps 1, 2, 4, ... below the first boundary, then every ``val_every`` steps): its
+    last ``RATE_POINTS`` measurements (the anchor excluded) must span ``MIN_EVIDENCE_STEPS``."""
+    measured, step = [], 1
+    while True:
+        if step % val_every == 0 or (step < val_every and step & (step - 1) == 0):
+            measured.append(step)
+            window = measured[-RATE_POINTS:]
+            if len(window) == RATE_POINTS and window[-1] - window[0] >= MIN_EVIDENCE_STEPS:
+                return step
+        step += 1
+
+
+def within_reach(r: LeadTime) -> bool:
+    """A crossing after the first interval that a warning one interval ahead could announce
+    without extrapolating fewer measurements than the rule needs: crossing - interval >= the
+    first step a projection can be made. (A crossing in the second interval cannot be: only the
+    early probes of the first optimizer steps come before the step a warning would be due.)"""
+    c, k = r.crossing_step, r.val_every
+    return c is not None and k < c <= r.max_steps + k and c - k >= first_projection_step(k)
+
+
 def totals(rows: list[LeadTime]) -> dict[str, float]:
     v = [verdict(r) for r in rows]
     tp = sum(x.startswith("TP") for x in v)
@@ -315,6 +339,16 @@ def totals(rows: list[LeadTime]) -> dict[str, float]:
         "median_lead_intervals": statistics.median(intervals) if intervals else math.nan,
         "lead_goal_met": on_time,
         "lead_goal_of": tp + fn,
+        "after_first_met": sum(
+            r.crossing_step > r.val_every and v_ == "TP" for r, v_ in zip(rows, v) if r.crossing_step
+        ),
+        "after_first_of": sum(
+            r.crossing_step > r.val_every and (v_[:2] in ("TP", "FN"))
+            for r, v_ in zip(rows, v)
+            if r.crossing_step
+        ),
+        "reach_met": sum(within_reach(r) and v_ == "TP" for r, v_ in zip(rows, v)),
+        "reach_of": sum(within_reach(r) and v_[:2] in ("TP", "FN") for r, v_ in zip(rows, v)),
     }
 
 
@@ -343,7 +377,11 @@ def summary(rows: list[LeadTime]) -> str:
         f"runs {t['runs']}: TP {t['TP']}, FP {t['FP']}, FN {t['FN']}, TN {t['TN']}; precision "
         f"{t['precision']:.2f}, recall {t['recall']:.2f}, false-alarm rate {t['false_alarm_rate']:.2f}; "
         f"median lead {t['median_lead_steps']} steps ({t['median_lead_intervals']:.2f} intervals); "
-        f">= 1 interval ahead (or by a first-interval crossing): {t['lead_goal_met']} of {t['lead_goal_of']}"
+        f">= 1 interval ahead (or by a first-interval crossing): "
+        f"{t['lead_goal_met']} of {t['lead_goal_of']}; "
+        f"of the crossings after the first interval: {t['after_first_met']} of {t['after_first_of']}; "
+        f"of those within reach (crossing - interval >= the first step a projection can be made): "
+        f"{t['reach_met']} of {t['reach_of']}"
     )
 
 
