@@ -557,6 +557,45 @@ def test_a_forecast_that_slowed_since_the_last_measurement_lowers_the_slow_side(
     assert fell.low == pytest.approx(0.5) and not fell.warn and fell.steps_to_threshold is None
 
 
+# Gemma-3 270M, the narrow task at lr 2e-5 (validation grid, tuning part of round 3): the probe
+# loss fell over the first steps, then rose past its start; it crossed 0.5 nats at step 13.
+_DIP = ([0, 1, 2, 3, 6, 9], [0.0, -0.0164, -0.0246, -0.0231, 0.0902, 0.2934])
+
+
+def test_a_drift_that_dipped_below_the_anchor_is_projected_along_a_line() -> None:
+    """Measured -0.023, 0.090, 0.293 at steps 3, 6, 9: rising, the last above the anchor, but no
+    power of the steps since the anchor fits a drift that was negative. The slow side rises at
+    the lower of the two measured rates, the fast side at the higher, over the window's 6
+    steps: 0.293 + 6 * 0.0378 = 0.52, a warning four steps before the crossing."""
+    steps, drifts = _DIP
+    r_1, r_2 = (0.0902 + 0.0231) / 3, (0.2934 - 0.0902) / 3
+    d = early_warning(steps, drifts, T, horizon_steps=6)
+    assert d.low == pytest.approx(0.2934 + 6 * r_1) and d.high == pytest.approx(0.2934 + 6 * r_2)
+    assert d.warn and d.rising and d.risk == 1.0 and "after a dip below the anchor" in d.reason
+    assert d.steps_to_threshold == pytest.approx((T - 0.2934) / r_1)
+    quiet = early_warning(steps, drifts, 0.6, horizon_steps=6)  # 0.52 < 0.6
+    assert not quiet.warn and quiet.risk == pytest.approx(quiet.low / 0.6)
+    short = early_warning(steps, drifts, T, horizon_steps=3)  # the horizon, when shorter
+    assert short.low == pytest.approx(0.2934 + 3 * r_1) and not short.warn
+    # one step later the window is 6, 9 and the forecast: a forecast that slowed lowers the
+    # slow side to its own rate since step 9; one that fell is projected flat
+    slowed = early_warning(steps, drifts, T, horizon_steps=6, now=(10, 0.30))
+    r_now = (0.30 - 0.2934) / 1
+    assert slowed.low == pytest.approx(0.30 + 6 * r_now) and "forecast since step 9" in slowed.reason
+    assert not slowed.warn
+    fell = early_warning(steps, drifts, T, horizon_steps=6, now=(10, 0.25))
+    assert fell.low == pytest.approx(0.25) and not fell.warn and fell.steps_to_threshold is None
+
+
+def test_a_rise_back_towards_the_anchor_is_not_projected() -> None:
+    """A probe loss that fell and recovers part of the way (the benign run of issue 25: -0.5,
+    -0.3, -0.04) rises, but stays below its start: nothing is projected, whatever the forecast."""
+    steps, drifts = [0, 4, 8, 12], [0.0, -0.5, -0.3, -0.04]
+    for now in (None, (13, 0.2), (14, 0.45)):
+        d = early_warning(steps, drifts, T, horizon_steps=8, now=now)
+        assert not d.warn and not d.rising and "not above the anchor" in d.reason
+
+
 def test_a_projection_never_reaches_further_ahead_than_its_window_reaches_back() -> None:
     """Measurements at 1, 2, 4 (d = 0.001 s^2): the window reaches back 3 steps from step 4, so
     the projection goes 3 steps ahead whatever the horizon; from the forecast at step 6, 5."""

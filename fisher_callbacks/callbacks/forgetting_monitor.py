@@ -54,10 +54,11 @@ class ForgettingRiskMonitor(ForgettingEngine, BoundaryCallback):
 
     The early warning (:func:`~fisher_callbacks.functional.forgetting.early_warning`): the last
     three measured drifts (early probes, boundaries) give two exponents of a power of the steps
-    since the anchor, whose spread is a band; nothing is projected until those measurements turn
-    upward (above the anchor and rising, over at least three optimizer steps); the drift now
-    (measured, or the per-step forecast between measurements) is projected ``horizon_steps``
-    ahead (never further ahead than those three measurements reach back), and the warning fires
+    since the anchor, whose spread is a band (after a dip below the anchor: two rates of a line);
+    nothing is projected until those measurements turn upward (rising, over at least three
+    optimizer steps, the last above the anchor); the drift now (measured, or the per-step
+    forecast between measurements) is projected ``horizon_steps`` ahead (never further ahead
+    than those three measurements reach back), and the warning fires
     when the conservative side of the band reaches ``warn_threshold``, or the measured drift
     does, or a drift is not finite. The conservative side uses the lower exponent, lowered further
     when the points show a slowdown: a falling exponent (a decelerating drift, as on a plateau)

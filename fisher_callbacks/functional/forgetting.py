@@ -538,15 +538,15 @@ def early_warning(
     1. A drift that is not finite (NaN, -inf: the probe loss diverged), measured or forecast,
        warns with ``risk = 1``; so does a last measured drift ``>= T`` (``+inf`` included).
     2. Nothing is projected unless the measured points themselves turned upward: the last
-       three measurements (the anchor is never one of them) are all above the anchor, rise at
-       each step, and span at least :data:`MIN_EVIDENCE_STEPS` optimizer steps. A falling or
-       negative measured drift never becomes a warning by extrapolation, whatever a forecast
-       says, and neither do the first one or two optimizer steps alone.
-    3. The band: fine-tuning drift grows like a power of the steps since the anchor, ``d ~ (s -
-       s_0)^p``. The last three measurements give two exponents ``p = log(d_i / d_{i-1}) /
-       log((s_i - s_0) / (s_{i-1} - s_0))``, ``p_1`` then ``p_2``; the fast side uses
-       ``max(p_1, p_2)``. The slow side uses ``min(p_1, p_2)``, lowered by what the points show
-       of a slowdown:
+       three measurements (the anchor is never one of them) rise at each step, span at least
+       :data:`MIN_EVIDENCE_STEPS` optimizer steps, and the last lies above the anchor. A
+       falling or negative measured drift never becomes a warning by extrapolation, whatever a
+       forecast says, and neither do the first one or two optimizer steps alone.
+    3. The band, when all three lie above the anchor: fine-tuning drift grows like a power of
+       the steps since the anchor, ``d ~ (s - s_0)^p``. The last three measurements give two
+       exponents ``p = log(d_i / d_{i-1}) / log((s_i - s_0) / (s_{i-1} - s_0))``, ``p_1`` then
+       ``p_2``; the fast side uses ``max(p_1, p_2)``. The slow side uses ``min(p_1, p_2)``,
+       lowered by what the points show of a slowdown:
 
        - a decelerating drift (``p_2 < p_1``: the drift still rises, ever more slowly, as on a
          plateau) is projected with the trend of its exponent, ``2 p_2 - p_1`` (the exponent
@@ -555,12 +555,20 @@ def early_warning(
          ``log(f_t / d_last) / log((t - s_0) / (s_last - s_0))``, when lower (the first-order
          change since the last measurement says the drift slowed, or fell);
        - never below 0: a rising measured drift is projected to stay, not to fall.
+
+       A drift that dipped below the anchor first (the loss fell, then rose past its start:
+       the first or the first two of the three at or below the anchor) has no power of the
+       steps since the anchor; it is projected along a line: the slow side rises at the lower
+       of the two measured rates ``(d_i - d_{i-1}) / (s_i - s_{i-1})`` (between measurements,
+       at the forecast's rate since the last measurement when lower; never below 0), the fast
+       side at the higher.
     4. The level now: the last measured drift, or between measurements the per-step forecast
        ``f_t`` (``now``). It is projected ``h = min(H, t - s_w)`` steps ahead, where ``s_w`` is
        the first of the three measurements: a power law read off a window of steps is never
        extrapolated further ahead than that window reaches back. ``low = level ((t + h - s_0) /
-       (t - s_0))^p_low``, ``high`` with ``max(p_1, p_2)``. Warn when the conservative side
-       ``low`` reaches ``T`` (or the forecast itself does).
+       (t - s_0))^p_low``, ``high`` with ``max(p_1, p_2)`` (after a dip: ``low = level + h
+       r_low``, ``high = level + h r_high``). Warn when the conservative side ``low`` reaches
+       ``T`` (or the forecast itself does).
 
     ``risk = clip(low / T, 0, 1)``: 1 exactly when it warns; ``level / T`` clipped when nothing is
     projected. On a drift that grows exactly like a power of the steps (measured every ``k``
@@ -624,6 +632,17 @@ def early_warning(
         return WarningDecision(
             False, f"drift {d_last:.4g}; {gate}", risk, level, level, level, thr, False, falling
         )
+    reach = min(float(horizon_steps), t - window[0][0])
+    if window[0][1] <= 0:  # it dipped below the anchor first (the points rise): a line
+        r_lo, r_hi, slow = min(rates), max(rates), "after a dip below the anchor"
+        if t > s_last and (level - d_last) / (t - s_last) < r_lo:
+            r_lo, slow = (level - d_last) / (t - s_last), f"forecast since step {s_last:g}"
+        r_lo = max(r_lo, 0.0)
+        low, high = level + reach * r_lo, level + reach * r_hi
+        to_go = 0.0 if level >= thr else ((thr - level) / r_lo if r_lo > 0 and level > 0 else None)
+        band = f"band {low:.4g}..{high:.4g} within {reach:g} steps (drift rising {r_lo:.3g}..{r_hi:.3g}"
+        band += f" a step; {slow})"
+        return _banded(level, low, high, thr, to_go, band)
     # exponents of d ~ (s - origin)^p between the last three measurements
     p_1, p_2 = (
         math.log(d1 / d0) / math.log((s1 - origin) / (s0 - origin))
@@ -637,7 +656,6 @@ def early_warning(
         if p_now < p_lo:
             p_lo, slow = p_now, f"forecast since step {s_last:g} ^{p_now:.2g}"
     p_lo = max(p_lo, 0.0)
-    reach = min(float(horizon_steps), t - window[0][0])
     grow = (t + reach - origin) / (t - origin)
     low, high = level * grow**p_lo, level * grow**p_hi
     if level >= thr:
@@ -648,6 +666,13 @@ def early_warning(
         to_go = None
     band = f"band {low:.4g}..{high:.4g} within {reach:g} steps (drift ~ steps^{p_lo:.2g}..{p_hi:.2g}"
     band += f"; {slow})" if slow else ")"
+    return _banded(level, low, high, thr, to_go, band)
+
+
+def _banded(
+    level: float, low: float, high: float, thr: float, to_go: float | None, band: str
+) -> WarningDecision:
+    """The verdict on a projected band: a warning when its slow side (or the level) reaches ``thr``."""
     if low >= thr * (1.0 - _HORIZON_RTOL) or level >= thr:
         why = f"drift {level:.4g} rising: {band} reaches the threshold {thr:.4g}"
         return WarningDecision(True, why, 1.0, level, low, high, thr, True, False, to_go)
@@ -677,8 +702,10 @@ def _not_rising(window: list[tuple[float, float]], origin: float) -> str:
     """Why the last measured points do not count as turned upward ('' when they do)."""
     if len(window) < RATE_POINTS:
         return f"{len(window)} measured points, a band needs {RATE_POINTS}"
-    if window[0][0] <= origin or any(d <= 0 for _, d in window):
-        return "not above the anchor at the last three measurements: nothing is projected"
+    if window[0][0] <= origin:
+        return "fewer than three measurements since the anchor: nothing is projected"
+    if window[-1][1] <= 0:
+        return "not above the anchor at the last measurement: nothing is projected"
     if not all(d1 > d0 for (_, d0), (_, d1) in itertools.pairwise(window)):
         return "not rising at the last two measurements"
     if window[-1][0] - window[0][0] < MIN_EVIDENCE_STEPS:
