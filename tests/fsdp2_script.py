@@ -109,6 +109,13 @@ def main(kind: str, out: str, ckpt_dir: str | None = None, resume: str | None = 
                 "ledger": rm.memory_ledger(),
                 "fisher_ledger": fm.memory_ledger(),
                 "step_ledger": last.ledger,
+                "heatmaps": {  # the last boundary's maps the figures are drawn from
+                    pair: {
+                        block: {k: res[k] for k in ("layer_head_avg", "fisher_overlap", "conflict_cosine")}
+                        for block, res in hm.items()
+                    }
+                    for pair, hm in qm.latest.items()
+                },
                 "warnings": [str(w.message) for w in caught if "Monitor" in str(w.message)],
                 "all_warnings": [f"{w.filename}:{w.lineno}: {w.message}" for w in caught],
             },

@@ -36,9 +36,20 @@ def runs(tmp_path_factory):
     return out
 
 
+def _same_heatmaps(ddp: dict, fsdp: dict) -> None:
+    """Every layer x head map of every block and pair (what the figures show) is the DDP run's."""
+    assert ddp["heatmaps"] and set(fsdp["heatmaps"]) == set(ddp["heatmaps"])
+    for pair, blocks in ddp["heatmaps"].items():
+        assert set(blocks) == {"Q", "K", "V", "O"}, pair
+        for block, maps in blocks.items():
+            for name, want in maps.items():
+                assert_close_rel(fsdp["heatmaps"][pair][block][name], want, rtol=1e-4)
+
+
 def test_fsdp2_gives_the_fisher_qkov_and_forgetting_of_ddp(runs):
     ddp, fsdp = runs["ddp"], runs["fsdp2"]
     assert fsdp["traces"] == pytest.approx(ddp["traces"], rel=1e-5)
+    _same_heatmaps(ddp, fsdp)
     keys = [k for k in ddp["metrics"] if k.startswith(("fisher/", "qkov/", "forgetting/"))]
     assert any(k.startswith("qkov/") for k in keys) and any(k.startswith("fisher/general") for k in keys)
     scalars = ("measured", "predicted", "ewc_quadratic", "damage_from_math", "damage_log_ratio")
@@ -67,6 +78,7 @@ def test_fsdp2_gives_the_fisher_qkov_and_forgetting_of_ddp(runs):
         assert fsdp["fisher_ledger"][group] * 2 == ddp["fisher_ledger"][group], group
     assert not any("FSDP2" in w or "failed" in w for w in fsdp["warnings"])
     assert not any("DTensor" in w or "sharding strategy" in w for w in fsdp["all_warnings"])
+    assert fsdp["warnings"] == ddp["warnings"]  # the monitors warn of the same things
 
 
 def test_fsdp2_with_the_sketch_store_gives_the_fisher_and_qkov_of_ddp(tmp_path):
@@ -84,6 +96,7 @@ def test_fsdp2_with_the_sketch_store_gives_the_fisher_and_qkov_of_ddp(tmp_path):
     for key in keys:
         assert _close(fsdp["metrics"][key], ddp["metrics"][key]), key
     assert fsdp["traces"] == pytest.approx(ddp["traces"], rel=1e-5)
+    _same_heatmaps(ddp, fsdp)
     assert not any("failed" in w or "no stored samples" in w for w in fsdp["warnings"])
     # between boundaries each rank keeps its rows of the whitening (gathered to sketch a step)
     group = "collector.store.whitening"
