@@ -31,6 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+PER_PARAMETER = ("store.whitening", "/probe", "/anchor", "/anchor_fisher", "/base")
+
+
 def child(kind: str, world: int, out: str, n_layer: int, n_embd: int, store: str) -> None:
     import lightning.pytorch as pl
     import torch
@@ -126,6 +129,14 @@ def main() -> None:
     print(f"{'total':44s}" + "".join(f"{c:<15d}" for c in totals))
     weights = [runs[k][r]["weights"] for k in runs for r in range(args.world)]
     print(f"{'(model weights held, fp32)':44s}" + "".join(f"{c:<15d}" for c in weights))
+    per_parameter = [g for g in groups if g.endswith(PER_PARAMETER) or ".fisher_sum[" in g]
+    held = {k: sum(runs[k][0]["ledger"].get(g, 0) for g in per_parameter) for k in runs}
+    print(
+        f"\nper-parameter state ({len(per_parameter)} groups: Fisher sums, whitening, probe gradients, "
+        f"anchor, anchor Fisher, theta_b), rank 0: DDP {held['ddp']:,} B, FSDP2 {held['fsdp2']:,} B "
+        f"= {held['fsdp2'] / held['ddp']:.2f} of DDP (goal: 1/world = {1 / args.world:.2f}; DDP also "
+        "holds the unsynced whole Fisher sum of the last captured step)"
+    )
 
 
 if __name__ == "__main__":
