@@ -14,7 +14,7 @@ from reference import assert_close_rel
 from tiny_models import tiny_causal_lm
 
 from fisher_callbacks.callbacks import FisherMonitor
-from fisher_callbacks.engine.sharding import Shards, check_supported, sharding_of
+from fisher_callbacks.engine.sharding import Shards, check_supported, map_parameter_state, sharding_of
 
 SCRIPT = Path(__file__).parent / "fsdp2_script.py"
 FULLY_SHARD = Path(__file__).parent / "fully_shard_script.py"
@@ -254,3 +254,24 @@ def test_per_head_sums_of_row_blocks_add_up_to_the_whole(arch):
             want = layout.head_view(whole, 0, block, bias=bias).sum(-1)
             torch.testing.assert_close(parts[0] + parts[1], want, msg=f"{arch} {block} {name}")
     assert Shards(model).local("x", params[name]) is params[name]  # whole tensors: untouched
+
+
+def test_map_parameter_state_visits_every_tensor_in_one_order_and_keeps_the_rest():
+    """The order a collective over the state's tensors takes must be the same on every rank:
+    sorted, whatever order the ranks built their dicts in; entries left out and None pass."""
+    a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    state = {
+        "anchor": {"w2": a, "w1": b},
+        "anchor_fisher": {"math": {"w2": a}, "general": {"w1": c}},
+        "prev": None,
+        "history": {"general": [1.0]},
+    }
+    seen = []
+    keys = ("anchor", "anchor_fisher", "prev")
+    out = map_parameter_state(state, keys, lambda n, t: seen.append(n) or t + 1)
+    assert seen == ["w1", "w2", "w1", "w2"]  # anchor sorted, then the tasks sorted
+    assert list(out["anchor"]) == ["w1", "w2"] and float(out["anchor_fisher"]["general"]["w1"]) == 3.0
+    assert out["prev"] is None and out["history"] is state["history"]
+    kept = map_parameter_state(state, ("anchor",), lambda n, t: t, collective=False)
+    assert list(kept["anchor"]) == ["w2", "w1"]  # no collective: the entries' own order
+    assert Shards().block("w", a) is a and Shards().whole("w", a) is a  # no sharding: as they are
