@@ -35,22 +35,11 @@ PER_PARAMETER = ("store.whitening", "/probe", "/anchor", "/anchor_fisher", "/bas
 
 
 def child(kind: str, world: int, out: str, n_layer: int, n_embd: int, store: str) -> None:
-    import lightning.pytorch as pl
     import torch
 
     from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
     from fisher_callbacks.memory import suite_ledger
-    from lightning_examples.synthetic import ShardedGPT, SyntheticTasks
-
-    class LastStep(pl.Callback):
-        """The suite's ledger after the last training step (before its boundary)."""
-
-        def __init__(self) -> None:
-            self.ledger: dict = {}
-
-        def on_train_batch_end(self, trainer, *args) -> None:
-            if trainer.global_step == trainer.max_steps:
-                self.ledger = suite_ledger([fm, qm, rm], model)
+    from lightning_examples.synthetic import AtLastStep, ShardedGPT, SyntheticTasks, sharded_fit_trainer
 
     torch.manual_seed(0)
     model = ShardedGPT(n_layer=n_layer, n_head=4, n_embd=n_embd, pretrain_steps=0)
@@ -58,31 +47,12 @@ def child(kind: str, world: int, out: str, n_layer: int, n_embd: int, store: str
     fm = FisherMonitor(train_task="math", reference_tasks=["general"], capture_every_n_steps=2, store=store)
     qm = QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=10)
     rm = ForgettingRiskMonitor(fm, reference_tasks=["general"])
-    if kind == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
-    else:
-        strategy = "ddp"
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=strategy,
-        max_steps=4,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[fm, qm, rm, last := LastStep()],
-    )
+    last = AtLastStep(lambda: suite_ledger([fm, qm, rm], model))
+    trainer = sharded_fit_trainer(kind, world, [fm, qm, rm, last])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, datamodule=dm)
-    ledger = last.ledger
+    ledger = last.value
     trainable = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, {"ledger": ledger, "weights": trainable * 4})

@@ -249,3 +249,46 @@ class ShardedGPT(TinyGPT):
         for block in self.model.transformer.h:
             fully_shard(block, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
+
+
+def sharded_fit_trainer(kind: str, world: int, callbacks: list[pl.Callback], **overrides: Any) -> pl.Trainer:
+    """A short CPU fit of :class:`ShardedGPT` on ``world`` gloo processes, under DDP (``kind``
+    ``"ddp"``) or FSDP2 (``"fsdp2"``: ``ModelParallelStrategy``, so its ``configure_model``
+    shards it): 4 steps, validation every 2 on one batch, no logger, progress bar, summary,
+    sanity check or checkpoint unless ``overrides`` say otherwise."""
+    if kind == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy: Any = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    elif kind == "ddp":
+        strategy = "ddp"
+    else:
+        raise ValueError(f"kind must be 'ddp' or 'fsdp2', got {kind!r}")
+    kwargs: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    return pl.Trainer(**{**kwargs, **overrides})
+
+
+class AtLastStep(pl.Callback):
+    """``value = read()`` after the last training step, before its validation: what the monitors
+    keep between boundaries (e.g. their memory ledger)."""
+
+    def __init__(self, read: Any) -> None:
+        self.read, self.value = read, None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == trainer.max_steps:
+            self.value = self.read()

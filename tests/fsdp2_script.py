@@ -16,13 +16,12 @@ import sys
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
-from lightning_examples.synthetic import ShardedGPT, SyntheticTasks
+from lightning_examples.synthetic import AtLastStep, ShardedGPT, SyntheticTasks, sharded_fit_trainer
 
 
 class NoTargetsOnRankOne(SyntheticTasks):
@@ -34,18 +33,6 @@ class NoTargetsOnRankOne(SyntheticTasks):
         if torch.distributed.get_rank() == 1:
             batches[0] = {**batches[0], "labels": torch.full_like(batches[0]["labels"], -100)}
         return batches
-
-
-class LastStepLedger(pl.Callback):
-    """The FisherMonitor's ledger after the last training step, before its boundary (what it
-    keeps between boundaries)."""
-
-    def __init__(self, monitor: FisherMonitor) -> None:
-        self.monitor, self.ledger = monitor, {}
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
-        if trainer.global_step == trainer.max_steps:
-            self.ledger = self.monitor.memory_ledger()
 
 
 def main(kind: str, out: str, ckpt_dir: str | None = None, resume: str | None = None) -> None:
@@ -73,26 +60,9 @@ def main(kind: str, out: str, ckpt_dir: str | None = None, resume: str | None = 
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         saving = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1)]
-    if kind == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    else:
-        strategy = "ddp"
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_steps=4,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=ckpt_dir is not None and resume is None,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[fm, qm, rm, *saving, last := LastStepLedger(fm)],
+    last = AtLastStep(fm.memory_ledger)  # what the FisherMonitor keeps between boundaries
+    trainer = sharded_fit_trainer(
+        kind, 2, [fm, qm, rm, *saving, last], enable_checkpointing=ckpt_dir is not None and resume is None
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -108,7 +78,7 @@ def main(kind: str, out: str, ckpt_dir: str | None = None, resume: str | None = 
                 "history": rm.history,
                 "ledger": rm.memory_ledger(),
                 "fisher_ledger": fm.memory_ledger(),
-                "step_ledger": last.ledger,
+                "step_ledger": last.value,
                 "heatmaps": {  # the last boundary's maps the figures are drawn from
                     pair: {
                         block: {k: res[k] for k in ("layer_head_avg", "fisher_overlap", "conflict_cosine")}
