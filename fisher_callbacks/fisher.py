@@ -939,15 +939,20 @@ class FisherCollector:
         """Keep the synced sums and EMA as ``shards``' blocks from now on (a model FSDP2 sharded
         after the collector was made, e.g. by Lightning's ``configure_model``, or a checkpoint
         of whole tensors loaded before): whole tensors kept so far are cut to this rank's rows."""
-        if shards.sharded == self.shards.sharded:
-            self.shards = shards
-            return
-        if not shards.sharded:
+        if self.shards.sharded and not shards.sharded:
             raise ValueError("the collector's state is sharded: it cannot go back to whole tensors")
         self.shards = shards
+        self._to_blocks()
+
+    def _to_blocks(self) -> None:
+        """The synced sums and EMA as this rank's blocks (:meth:`Shards.block`: whole tensors
+        cut to this rank's rows, blocks and unsharded state kept as they are)."""
+        if not self.shards.sharded:
+            return
+        block = self.shards.block
         for state in self._tasks.values():
-            state.synced_sum = {n: shards.rows(n, t).clone() for n, t in state.synced_sum.items()}
-            state.ema = {n: shards.rows(n, t).clone() for n, t in state.ema.items()}
+            state.synced_sum = {n: block(n, t) for n, t in state.synced_sum.items()}
+            state.ema = {n: block(n, t) for n, t in state.ema.items()}
         self._fisher_cache.clear()
 
     def drop_unsynced(self) -> None:
@@ -1040,9 +1045,7 @@ class FisherCollector:
                 trace = sum(float(v.float().sum()) for v in s["ema"].values())
             t.ema_trace = None if trace is None else torch.tensor(float(trace))
             self._tasks[name] = t
-        if self.shards.sharded:  # this rank's blocks of the whole sums and EMA
-            shards, self.shards = self.shards, Shards()
-            self.set_shards(shards)
+        self._to_blocks()  # sharded: this rank's rows of the whole sums and EMA
         store = state.get("store")
         if store is None:  # checkpoints of the first version: exact rows inside each task
             store = {

@@ -440,17 +440,17 @@ class FisherTrainerCallback(TrainerCallback):
         :data:`STATE_FILE`, rank zero), so ``train(resume_from_checkpoint=...)`` resumes the
         monitors too (their anchor, histories, Fisher sums and store). Under FSDP2 every rank
         takes the state (the engines gather every rank's shards, a collective)."""
-        if not self._training:
-            return
         collector = self.fisher.collector
         sharded = collector is not None and collector.shards.sharded
-        own = self.state_dict() if sharded else None
+        if not self._training or not (sharded or state.is_world_process_zero):
+            return
+        saved = self.state_dict()  # under FSDP2 on every rank
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            torch.save(own if sharded else self.state_dict(), folder / STATE_FILE)
+            torch.save(saved, folder / STATE_FILE)
         except Exception as err:  # monitoring never takes the run down
             where = f"checkpoint-{state.global_step}"
             self.fisher.relay.warn(f"the monitors' state was not saved with {where} ({err!r})")

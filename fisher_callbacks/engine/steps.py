@@ -105,9 +105,10 @@ class StepCapture:
         if self._fold_due:
             collector.sync(materialise=False)
         collector.release_whole()
+        flagged = engine.is_flagged(step)
         ema = engine.ema_samples_per_step and step % engine.ema_every_n_steps == 0
-        self._fold_due = engine.is_flagged(step) or bool(ema and collector.ema_entries)
-        if engine.is_flagged(step):  # a sketch store's whitening, whole while this step sketches
+        self._fold_due = flagged or bool(ema and collector.ema_entries)
+        if flagged:  # a sketch store's whitening, whole while this step sketches
             collector.gather_whitening()
         self._step = step
 
