@@ -69,6 +69,7 @@ def main(out: str) -> None:
             },
             out,
         )
+    dist.barrier()  # no rank tears the group down while another still works in it
     dist.destroy_process_group()
 
 
