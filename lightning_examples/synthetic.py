@@ -252,10 +252,11 @@ class ShardedGPT(TinyGPT):
 
 
 def sharded_fit_trainer(kind: str, world: int, callbacks: list[pl.Callback], **overrides: Any) -> pl.Trainer:
-    """A short CPU fit of :class:`ShardedGPT` on ``world`` gloo processes, under DDP (``kind``
-    ``"ddp"``) or FSDP2 (``"fsdp2"``: ``ModelParallelStrategy``, so its ``configure_model``
-    shards it): 4 steps, validation every 2 on one batch, no logger, progress bar, summary,
-    sanity check or checkpoint unless ``overrides`` say otherwise."""
+    """A Trainer for a short CPU fit on ``world`` gloo processes, under DDP (``kind`` ``"ddp"``)
+    or FSDP2 (``"fsdp2"``: ``ModelParallelStrategy``, for a module whose ``configure_model``
+    shards it, such as :class:`ShardedGPT`): 4 steps, validation every 2 on one batch, no
+    logger, progress bar, summary, sanity check or checkpoint unless ``overrides`` say
+    otherwise."""
     if kind == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fisher_callbacks.callbacks import FisherMonitor
 from fisher_callbacks.callbacks._host import LightningHost
-from lightning_examples.synthetic import SyntheticTasks, TinyGPT
+from lightning_examples.synthetic import SyntheticTasks, TinyGPT, sharded_fit_trainer
 
 
 class Dump(pl.Callback):
@@ -57,20 +57,7 @@ def main(out: str) -> None:
         store="sketch",
         sketch_dim=64,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=3,
-        val_check_interval=3,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[fm, Dump(fm, out)],
-    )
+    trainer = sharded_fit_trainer("ddp", 2, [fm, Dump(fm, out)], max_steps=3, val_check_interval=3)
     trainer.fit(model, datamodule=dm)
 
 
