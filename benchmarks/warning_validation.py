@@ -95,10 +95,11 @@ def SPLIT(run: Run) -> str:
       before any tuning of this round: tiny seeds 10-11 (the whole seed >= 2 grid), MiniLM seeds
       6-7 (the same five runs as seeds 2-5) and the four seed-1 Gemma-3 runs on seed 2 (other
       training sentences). These runs were recorded (measurements, per-step forecasts, true
-      drift) while the rule was tuned, and no verdict of theirs was looked at until it was
-      fixed. No change tried on the tuning part was kept (docs/early_warning.md, round 4), so
-      their rows are the engine's own verdicts with the round-3 rule: this part measures that
-      rule again, on seeds it has never seen.
+      drift: none of it depends on the rule) while the rule was tuned, and no verdict of
+      theirs was looked at until it was fixed; then they were replayed once through it, and
+      the runs the engine recorded with the final rule give its own verdicts. One change was
+      kept (docs/early_warning.md, round 4): between measurements the slow side reads the two
+      latest exponents (or rates), the last measured one and the forecast's since.
     """
     if run.family == "tiny":
         return "tune" if run.seed < 10 else "held-out"

@@ -557,6 +557,31 @@ def test_a_forecast_that_slowed_since_the_last_measurement_lowers_the_slow_side(
     assert fell.low == pytest.approx(0.5) and not fell.warn and fell.steps_to_threshold is None
 
 
+def test_between_measurements_an_accelerating_drift_reads_its_two_latest_exponents() -> None:
+    """Exponents 1 (4 -> 8) then 2 (8 -> 12): at the measurement the slow side projects with 1.
+    Between measurements the two latest readings are the last measured exponent, 2, and the
+    forecast's since step 12: the older 1 gives way. A forecast rising like steps^3 since step
+    12 gives the slow side 2 (the lower of 2 and 3), one like steps^1.5 gives 1.5."""
+    steps, drifts = [0, 4, 8, 12], [0.0, 0.02, 0.04, 0.09]
+    p_2 = math.log(0.09 / 0.04) / math.log(1.5)
+    fast = 0.09 * (14 / 12) ** 3.0
+    d = early_warning(steps, drifts, 1.0, horizon_steps=8, now=(14, fast))
+    assert d.low == pytest.approx(fast * (22 / 14) ** p_2) and d.high == pytest.approx(
+        fast * (22 / 14) ** p_2
+    )
+    assert d.low > fast * (22 / 14) ** 1.0  # what the older exponent alone would have given
+    mid = 0.09 * (14 / 12) ** 1.5
+    d = early_warning(steps, drifts, 1.0, horizon_steps=8, now=(14, mid))
+    assert d.low == pytest.approx(mid * (22 / 14) ** 1.5) and "forecast since step 12" in d.reason
+    # a decelerating drift keeps the trend of its exponent (3 then 2: slow side 1) between
+    # measurements too, while the forecast rises faster than that
+    dec = [0.0, 0.001 * 4**3, 0.001 * 8**3, 0.001 * 8**3 * 1.5**2]
+    d = early_warning(steps, dec, 5.0, horizon_steps=8, now=(14, dec[-1] * (14 / 12) ** 2.5))
+    assert (
+        d.low == pytest.approx(dec[-1] * (14 / 12) ** 2.5 * (22 / 14) ** 1.0) and "decelerating" in d.reason
+    )
+
+
 # Gemma-3 270M, the narrow task at lr 2e-5 (validation grid, tuning part of round 3): the probe
 # loss fell over the first steps, then rose past its start; it crossed 0.5 nats at step 13.
 _DIP = ([0, 1, 2, 3, 6, 9], [0.0, -0.0164, -0.0246, -0.0231, 0.0902, 0.2934])
@@ -577,8 +602,12 @@ def test_a_drift_that_dipped_below_the_anchor_is_projected_along_a_line() -> Non
     assert not quiet.warn and quiet.risk == pytest.approx(quiet.low / 0.6)
     short = early_warning(steps, drifts, T, horizon_steps=3)  # the horizon, when shorter
     assert short.low == pytest.approx(0.2934 + 3 * r_1) and not short.warn
-    # one step later the window is 6, 9 and the forecast: a forecast that slowed lowers the
-    # slow side to its own rate since step 9; one that fell is projected flat
+    # between measurements the two latest rates are the last measured one and the forecast's
+    # since step 9: a forecast rising faster than r_2 gives r_2, the older r_1 gives way
+    quick = early_warning(steps, drifts, T, horizon_steps=6, now=(10, 0.2934 + 0.1))
+    assert quick.low == pytest.approx(0.3934 + 6 * r_2) and quick.warn
+    # a forecast that slowed lowers the slow side to its own rate since step 9; one that fell is
+    # projected flat
     slowed = early_warning(steps, drifts, T, horizon_steps=6, now=(10, 0.30))
     r_now = (0.30 - 0.2934) / 1
     assert slowed.low == pytest.approx(0.30 + 6 * r_now) and "forecast since step 9" in slowed.reason

@@ -551,17 +551,20 @@ def early_warning(
        - a decelerating drift (``p_2 < p_1``: the drift still rises, ever more slowly, as on a
          plateau) is projected with the trend of its exponent, ``2 p_2 - p_1`` (the exponent
          falls once more by as much as it fell between the two measured intervals);
-       - between measurements, the forecast's own exponent since the last measurement,
-         ``log(f_t / d_last) / log((t - s_0) / (s_last - s_0))``, when lower (the first-order
-         change since the last measurement says the drift slowed, or fell);
+       - between measurements the two latest exponents are the last measured one, ``p_2``,
+         and the forecast's own since the last measurement, ``p_now = log(f_t / d_last) /
+         log((t - s_0) / (s_last - s_0))``: an accelerating drift (``p_2 >= p_1``) is
+         projected with the lower of those two (the older ``p_1`` gives way to the newer
+         reading), and ``p_now`` replaces any slow side it is below (the first-order change
+         since the last measurement says the drift slowed, or fell);
        - never below 0: a rising measured drift is projected to stay, not to fall.
 
        A drift that dipped below the anchor first (the loss fell, then rose past its start:
        the first or the first two of the three at or below the anchor) has no power of the
        steps since the anchor; it is projected along a line: the slow side rises at the lower
-       of the two measured rates ``(d_i - d_{i-1}) / (s_i - s_{i-1})`` (between measurements,
-       at the forecast's rate since the last measurement when lower; never below 0), the fast
-       side at the higher.
+       of the two latest rates (at a measurement the two measured ``(d_i - d_{i-1}) / (s_i -
+       s_{i-1})``, between measurements the last measured one and the forecast's since; never
+       below 0), the fast side at the higher measured one.
     4. The level now: the last measured drift, or between measurements the per-step forecast
        ``f_t`` (``now``). It is projected ``h = min(H, t - s_w)`` steps ahead, where ``s_w`` is
        the first of the three measurements: a power law read off a window of steps is never
@@ -635,8 +638,11 @@ def early_warning(
     reach = min(float(horizon_steps), t - window[0][0])
     if window[0][1] <= 0:  # it dipped below the anchor first (the points rise): a line
         r_lo, r_hi, slow = min(rates), max(rates), "after a dip below the anchor"
-        if t > s_last and (level - d_last) / (t - s_last) < r_lo:
-            r_lo, slow = (level - d_last) / (t - s_last), f"forecast since step {s_last:g}"
+        if t > s_last:  # the two latest rates: the last measured one and the forecast's since
+            r_now = (level - d_last) / (t - s_last)
+            r_lo = min(rates[-1], r_now)
+            if r_now < rates[-1]:
+                slow = f"forecast since step {s_last:g}"
         r_lo = max(r_lo, 0.0)
         low, high = level + reach * r_lo, level + reach * r_hi
         to_go = 0.0 if level >= thr else ((thr - level) / r_lo if r_lo > 0 and level > 0 else None)
@@ -651,8 +657,10 @@ def early_warning(
     p_lo, p_hi, slow = min(p_1, p_2), max(p_1, p_2), ""
     if p_2 < p_1:  # decelerating: the exponent's trend, one more fall like the last
         p_lo, slow = 2.0 * p_2 - p_1, f"decelerating, slow side ^{2.0 * p_2 - p_1:.2g}"
-    if t > s_last:  # the forecast's own exponent since the last measurement
+    if t > s_last:  # the two latest exponents: the last measured one and the forecast's since
         p_now = math.log(level / d_last) / math.log((t - origin) / (s_last - origin)) if level > 0 else 0.0
+        if p_2 >= p_1:  # accelerating: the older measured exponent gives way to the newer reading
+            p_lo = p_2
         if p_now < p_lo:
             p_lo, slow = p_now, f"forecast since step {s_last:g} ^{p_now:.2g}"
     p_lo = max(p_lo, 0.0)
