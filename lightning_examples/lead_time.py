@@ -22,8 +22,8 @@ import argparse
 import math
 import sys
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor
+from fisher_callbacks.functional.forgetting import WarningDecision, early_warning, warning_active
 from fisher_callbacks.losses import per_sample_losses
 from lightning_examples.minilm_classifier import PACKAGE, MiniLMClassifier, model_dir
 from lightning_examples.synthetic import SyntheticTasks, TinyGPT
@@ -123,8 +124,10 @@ def run_lead_time(
     data_kwargs: dict | None = None,
     monitor_kwargs: dict | None = None,
     seed: int = 0,
+    record: dict | None = None,
 ) -> LeadTime:
-    """Fine-tune a freshly pretrained tiny model at ``lr`` and time the warning (see module doc)."""
+    """Fine-tune a freshly pretrained tiny model at ``lr`` and time the warning (see module doc);
+    ``record`` receives the run's :func:`trace`."""
     pl.seed_everything(seed, verbose=False)
     kwargs = dict(n_layer=2, n_head=4, n_embd=32, pretrain_steps=60, pretrain_lr=1e-2)
     model = TinyGPT(lr=lr, seed=seed, **{**kwargs, **(model_kwargs or {})})
@@ -141,6 +144,7 @@ def run_lead_time(
         val_every=val_every,
         max_steps=max_steps,
         monitor_kwargs=monitor_kwargs,
+        record=record,
     )
 
 
@@ -156,13 +160,15 @@ def time_warning(
     max_steps: int,
     monitor_kwargs: dict | None = None,
     loss_type: str | None = None,
+    record: dict | None = None,
 ) -> LeadTime:
     """Fit ``model`` on ``datamodule`` (its ``probe_dataloader("general")`` is the reference task)
     with the suite and the true-drift recorder; the warning against the true crossing.
 
     Warnings count up to ``max_steps``; the fit (and the true drift) goes on for two forecast
     horizons (four validation intervals) more, so a warning near the end is judged on whether the
-    drift crossed, not cut off by the end of the run."""
+    drift crossed, not cut off by the end of the run. ``record``, when given, receives the run's
+    :func:`trace` (what the warning rule read), for :func:`replay_warning`."""
     fm = FisherMonitor(
         train_task=train_task,
         reference_tasks=["general"],
@@ -193,6 +199,8 @@ def time_warning(
         trainer.fit(model, datamodule=datamodule)
     alerts = [a for a in rm.alerts if a["task"] == "general" and a["step"] <= max_steps]
     boundary = [a for a in alerts if a["source"] == "boundary"]
+    if record is not None:
+        record.update(trace(rm, "general", max_steps))
     return LeadTime(
         label=label,
         lr=lr,
@@ -231,6 +239,61 @@ _TEMPLATES = (
     "the children drew a {} on the wall",
     "everyone noticed the {} at the fair",
 )
+
+
+def trace(monitor: ForgettingRiskMonitor, task: str, max_steps: int) -> dict[str, list]:
+    """What the warning rule of ``monitor`` read for ``task`` up to ``max_steps``, none of it
+    dependent on the rule: the measured ``[step, drift]`` points (the anchor first, then every
+    early probe and boundary) and the per-step ``[step, forecast]`` (JSON-ready lists)."""
+    hist = monitor.history[task]
+    return {
+        "points": [[int(s), float(d)] for s, d in monitor.warnings.points[task] if s <= max_steps],
+        "forecasts": [
+            [int(s), float(f)] for s, f in zip(hist["forecast_step"], hist["forecast"]) if s <= max_steps
+        ],
+    }
+
+
+def replay_warning(
+    row: LeadTime,
+    recorded: Mapping[str, Sequence],
+    warn_threshold: float,
+    *,
+    horizon_steps: float | None = None,
+    rule: Callable[..., WarningDecision] = early_warning,
+) -> LeadTime:
+    """``row`` with the first warning ``rule`` gives on a recorded :func:`trace`, decided as the
+    engine decides: at each measured point from the points so far, at every other step from the
+    forecast there, the state latched by :func:`warning_active`. With the engine's own rule this
+    is the engine's first warning (tested), so a changed rule can be judged on recorded runs
+    without fitting them again. ``horizon_steps``: the monitor's (default two intervals)."""
+    horizon = 2.0 * row.val_every if horizon_steps is None else float(horizon_steps)
+    points = [(int(s), float(d)) for s, d in recorded["points"]]
+    measured = {s for s, _ in points}
+    forecasts = {int(s): float(f) for s, f in recorded["forecasts"]}
+    active, first = False, None
+    boundary = None
+    for step in range(1, row.max_steps + 1):
+        steps, drifts = zip(*[(s, d) for s, d in points if s <= step])
+        if step in measured:
+            decision = rule(steps, drifts, warn_threshold, horizon_steps=horizon)
+            source = "boundary" if step % row.val_every == 0 else "early probe"
+        elif step in forecasts:
+            decision = rule(steps, drifts, warn_threshold, horizon_steps=horizon, now=(step, forecasts[step]))
+            source = "forecast"
+        else:
+            continue
+        was, active = active, warning_active(active, decision)
+        if active and not was:
+            first = first or (step, source)
+            if source == "boundary" and boundary is None:
+                boundary = step
+    return replace(
+        row,
+        warn_step=first[0] if first else None,
+        warn_source=first[1] if first else None,
+        boundary_warn_step=boundary,
+    )
 
 
 class MiniLMTasks(pl.LightningDataModule):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,8 +17,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
+from fisher_callbacks.functional.forgetting import early_warning
 from fisher_callbacks.losses import per_sample_losses
-from lightning_examples.lead_time import LeadTime, run_lead_time
+from lightning_examples.lead_time import LeadTime, replay_warning, run_lead_time
 from lightning_examples.synthetic import PhasedTasks, SyntheticTask, SyntheticTasks, TinyGPT, collate
 
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, pretrain_steps=40, pretrain_lr=1e-2)
@@ -188,9 +190,17 @@ def test_benign_runs_never_warn(tmp_path, label, task, lr, model, phases):
 
 
 def test_a_forgetting_run_is_warned_before_its_crossing(tmp_path):
-    row = run_lead_time(3e-4, max_steps=48, seed=2)
+    recorded: dict = {}
+    row = run_lead_time(3e-4, max_steps=48, seed=2, record=recorded)
     assert row.crossing_step is not None and row.crossing_step > 2 * row.val_every
     assert row.goal_met and row.lead_steps >= row.val_every, row
+    # the replay of the recorded run decides as the engine did (what makes tuning on recorded
+    # runs, benchmarks/warning_validation.py --replay, mean anything)
+    assert [s for s, _ in recorded["points"]] == [0, 1, 2, *range(4, 49, 4)]
+    assert replay_warning(row, recorded, 0.5) == row
+    never = lambda *a, **k: replace(early_warning(*a, **k), warn=False)  # noqa: E731
+    quiet = replay_warning(row, recorded, 0.5, rule=never)
+    assert quiet.warn_step is None and quiet.warn_source is None
 
 
 @pytest.mark.parametrize(("setting", "probed"), [("auto", [1, 2, 4]), (3, [3]), (None, [])])
