@@ -417,7 +417,8 @@ def _open(path: Path, mode: str):
 
 
 def save_trace(path: Path, run: Run, row: LeadTime, recorded: dict) -> None:
-    """Append one recorded run to a JSON-lines file (gzip when ``path`` ends in ``.gz``)."""
+    """Append one recorded run to a JSON-lines file (gzip when ``path`` ends in ``.gz``; a
+    diverged run's NaN is written as Python's ``NaN``, which :func:`load_traces` reads)."""
     with _open(path, "a") as f:
         f.write(json.dumps({"run": asdict(run), "row": asdict(row), **recorded}) + "\n")
 
@@ -431,13 +432,12 @@ def load_traces(path: Path = TRACES) -> list[tuple[Run, LeadTime, dict]]:
 
 def replay_grid(traces, rule: Callable[..., Any] = early_warning) -> list[LeadTime]:
     """The row of every recorded run with the first warning ``rule`` gives on it."""
-    horizon = None if HORIZON_INTERVALS is None else HORIZON_INTERVALS
     return [
         replay_warning(
             row,
             rec,
             THRESHOLD,
-            horizon_steps=None if horizon is None else horizon * row.val_every,
+            horizon_steps=None if HORIZON_INTERVALS is None else HORIZON_INTERVALS * row.val_every,
             rule=rule,
         )
         for _, row, rec in traces
@@ -488,7 +488,10 @@ def main() -> None:
         runs = [run for run, _, _ in traces]
         rows = replay_grid(traces)
         moved = sum(r.warn_step != row.warn_step for r, (_, row, _) in zip(rows, traces))
-        print(f"replayed {len(rows)} recorded runs; {moved} first warnings differ from the recorded ones")
+        print(
+            f"replayed {len(rows)} recorded runs; {moved} first warnings differ from the recorded ones "
+            "(the engine's, with the rule of the time each run was recorded)"
+        )
     else:
         grids = {"tiny": tiny_grid, "minilm": minilm_grid, "gemma": gemma_grid}
         runs = []

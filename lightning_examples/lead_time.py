@@ -244,13 +244,17 @@ _TEMPLATES = (
 def trace(monitor: ForgettingRiskMonitor, task: str, max_steps: int) -> dict[str, list]:
     """What the warning rule of ``monitor`` read for ``task`` up to ``max_steps``, none of it
     dependent on the rule: the measured ``[step, drift]`` points (the anchor first, then every
-    early probe and boundary) and the per-step ``[step, forecast]`` (JSON-ready lists)."""
+    early probe and boundary), the per-step ``[step, forecast]`` and the horizon it projected
+    (JSON-ready; a diverged run's NaN is written as JSON's non-standard ``NaN``)."""
+    if monitor.relative:
+        raise ValueError("trace() records absolute drifts; a relative monitor is not replayed")
     hist = monitor.history[task]
     return {
         "points": [[int(s), float(d)] for s, d in monitor.warnings.points[task] if s <= max_steps],
         "forecasts": [
             [int(s), float(f)] for s, f in zip(hist["forecast_step"], hist["forecast"]) if s <= max_steps
         ],
+        "horizon_steps": monitor.horizon,
     }
 
 
@@ -263,17 +267,21 @@ def replay_warning(
     rule: Callable[..., WarningDecision] = early_warning,
 ) -> LeadTime:
     """``row`` with the first warning ``rule`` gives on a recorded :func:`trace`, decided as the
-    engine decides: at each measured point from the points so far, at every other step from the
-    forecast there, the state latched by :func:`warning_active`. With the engine's own rule this
-    is the engine's first warning (tested), so a changed rule can be judged on recorded runs
-    without fitting them again. ``horizon_steps``: the monitor's (default two intervals)."""
-    horizon = 2.0 * row.val_every if horizon_steps is None else float(horizon_steps)
+    engine decides with the default early probes and an absolute threshold (how
+    :func:`time_warning` runs): at each measured point from the points so far, at every other
+    step from the forecast there, the state latched by :func:`warning_active`. With the engine's
+    own rule this is the engine's first warning (tested), so a changed rule can be judged on
+    recorded runs without fitting them again. ``horizon_steps``: by default the recorded one
+    (else two validation intervals, the monitor's default)."""
+    if horizon_steps is None:
+        horizon_steps = recorded.get("horizon_steps") or 2.0 * row.val_every
+    horizon = float(horizon_steps)
     points = [(int(s), float(d)) for s, d in recorded["points"]]
     measured = {s for s, _ in points}
     forecasts = {int(s): float(f) for s, f in recorded["forecasts"]}
     active, first = False, None
     boundary = None
-    for step in range(1, row.max_steps + 1):
+    for step in range(points[0][0] + 1, row.max_steps + 1):  # from the step after the anchor
         steps, drifts = zip(*[(s, d) for s, d in points if s <= step])
         if step in measured:
             decision = rule(steps, drifts, warn_threshold, horizon_steps=horizon)

@@ -570,6 +570,7 @@ def test_between_measurements_an_accelerating_drift_reads_its_two_latest_exponen
         fast * (22 / 14) ** p_2
     )
     assert d.low > fast * (22 / 14) ** 1.0  # what the older exponent alone would have given
+    assert "last measured exponent" in d.reason
     mid = 0.09 * (14 / 12) ** 1.5
     d = early_warning(steps, drifts, 1.0, horizon_steps=8, now=(14, mid))
     assert d.low == pytest.approx(mid * (22 / 14) ** 1.5) and "forecast since step 12" in d.reason

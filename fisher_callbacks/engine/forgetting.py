@@ -302,7 +302,7 @@ class ForgettingEngine:
     # ------------------------------------------------------------------ warning and stop
     def _decide(self, task: str, now: tuple[int, float] | None) -> WarningDecision:
         baseline = self.tracker.baseline[task]
-        return self.warnings.decide(task, now, self.warn_threshold, self._horizon(), self.relative, baseline)
+        return self.warnings.decide(task, now, self.warn_threshold, self.horizon, self.relative, baseline)
 
     def _verdict(self, host, task, step: int, decision: WarningDecision, source: str, value, rows) -> None:
         """Latch the warning state, record the band, alert on a new warning, and put ``risk``,
@@ -351,7 +351,8 @@ class ForgettingEngine:
             self.stopped_at = step
             self.report.stopping(host, step, what)
 
-    def _horizon(self) -> float:
+    @property
+    def horizon(self) -> float:
         """Steps the band projects ahead: ``horizon_steps``, by default two validation intervals."""
         if self.horizon_steps is not None:
             return float(self.horizon_steps)
@@ -412,7 +413,7 @@ class ForgettingEngine:
             threshold=self._in_nats(task, self.warn_threshold),
             relative=self.relative,
             stop_threshold=None if self.stop_threshold is None else self._in_nats(task, self.stop_threshold),
-            horizon=self._horizon(),
+            horizon=self.horizon,
             step=step,
         )
 

@@ -545,7 +545,8 @@ def early_warning(
     3. The band, when all three lie above the anchor: fine-tuning drift grows like a power of
        the steps since the anchor, ``d ~ (s - s_0)^p``. The last three measurements give two
        exponents ``p = log(d_i / d_{i-1}) / log((s_i - s_0) / (s_{i-1} - s_0))``, ``p_1`` then
-       ``p_2``; the fast side uses ``max(p_1, p_2)``. The slow side uses ``min(p_1, p_2)``,
+       ``p_2``; the fast side uses ``max(p_1, p_2)``. The slow side uses the lower of the two
+       latest exponents (at a measurement ``min(p_1, p_2)``; between measurements see below),
        lowered by what the points show of a slowdown:
 
        - a decelerating drift (``p_2 < p_1``: the drift still rises, ever more slowly, as on a
@@ -660,7 +661,7 @@ def early_warning(
     if t > s_last:  # the two latest exponents: the last measured one and the forecast's since
         p_now = math.log(level / d_last) / math.log((t - origin) / (s_last - origin)) if level > 0 else 0.0
         if p_2 >= p_1:  # accelerating: the older measured exponent gives way to the newer reading
-            p_lo = p_2
+            p_lo, slow = p_2, f"last measured exponent; forecast since step {s_last:g} ^{p_now:.2g}"
         if p_now < p_lo:
             p_lo, slow = p_now, f"forecast since step {s_last:g} ^{p_now:.2g}"
     p_lo = max(p_lo, 0.0)
