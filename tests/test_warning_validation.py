@@ -9,9 +9,11 @@ forecasts). A change of the rule that moves a held-out verdict fails here: the d
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
+import torch
 
 from benchmarks import warning_validation as wv
 from lightning_examples.lead_time import LeadTime
@@ -76,3 +78,29 @@ def test_a_recorded_run_round_trips_through_the_file(tmp_path, name) -> None:
     (a, row_a, rec), (b, _, _) = wv.load_traces(path)
     assert (a, row_a, b.seed) == (run, row, 8) and a.extra == run.extra
     assert rec["points"] == trace["points"] and rec["forecasts"] == trace["forecasts"]
+
+
+def test_restoring_share_and_equilibrium_on_plain_numbers() -> None:
+    from benchmarks.rehearsal_signal import equilibrium, restoring_share
+
+    assert restoring_share(torch.tensor([1.0, -3.0, 0.0])) == pytest.approx(0.25)
+    assert restoring_share(torch.tensor([-1.0, -2.0])) == 0.0
+    assert restoring_share(torch.zeros(3)) == 0.0
+    assert equilibrium(0.2, 0.25) == pytest.approx(0.6)  # 0.2 * 0.75 / 0.25
+    assert equilibrium(0.2, 0.0) == math.inf
+    assert math.isnan(equilibrium(-0.1, 0.5)) and math.isnan(equilibrium(0.0, 0.5))
+
+
+def test_the_plateau_control_s_batches_pull_the_probe_back_and_the_forgetting_run_s_do_not() -> None:
+    """benchmarks/rehearsal_signal.py on seed 0 (tuning data): from step 4 no sample of the
+    forgetting run lowers the probe loss to first order, while the plateau control's reference
+    quarter does, more as the drift grows, so its d_eq stays far below the threshold."""
+    from benchmarks.rehearsal_signal import equilibrium, tiny
+
+    forgetting, plateau = tiny(0, control=False, steps=8), tiny(0, control=True, steps=8)
+    assert [s for s, _, _ in forgetting] == list(range(1, 9))
+    assert all(share < 0.05 for step, _, share in forgetting if step >= 4)
+    assert plateau[-1][2] > 0.1 and plateau[-1][2] > plateau[3][2]
+    assert all(drift > 0 for _, drift, _ in plateau[3:])
+    assert equilibrium(*plateau[-1][1:]) < 0.25 * wv.THRESHOLD
+    assert equilibrium(*forgetting[-1][1:]) > wv.THRESHOLD
