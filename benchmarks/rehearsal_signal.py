@@ -39,9 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.warning_validation import THRESHOLD, parse_seeds
 from lightning_examples.synthetic import PhasedTasks, SyntheticTasks, TinyGPT
 
-THRESHOLD = 0.5
 Rows = list[tuple[int, float, float]]  # (step, drift after it, restoring share of its batch)
 _KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -163,15 +163,10 @@ def line(name: str, seed: int, rows: Rows, every: int) -> str:
     return f"{name:<18} s{seed:<3} crossing {crossing if crossing else '-':>2} | " + " | ".join(cells)
 
 
-def _seeds(text: str) -> list[int]:
-    lo, _, hi = text.partition("-")
-    return list(range(int(lo), int(hi or lo) + 1))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), default="tiny")
-    parser.add_argument("--seeds", default="0-11", help="a seed or a range, e.g. 12-15")
+    parser.add_argument("--seeds", default="0-11", help="seeds: 12-15 or 0,3")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--lr", type=float, default=None, help="minilm/gemma: the runs' lr (default theirs)")
@@ -182,7 +177,7 @@ def main() -> None:
     kwargs = {} if args.lr is None or args.family == "tiny" else {"lr": args.lr}
     kwargs["raw"] = args.raw
     print("per step shown: drift (nats), restoring share of the batch, d_eq = drift (1 - share) / share")
-    for seed in _seeds(args.seeds):
+    for seed in sorted(parse_seeds(args.seeds)):
         for name in args.runs.split(","):
             rows = measure_run(seed, name == "control", args.steps, **kwargs)
             print(line(f"{args.family} {name}", seed, rows, args.every), flush=True)
