@@ -583,6 +583,20 @@ def test_between_measurements_an_accelerating_drift_reads_its_two_latest_exponen
     )
 
 
+
+def test_exponents_too_large_or_too_small_for_a_float_give_inf_not_an_overflow() -> None:
+    """A forecast that barely moved since the last measurement reads an exponent near 0, and the
+    steps to the threshold overflow a float: inf, not an OverflowError (which disabled the
+    engine's per-step forecast for the rest of a fit: tiny plateau control seed 12, interval 12,
+    step 26 of the validation grid). A measured exponent in the thousands (a drift rising from a
+    denormal) puts the fast side at inf the same way."""
+    steps, drifts = [0, 1, 2, 4, 8, 12, 24], [0.0, 4.5e-4, 1.19e-3, 3.97e-3, 0.0208, 0.0605, 0.229013]
+    d = early_warning(steps, drifts, 0.5, horizon_steps=24, now=(26, 0.229023))
+    assert not d.warn and d.rising and d.steps_to_threshold == math.inf
+    assert d.level <= d.low < 0.5 and "forecast since step 24" in d.reason
+    d = early_warning([0, 1, 2, 100], [0.0, 5e-324, 0.3, 0.4], 0.5, horizon_steps=200)
+    assert d.high == math.inf and d.low == pytest.approx(0.4) and not d.warn
+
 # Gemma-3 270M, the narrow task at lr 2e-5 (validation grid, tuning part of round 3): the probe
 # loss fell over the first steps, then rose past its start; it crossed 0.5 nats at step 13.
 _DIP = ([0, 1, 2, 3, 6, 9], [0.0, -0.0164, -0.0246, -0.0231, 0.0902, 0.2934])

@@ -504,7 +504,8 @@ class WarningDecision:
         falling: The last two measured rates are < 0 (releases a latched warning below the
             threshold, see :func:`warning_active`).
         steps_to_threshold: Steps until ``level`` reaches the threshold on the slow side of the
-            band; 0.0 when reached, None when nothing is projected or the level is <= 0.
+            band; 0.0 when reached, None when nothing is projected or the level is <= 0, inf when
+            the slow side rises too slowly for a float to hold the count.
     """
 
     warn: bool
@@ -666,16 +667,25 @@ def early_warning(
             p_lo, slow = p_now, f"forecast since step {s_last:g} ^{p_now:.2g}"
     p_lo = max(p_lo, 0.0)
     grow = (t + reach - origin) / (t - origin)
-    low, high = level * grow**p_lo, level * grow**p_hi
+    low, high = level * _power(grow, p_lo), level * _power(grow, p_hi)
     if level >= thr:
         to_go: float | None = 0.0
     elif level > 0 and p_lo > 0:  # a forecast at or below the anchor never reaches the threshold
-        to_go = (t - origin) * ((thr / level) ** (1.0 / p_lo) - 1.0)
+        to_go = (t - origin) * (_power(thr / level, 1.0 / p_lo) - 1.0)  # inf: beyond any float
     else:
         to_go = None
     band = f"band {low:.4g}..{high:.4g} within {reach:g} steps (drift ~ steps^{p_lo:.2g}..{p_hi:.2g}"
     band += f"; {slow})" if slow else ")"
     return _banded(level, low, high, thr, to_go, band)
+
+
+def _power(base: float, exponent: float) -> float:
+    """``base ** exponent`` for ``base > 0``, ``inf`` where it overflows a float (an exponent read off
+    an almost flat stretch, or off a denormal drift, can be thousands): never an OverflowError."""
+    try:
+        return base**exponent
+    except OverflowError:
+        return math.inf
 
 
 def _banded(
