@@ -583,7 +583,6 @@ def test_between_measurements_an_accelerating_drift_reads_its_two_latest_exponen
     )
 
 
-
 def test_exponents_too_large_or_too_small_for_a_float_give_inf_not_an_overflow() -> None:
     """A forecast that barely moved since the last measurement reads an exponent near 0, and the
     steps to the threshold overflow a float: inf, not an OverflowError (which disabled the
@@ -596,6 +595,7 @@ def test_exponents_too_large_or_too_small_for_a_float_give_inf_not_an_overflow()
     assert d.level <= d.low < 0.5 and "forecast since step 24" in d.reason
     d = early_warning([0, 1, 2, 100], [0.0, 5e-324, 0.3, 0.4], 0.5, horizon_steps=200)
     assert d.high == math.inf and d.low == pytest.approx(0.4) and not d.warn
+
 
 # Gemma-3 270M, the narrow task at lr 2e-5 (validation grid, tuning part of round 3): the probe
 # loss fell over the first steps, then rose past its start; it crossed 0.5 nats at step 13.
