@@ -21,8 +21,8 @@ Prints one line per run (every ``--every`` steps: drift, share, ``d_eq``) and th
 0.5 nats. Measured after round 4 (docs/early_warning.md): it tells the tiny plateau control from
 the forgetting runs by a factor > 10 in ``d_eq``, and fails on MiniLM (a noisy share, ``d_eq``
 below the threshold where a warning is due) and Gemma-3 (every sample pulls back while the drift
-rises): not adopted. Seeds 0-11 (tiny), 0 (MiniLM, Gemma-3) are runs the rule has already been
-tuned or reported on; judge any signal for a new round on seeds it was not chosen on.
+rises): not adopted. The validation grid has run tiny seeds 0-13, MiniLM 0-9 and Gemma-3 0-3
+(tuned or reported on): judge any signal for a new round on seeds never run before.
 
     python benchmarks/rehearsal_signal.py [--family tiny --seeds 0-11 --steps 20 --every 2 --raw]
 """

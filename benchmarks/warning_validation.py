@@ -413,8 +413,9 @@ def summary(rows: list[LeadTime]) -> str:
 
 # ---------------------------------------------------------------------- recorded runs
 TRACES = Path(__file__).resolve().parent / "data" / "warning_traces.jsonl.gz"
-"""Every run of rounds 1-4 that was recorded: its ``Run``, its row (the true crossing; the first
-warning of the rule it was recorded with) and its :func:`~lightning_examples.lead_time.trace`.
+"""Every run of rounds 1-4 and of round 4's extension that was recorded: its ``Run``, its row (the
+true crossing; the first warning of the rule it was recorded with) and its
+:func:`~lightning_examples.lead_time.trace`.
 A rule is tuned by replaying it through the tuning part in seconds; ``--replay`` prints the table
 of any part."""
 
