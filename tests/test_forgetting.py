@@ -6,6 +6,7 @@ Each quantity is checked against its direct formula written as a slow float64 lo
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -595,6 +596,32 @@ def test_exponents_too_large_or_too_small_for_a_float_give_inf_not_an_overflow()
     assert d.level <= d.low < 0.5 and "forecast since step 24" in d.reason
     d = early_warning([0, 1, 2, 100], [0.0, 5e-324, 0.3, 0.4], 0.5, horizon_steps=200)
     assert d.high == math.inf and d.low == pytest.approx(0.4) and not d.warn
+
+
+def test_the_rule_never_raises_on_valid_series_of_any_magnitude() -> None:
+    """3000 random series (drifts from denormals to 1e300, either sign, flat stretches, forecasts
+    between measurements or not): a decision with a risk in [0, 1] and finite or infinite sides,
+    never an exception (one OverflowError disabled a fit's forecast before)."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        n = rng.randint(1, 7)
+        steps = sorted(rng.sample(range(0, 60), n))
+        drifts = [0.0] + [
+            rng.choice([1.0, -1.0, 1.0]) * 10.0 ** rng.uniform(-323, 300)
+            if rng.random() < 0.3
+            else rng.uniform(-0.1, 0.6)
+            for _ in range(n - 1)
+        ]
+        if rng.random() < 0.3 and n > 1:  # a flat stretch
+            drifts[-1] = drifts[-2] * (1.0 + 1e-9)
+        now = None
+        if rng.random() < 0.5:
+            last = drifts[-1] if n > 1 else 0.0
+            now = (steps[-1] + rng.randint(0, 12), last * (1.0 + rng.choice([1e-12, 1e-4, 0.3, -0.5])))
+        d = early_warning(
+            steps, drifts, rng.choice([0.1, 0.5, 2.0]), horizon_steps=rng.choice([0, 4, 24, 200]), now=now
+        )
+        assert 0.0 <= d.risk <= 1.0 and not math.isnan(d.low) and not math.isnan(d.high)
 
 
 # Gemma-3 270M, the narrow task at lr 2e-5 (validation grid, tuning part of round 3): the probe
