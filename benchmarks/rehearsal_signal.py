@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -39,8 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.warning_validation import THRESHOLD, parse_seeds
-from lightning_examples.synthetic import PhasedTasks, SyntheticTasks, TinyGPT
+from benchmarks.warning_validation import THRESHOLD, Run, build, parse_seeds
 
 Rows = list[tuple[int, float, float]]  # (step, drift after it, restoring share of its batch)
 _KEYS = ("input_ids", "attention_mask", "labels")
@@ -97,41 +97,30 @@ def measure(module: pl.LightningModule, batches, probe: dict, steps: int, raw: b
     return rows
 
 
-def tiny(seed: int, control: bool, steps: int, raw: bool = False) -> Rows:
-    """The tiny grid's "math" run at lr 1e-3, or (``control``) its "quarter math" plateau control."""
-    pl.seed_everything(seed, verbose=False)
-    module = TinyGPT(lr=1e-3, seed=seed, n_layer=2, n_head=4, n_embd=32, pretrain_steps=60, pretrain_lr=1e-2)
-    module.setup("fit")
-    data = dict(n_train=512, n_probe=32, batch_size=16, seed=seed)
-    dm = PhasedTasks([("mixed", 200)], **data) if control else SyntheticTasks(train_task="math", **data)
-    return measure(module, dm.train_dataloader(), _whole(dm.probe_dataloader("general")), steps, raw)
+# A forgetting run and a control per family: the grid's own runs (warning_validation), by seed.
+PAIRS = {
+    "tiny": (
+        Run("tiny", "math", 1e-3),
+        Run("tiny", "control: quarter math", 1e-3, task="phases:mixed*200", control=True),
+    ),
+    "minilm": (
+        Run("minilm", "size", 3e-5, task="size"),
+        Run("minilm", "control: converge on general", 3e-5, task="general", control=True),
+    ),
+    "gemma": (
+        Run("gemma", "narrow", 2e-5, task="narrow"),
+        Run("gemma", "control: other English", 2e-5, task="general_other", control=True),
+    ),
+}
 
 
-def minilm(seed: int, control: bool, steps: int, lr: float = 3e-5, raw: bool = False) -> Rows:
-    """The MiniLM grid's "size" run, or (``control``) its converge-on-general control."""
-    from lightning_examples.lead_time import MiniLMTasks, _minilm_taught
-    from lightning_examples.minilm_classifier import MiniLMClassifier, model_dir
-
-    path = str(model_dir())
-    taught = _minilm_taught(path)
-    pl.seed_everything(seed, verbose=False)
-    module = MiniLMClassifier(path, lr=lr)
-    module.load_state_dict(taught)
-    dm = MiniLMTasks(path, train_task="general" if control else "size", seed=seed)
+def run_pair(family: str, seed: int, control: bool, steps: int, lr: float | None = None, raw=False) -> Rows:
+    """:func:`measure` on the forgetting run of ``family`` (or its control) on ``seed``, built
+    as the validation grid builds it (``lr``: another learning rate)."""
+    run = replace(PAIRS[family][control], seed=seed)
+    module, dm, _ = build(run if lr is None else replace(run, lr=lr))
+    module.setup("fit")  # the tiny model pretrains here
     probe = _whole(dm.probe_dataloader("general"))
-    return measure(module, _cycle(dm.train_dataloader), probe, steps, raw)
-
-
-def gemma(seed: int, control: bool, steps: int, lr: float = 2e-5, raw: bool = False) -> Rows:
-    """The Gemma-3 grid's "narrow" run, or (``control``) its other-English control."""
-    from lightning_examples import gemma_lm
-
-    pl.seed_everything(seed, verbose=False)
-    module = gemma_lm.GemmaLM(gemma_lm.fresh_model(), lr=lr)
-    dm = gemma_lm.GemmaTasks(
-        gemma_lm.load_gemma()[1], train_task="general_other" if control else "narrow", seed=seed
-    )
-    probe = dm._collate(dm._encode(gemma_lm.PROBE, "general"))
     return measure(module, _cycle(dm.train_dataloader), probe, steps, raw)
 
 
@@ -144,9 +133,6 @@ def _whole(loader) -> dict:
 def _cycle(loader_fn):
     while True:
         yield from loader_fn()
-
-
-FAMILIES = {"tiny": tiny, "minilm": minilm, "gemma": gemma}
 
 
 def equilibrium(drift: float, share: float) -> float:
@@ -165,21 +151,18 @@ def line(name: str, seed: int, rows: Rows, every: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="tiny")
+    parser.add_argument("--family", choices=sorted(PAIRS), default="tiny")
     parser.add_argument("--seeds", default="0-11", help="seeds: 12-15 or 0,3")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--every", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=None, help="minilm/gemma: the runs' lr (default theirs)")
+    parser.add_argument("--lr", type=float, default=None, help="the runs' lr (default: the grid's)")
     parser.add_argument("--runs", default="forgetting,control")
     parser.add_argument("--raw", action="store_true", help="P = identity (plain gradients)")
     args = parser.parse_args()
-    measure_run = FAMILIES[args.family]
-    kwargs = {} if args.lr is None or args.family == "tiny" else {"lr": args.lr}
-    kwargs["raw"] = args.raw
     print("per step shown: drift (nats), restoring share of the batch, d_eq = drift (1 - share) / share")
     for seed in sorted(parse_seeds(args.seeds)):
         for name in args.runs.split(","):
-            rows = measure_run(seed, name == "control", args.steps, **kwargs)
+            rows = run_pair(args.family, seed, name == "control", args.steps, args.lr, args.raw)
             print(line(f"{args.family} {name}", seed, rows, args.every), flush=True)
 
 

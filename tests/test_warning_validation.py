@@ -97,9 +97,10 @@ def test_the_plateau_control_s_batches_pull_the_probe_back_and_the_forgetting_ru
     """benchmarks/rehearsal_signal.py on seed 0 (tuning data): from step 4 no sample of the
     forgetting run lowers the probe loss to first order, while the plateau control's reference
     quarter does, more as the drift grows, so its d_eq stays far below the threshold."""
-    from benchmarks.rehearsal_signal import equilibrium, tiny
+    from benchmarks.rehearsal_signal import equilibrium, run_pair
 
-    forgetting, plateau = tiny(0, control=False, steps=8), tiny(0, control=True, steps=8)
+    forgetting = run_pair("tiny", 0, control=False, steps=8)
+    plateau = run_pair("tiny", 0, control=True, steps=8)
     assert [s for s, _, _ in forgetting] == list(range(1, 9))
     assert all(share < 0.05 for step, _, share in forgetting if step >= 4)
     assert plateau[-1][2] > 0.1 and plateau[-1][2] > plateau[3][2]
