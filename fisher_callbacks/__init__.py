@@ -8,6 +8,7 @@ Public API (DESIGN section 3): :class:`AttentionLayout` (alias :data:`QKOVConfig
 """
 
 from . import functional, toolkit
+from ._validate import SetupError
 from .callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
 from .capture import PerSampleGradientCapture, ProbeResult, per_sample_gradients, probe_pass
 from .fisher import FisherCollector
@@ -29,6 +30,7 @@ __all__ = [
     "QKOVHeatmap",
     "QKOVInterferenceMetric",
     "QKOVInterferenceMonitor",
+    "SetupError",
     "__version__",
     "functional",
     "per_sample_gradients",

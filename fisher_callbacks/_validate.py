@@ -20,6 +20,12 @@ from collections.abc import Sequence
 from typing import Any
 
 
+class SetupError(ValueError):
+    """A setting that only the fit can check (it names another callback's tasks, say). It stops
+    the run: a monitor's own failure is a warning and training goes on, but a mistake in the
+    settings is the user's to fix (see :meth:`~fisher_callbacks.engine.ranks.WarningRelay.contain`)."""
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     """``value`` if it is one of ``choices``, else a ``ValueError`` naming ``name``, the options
     and, for a near-miss string, the closest one."""

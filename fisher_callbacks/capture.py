@@ -19,10 +19,10 @@ import contextlib
 import itertools
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -204,6 +204,9 @@ class PerSampleGradientCapture:
         self._last_src: weakref.ref[torch.Tensor] | None = None
         self._last_version = -1
         self._last_x: torch.Tensor | None = None
+        # the first error a hook raised since :meth:`arm`: the hooks never raise into the model's
+        # forward or backward (a failed capture must not fail the training step)
+        self.error: Exception | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> PerSampleGradientCapture:
@@ -259,6 +262,7 @@ class PerSampleGradientCapture:
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self._reset()
+        self.error = None
         self._samples = None if samples is None else samples.long()
         self._scale = None if scale is None else scale.float()
         self._sink = sink if sink is not None else _Buffer(self._buffers)
@@ -307,14 +311,30 @@ class PerSampleGradientCapture:
         try:
             yield self
         finally:
+            error, self.error = self.error, None
             self._armed = False
             self._forget_input()
             if not was_attached:
                 for handle in self._handles:
                     handle.remove()
                 self._handles.clear()
+        if error is not None:  # a hook failed inside the block: the caller's error
+            raise error
 
     # ------------------------------------------------------------------ hooks
+    def _contained(self, hook: Callable[..., None], *args: Any) -> None:
+        """Run ``hook``; an error it raises is kept in :attr:`error` and disarms the capture
+        instead of reaching the model's forward or backward (the gradients are left as they
+        are). :meth:`capturing` raises it when its block ends; the Fisher engine's training
+        step reads it after the backward (capture stops for the fit, one warning)."""
+        if self.error is not None:
+            return
+        try:
+            hook(*args)
+        except Exception as err:
+            self.error = err
+            self._armed = False
+
     def _forward_hook(self, mod_name: str, module: nn.Module, inputs, output) -> torch.Tensor | None:
         if not self._armed or not torch.is_tensor(output) or not output.requires_grad:
             return
@@ -323,6 +343,12 @@ class PerSampleGradientCapture:
             self.batch_size = src.shape[0]
         if torch.compiler.is_compiling():  # see "torch.compile path" above (``_tap`` counts the use)
             return _tap(output, self._captured_rows(src), self._id, self._slots.index(mod_name))
+        self._contained(self._eager_forward, mod_name, module, src, output)
+        return None
+
+    def _eager_forward(
+        self, mod_name: str, module: nn.Module, src: torch.Tensor, output: torch.Tensor
+    ) -> None:
         # Projections reading one input (Q, K and V of most models) share its selected rows and
         # its finiteness check: one gather and one sum per input, not per projection.
         last = self._last_src() if self._last_src is not None else None
@@ -333,8 +359,7 @@ class PerSampleGradientCapture:
             self._last_src, self._last_version, self._last_x = weakref.ref(src), src._version, x
             self._add_finite(x.sum(dtype=torch.float32))
         self._count_use(mod_name)
-        output.register_hook(partial(self._grad_hook, mod_name, module, x, False))
-        return None
+        output.register_hook(partial(self._contained, self._grad_hook, mod_name, module, x, False))
 
     def _captured_rows(self, src: torch.Tensor) -> torch.Tensor:
         """The captured samples' rows of a projection's input (detached)."""
@@ -355,7 +380,7 @@ class PerSampleGradientCapture:
         """Output gradient of projection ``slot`` from the compiled path (run time, eager)."""
         if self._armed:
             mod_name = self._slots[slot]
-            self._grad_hook(mod_name, self._modules[mod_name], x, True, grad)
+            self._contained(self._grad_hook, mod_name, self._modules[mod_name], x, True, grad)
 
     def _grad_hook(
         self, mod_name: str, module: nn.Module, x: torch.Tensor, check_x: bool, grad: torch.Tensor
@@ -372,7 +397,9 @@ class PerSampleGradientCapture:
         shared = self._uses.get(mod_name, 1) > 1
         if shared and not self._flush_queued:
             self._flush_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._flush_shared)
+            torch.autograd.Variable._execution_engine.queue_callback(
+                partial(self._contained, self._flush_shared)
+            )
         device = go.device.type
         # fp32 products even when the backward runs under autocast (no context otherwise: the
         # hook runs once per projection and step)
@@ -383,6 +410,12 @@ class PerSampleGradientCapture:
             # Cheap on the small factors: finite factors give finite per-sample gradients.
             self._add_finite(g3.sum() + x3.sum() if check_x else g3.sum())
             if self._scale is not None:
+                if self._scale.numel() != b:
+                    raise ValueError(
+                        f"{mod_name} ran on {b} captured samples where {self._scale.numel()} were "
+                        "armed: a second forward on another batch in one training step? Per-sample "
+                        "capture needs one batch per forward and backward"
+                    )
                 g3 = g3 * self._scale.to(g3.device).view(-1, 1, 1)
             target = self._targets[mod_name]
             parts = []

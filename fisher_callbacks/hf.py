@@ -30,8 +30,11 @@ weight its sample had in the backward: per-sample gradients equal a micro-batch-
 (``tests/test_hf.py``). TRL's ``SFTTrainer`` sums per-token ``log_probs`` of a fused LM head and
 never hands the model ``num_items_in_batch``: the weight per target token is read from the
 gradient that reaches ``log_probs`` (uniform), before any monitored projection's, and corrects the
-armed factors (``tests/test_hf_trl.py``). A loss the callback cannot see through (label smoothing,
-a custom ``compute_loss_func``) is measured at the logits by the loss check (one warning).
+armed factors (``tests/test_hf_trl.py``); a loss that weights its target tokens unequally (TRL's
+``loss_type="dft"``) is one warning. When the Trainer computes the loss itself (``label_smoothing_factor``,
+``compute_loss_func``) it pops ``labels`` before the model's forward: nothing is captured (one
+warning). A weighted or auxiliary loss the model computes is measured at the logits by the loss
+check (one warning).
 
 **Columns.** ``task`` and ``sample_id`` batch entries reach the callback and never the model's
 ``forward``. The Trainer's default ``remove_unused_columns=True`` drops them before the collator
@@ -103,6 +106,9 @@ class HFHost(Host):
     def log_scalars(
         self, values: Mapping[str, float], *, sync_dist: bool = False, rank_zero_only: bool = False
     ) -> None:
+        collecting = self.callback._collecting  # a boundary's scalars, for the eval metrics
+        if collecting is not None and (self.is_global_zero or not rank_zero_only):
+            collecting.update(values)
         if self.is_global_zero and values:
             self.callback.emit(self, dict(values))
 
@@ -200,7 +206,10 @@ class FisherTrainerCallback(TrainerCallback):
         self._assumed: float | None = None  # assumed factor per target token of the armed micro-batch
         self._training = False
         self._evaluated_at: int | None = None
+        self._collecting: dict[str, float] | None = None  # the scalars of the boundary running
+        self._boundary_values: dict[str, float] = {}  # those of the last boundary (eval metrics)
         self._warned_columns = False
+        self._warned_labels = False
         self._loaded = False  # a state was loaded (resume)
 
     # ------------------------------------------------------------------ engines
@@ -245,6 +254,7 @@ class FisherTrainerCallback(TrainerCallback):
         if self._fitted and not self._loaded:
             self._build_engines()  # one fit is one run: a reused callback starts afresh
         self._fitted, self._evaluated_at, self._warned_columns = True, None, False
+        self._warned_labels, self._boundary_values = False, {}
         host = self._host(args, state, control, model)
         self._connect(args)
         if state.global_step > 0:
@@ -257,7 +267,8 @@ class FisherTrainerCallback(TrainerCallback):
             engine.prepare(host)
         self.fisher.resolve(model)
         if self.forgetting is not None:
-            self.forgetting.fit_begin(host)
+            with self.forgetting.relay.contain("the anchor at fit start"):
+                self.forgetting.fit_begin(host)
             self.forgetting.train_begin(host)
         self.fisher.log_memory(host, self.engines)
         self._hooks = [
@@ -272,11 +283,12 @@ class FisherTrainerCallback(TrainerCallback):
                 "silently): the callbacks watch the run as it is, unsharded.",
                 stacklevel=2,
             )
-        if host.validation_interval is None and (self.qkov is not None or self.forgetting is not None):
+        strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+        if strategy == "no" and (self.qkov is not None or self.forgetting is not None):
             warnings.warn(
-                "fisher_callbacks: eval_strategy is not 'steps': the QK-OV and forgetting monitors "
-                "evaluate at each on_evaluate, so they evaluate once at the end of training instead; "
-                "set eval_strategy='steps' and eval_steps to watch the run while it trains.",
+                "fisher_callbacks: eval_strategy='no': the QK-OV and forgetting monitors evaluate "
+                "at each on_evaluate, so they evaluate once at the end of training instead; set "
+                "eval_strategy='steps' and eval_steps to watch the run while it trains.",
                 stacklevel=2,
             )
 
@@ -288,6 +300,14 @@ class FisherTrainerCallback(TrainerCallback):
             return args, kwargs
         labels = kwargs.get("labels")
         if labels is None:
+            if not self._warned_labels:
+                self._warned_labels = True
+                self.fisher.relay.warn(
+                    "a training forward of the model got no labels (the Trainer pops them when it "
+                    "computes the loss itself: label_smoothing_factor, compute_loss_func, a "
+                    "compute_loss that does not pass them): its samples are not captured, and "
+                    f"the Fisher of train_task={self.fisher.train_task!r} stays empty"
+                )
             return args, kwargs
         if task_key not in columns and not self._warned_columns:
             self._warned_columns = True
@@ -320,6 +340,13 @@ class FisherTrainerCallback(TrainerCallback):
             return
 
         def measured(grad: torch.Tensor) -> None:
+            weights = -grad.float()[grad != 0]  # each target token's weight in the loss
+            if weights.numel() and float(weights.max() - weights.min()) > 1e-3 * float(weights.abs().max()):
+                self.fisher.relay.warn(
+                    "the training loss weights its target tokens unequally (TRL's loss_type='dft'?): "
+                    "captured per-sample gradients are those of that weighted loss, divided by the "
+                    "mean weight per token, not of the samples' own token-mean losses"
+                )
             per_token = -float(grad.float().mean())  # the weight of each target token's loss
             capture = self.fisher.capture
             if capture is not None and math.isfinite(per_token) and per_token > 0:
@@ -377,19 +404,29 @@ class FisherTrainerCallback(TrainerCallback):
         if self.forgetting is not None:
             self.forgetting.step_end(host)
 
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if self._training:
-            self._boundary(self._host(args, state, control, model))
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        """The boundary; its scalars join the evaluation's ``metrics`` as ``eval_<name>`` (what
+        ``metric_for_best_model`` and ``EarlyStoppingCallback`` read)."""
+        if not self._training:
+            return
+        self._boundary(self._host(args, state, control, model))
+        if isinstance(metrics, dict):
+            metrics.update({f"eval_{k}": v for k, v in self._boundary_values.items()})
 
     def _boundary(self, host: HFHost) -> None:
         if self._evaluated_at == host.step:
-            return
+            return  # another evaluation dataset at this step: the same boundary
         self._evaluated_at = host.step
+        self._collecting = self._boundary_values = {}
         from ._rng import isolated_rng
 
-        with isolated_rng():  # the training run's random streams are not the monitors'
-            for engine in self.engines:
-                engine.boundary(host)
+        try:
+            with isolated_rng():  # the training run's random streams are not the monitors'
+                for engine in self.engines:
+                    with engine.relay.contain(f"the boundary at step {host.step}"):
+                        engine.boundary(host)
+        finally:
+            self._collecting = None
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self._training:

@@ -745,6 +745,8 @@ class SketchStore(GradientStore):
         self._by_param: dict[str, list[tuple[_SliceGroup, bool]]] = {}
         for layer in range(self.layout.num_layers):
             for block in BLOCKS:
+                if not self.layout.is_monitored(layer, block):  # no adapter there, or frozen
+                    continue
                 spec = self.layout.spec(layer, block)
                 shape = tuple(self.layout.param_shapes[spec.param])
                 r = self.layout.head_dim

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainingArguments
 
 from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
+from fisher_callbacks.engine import fisher as fisher_engine
+from fisher_callbacks.engine.forgetting_report import ForgettingReport
 from fisher_callbacks.hf import FisherTrainerCallback
 from lightning_examples.synthetic import SyntheticTask, TinyGPT, collate
 
@@ -504,3 +507,84 @@ def test_fsdp_asked_for_but_not_applied_is_detected():
     assert fsdp_not_applied(types.SimpleNamespace(fsdp=["full_shard"]), model)
     assert not fsdp_not_applied(types.SimpleNamespace(fsdp=[]), model)
     assert not fsdp_not_applied(types.SimpleNamespace(), model)
+
+
+def _trained(tmp_path, callback, n_train=64, **overrides) -> Trainer:
+    """A pretrained tiny GPT-2 trained on "math" with ``callback``; ``overrides`` of :func:`_args`."""
+    trainer = Trainer(
+        model=_pretrained().model,
+        args=_args(tmp_path, **overrides),
+        train_dataset=SyntheticTask("math", n_train),
+        eval_dataset=SyntheticTask("math", 8, seed=1),
+        data_collator=collate,
+        callbacks=[callback],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    trainer.messages = [str(w.message) for w in caught]
+    return trainer
+
+
+def test_forgetting_metrics_join_the_evaluation_metrics_for_the_best_model(tmp_path):
+    """``metric_for_best_model`` (and ``EarlyStoppingCallback``) read the evaluation's metrics:
+    the boundary's scalars join them as ``eval_<name>``. Before: a KeyError at the first
+    evaluation."""
+    callback = _callback(pairs=[])
+    trainer = _trained(
+        tmp_path,
+        callback,
+        metric_for_best_model="forgetting/general/measured",
+        greater_is_better=False,
+        save_strategy="steps",
+        save_steps=4,
+    )
+    measured = callback.forgetting.history["general"]["measured"]
+    assert len(measured) == 3
+    assert trainer.state.best_metric == pytest.approx(min(measured), rel=1e-6)
+    evals = [row for row in trainer.state.log_history if "eval_loss" in row]
+    assert len(evals) == 3 and "eval_forgetting/general/measured" not in evals[0]  # logged once, as before
+
+
+def test_a_loss_the_trainer_computes_itself_is_one_warning_not_a_silent_empty_fisher(tmp_path):
+    """``label_smoothing_factor`` makes the Trainer pop ``labels`` before the model's forward:
+    nothing can be captured. Before: no warning, and an empty Fisher of ``train_task``."""
+    callback = _callback(pairs=[])
+    trainer = _trained(tmp_path, callback, max_steps=4, label_smoothing_factor=0.1)
+    said = [m for m in trainer.messages if "got no labels" in m]
+    assert len(said) == 1 and "label_smoothing_factor" in said[0]
+    assert callback.fisher.collector.num_stored("math") == 0
+
+
+def test_epoch_evaluations_are_boundaries_without_the_end_of_training_warning(tmp_path):
+    """Before: eval_strategy='epoch' warned that the monitors evaluate only at the end."""
+    callback = _callback(pairs=[])
+    trainer = _trained(tmp_path, callback, 32, max_steps=-1, num_train_epochs=3, eval_strategy="epoch")
+    assert not [m for m in trainer.messages if "evaluate once at the end" in m]
+    assert callback.forgetting.history["general"]["step"] == [4, 8, 12]
+
+
+def test_an_evaluation_at_an_early_probe_step_measures_once(tmp_path):
+    """The Trainer's last evaluation at step 4 falls on an early probe (steps 1, 2, 4 of the first
+    interval of 10). Before: the probe set was passed twice and the step had two measured rows."""
+    callback = _callback(pairs=[])
+    trainer = _trained(tmp_path, callback, max_steps=4, eval_steps=10)
+    steps = [row["step"] for row in trainer.state.log_history if "forgetting/general/measured" in row]
+    assert steps == [1, 2, 4]
+    assert callback.forgetting.history["general"]["step"] == [4]
+
+
+def test_the_trainer_goes_on_when_a_monitor_fails_at_a_boundary(tmp_path, monkeypatch):
+    """The HF side of ``tests/test_monitor_failures.py``: each engine's boundary is contained."""
+    monkeypatch.setattr(fisher_engine, "fisher_scalars", _raise)
+    monkeypatch.setattr(ForgettingReport, "timeline", _raise)
+    callback = _callback()
+    trainer = _trained(tmp_path, callback, max_steps=8)
+    assert trainer.state.global_step == 8
+    assert [m for m in trainer.messages if "no Fisher scalars at step 4" in m], trainer.messages
+    assert [m for m in trainer.messages if "no timeline of general at step 4" in m], trainer.messages
+    assert callback.forgetting.history["general"]["step"][-1] == 8  # still measuring
+
+
+def _raise(*args, **kwargs):
+    raise RuntimeError("injected failure")

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from .._rng import isolated_rng
+from ..engine.ranks import WarningRelay
 from ..memory import attribute_ledger
 
 _WARNED: weakref.WeakSet[pl.Trainer] = weakref.WeakSet()  # trainers told "no validation" this fit
@@ -109,6 +110,7 @@ class BoundaryCallback(Callback, ABC):
     _validates: bool = True
     _arguments: tuple[type, dict[str, Any]] | None = None  # (class, its __init__'s arguments)
     _fitted: bool = False  # a fit has been set up with this object
+    _relay: WarningRelay  # the monitor's (its engine's) warnings
 
     def _keep_arguments(self, owner: type, args: dict[str, Any]) -> None:
         """Record ``owner.__init__``'s arguments (``locals()`` at its top) for :meth:`_restart`."""
@@ -132,8 +134,9 @@ class BoundaryCallback(Callback, ABC):
         """Evaluate one boundary (probe passes, maps, forgetting) at ``trainer.global_step``."""
 
     def _run_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._boundary_step = trainer.global_step
-        with isolated_rng():  # the training run's random streams are not the monitors'
+        self._boundary_step = step = trainer.global_step
+        # the training run's random streams are not the monitors'; a failure is one warning
+        with isolated_rng(), self._relay.contain(f"the boundary at step {step}"):
             self._boundary(trainer, pl_module)
 
     @override

@@ -78,10 +78,15 @@ class LightningHost(Host):
 
     @property
     def validation_interval(self) -> float | None:
-        vcb = self.trainer.val_check_batch
+        trainer = self.trainer
+        vcb = trainer.val_check_batch
         if vcb is None or not math.isfinite(vcb) or vcb <= 0:
             return None
-        return max(float(vcb) / self.trainer.accumulate_grad_batches, 1.0)
+        every = trainer.check_val_every_n_epoch
+        batches = trainer.num_training_batches
+        if every and every > 1 and math.isfinite(batches) and vcb >= batches:  # once every n epochs
+            vcb = vcb * every
+        return max(float(vcb) / trainer.accumulate_grad_batches, 1.0)
 
     def boundary_follows(self) -> bool:
         return validation_due(self.trainer)

@@ -185,7 +185,8 @@ class ForgettingRiskMonitor(ForgettingEngine, BoundaryCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.fit_begin(LightningHost(trainer, pl_module))
+        with self._relay.contain("the anchor at fit start"):
+            self.fit_begin(LightningHost(trainer, pl_module))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

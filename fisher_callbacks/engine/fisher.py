@@ -110,6 +110,7 @@ class FisherEngine:
         self._pending_state: dict[str, Any] | None = None
         self._relay = WarningRelay("FisherMonitor")
         self._warned_frozen: tuple[str, ...] = ()
+        self._frozen: frozenset[str] = frozenset()  # parameters frozen when the layout was taken
 
     # ------------------------------------------------------------------ tasks
     def train_key(self, task: str) -> str:
@@ -154,6 +155,8 @@ class FisherEngine:
         """Bind to ``host.module`` (once per fit): layout, collector, capture hooks, probe loaders,
         and the state a checkpoint loaded before. ``probe_gradients_wanted``: a reader of the
         probe gradients is attached (decides ``probe_gradients=None``)."""
+        if self.collector is not None and self.collector.model is not host.module:
+            self.restart()  # set up for another model before (validate(a), then fit(b)): afresh
         if self.probe_gradients is None:
             self._keep_probe_grads = probe_gradients_wanted
         if self.collector is not None:
@@ -210,8 +213,23 @@ class FisherEngine:
             self._relay.warn(frozen_message(frozen))
         return layout
 
+    def _warn_unfrozen(self, module: torch.nn.Module, unfrozen: frozenset[str]) -> None:
+        """Attention weights unfrozen since the layout was taken stay unmonitored (its samples
+        and the forgetting prediction cover what trained at fit start): one warning."""
+        if self.layout is None:
+            return
+        whole = AttentionLayout.from_model(module, include_bias=self.include_bias).monitored_parameters()
+        new = [n for n in whole if n in unfrozen and n not in self.layout.monitored_parameters()]
+        if new:
+            self._relay.warn(
+                f"{len(new)} attention tensor(s) were unfrozen during the fit and are not monitored "
+                f"({', '.join(new[:4])}{', ...' if len(new) > 4 else ''}): the monitors watch the "
+                "weights that trained at fit start; unfreeze before the fit to watch them"
+            )
+
     def _build(self, module: torch.nn.Module, layout: AttentionLayout) -> None:
         self.layout = layout
+        self._frozen = frozenset(n for n, p in module.named_parameters() if not p.requires_grad)
         self.collector = FisherCollector(
             module,
             self.layout,
@@ -241,6 +259,10 @@ class FisherEngine:
             self.collector.set_shards(Shards.of(module))
         params = dict(module.named_parameters())
         names = self.layout.monitored_parameters()
+        unfrozen = frozenset(n for n in self._frozen if n in params and params[n].requires_grad)
+        if unfrozen:  # BaseFinetuning, progressive unfreezing
+            self._frozen -= unfrozen
+            self._warn_unfrozen(module, unfrozen)
         if all(n in params and params[n].requires_grad for n in names):
             return
         check_supported(module)  # wrapped since prepare (e.g. FSDP1 by the strategy)
@@ -341,8 +363,11 @@ class FisherEngine:
         self.refresh(host)
         if self.collector is not None:
             values: dict[str, float] = {}
-            with self._relay.catch():
-                values = fisher_scalars(self.collector)
+            try:  # local: every rank then logs the keys all of them have (log_agreed)
+                with self._relay.catch():
+                    values = fisher_scalars(self.collector)
+            except Exception as err:
+                self._relay.warn(f"no Fisher scalars at step {host.step}: {err!r}")
             values["fisher/skipped_steps"] = float(self.skipped_steps)
             log_agreed(host, values, self._relay)
         self._relay.flush()

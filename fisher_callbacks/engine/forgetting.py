@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._validate import check_choice, check_number
+from .._validate import SetupError, check_choice, check_number
 from ..functional.forgetting import WarningDecision
 from ..memory import attribute_ledger, available_memory
 from .forecast import Forecaster
@@ -100,6 +100,11 @@ class ForgettingEngine:
         return self.tracker.anchor
 
     # ------------------------------------------------------------------ set-up
+    @property
+    def relay(self) -> WarningRelay:
+        """This monitor's warnings (a view of the FisherMonitor's record once bound)."""
+        return self._relay
+
     def bind(self, fisher: FisherEngine) -> None:
         """Read probes, Fishers and the layout from ``fisher``; warnings share its record."""
         self.fisher = fisher
@@ -128,11 +133,14 @@ class ForgettingEngine:
         self.prepare(host)
         missing = [t for t in self.reference_tasks if t not in self.fisher.reference_tasks]
         if missing:
-            raise ValueError(
+            raise SetupError(
                 f"ForgettingRiskMonitor watches {missing}, which are not probe sets of the "
                 f"FisherMonitor (reference_tasks={list(self.fisher.reference_tasks)})"
             )
-        self.report.dashboard(host, self.reference_tasks)
+        try:  # rank zero alone: no collective left waiting
+            self.report.dashboard(host, self.reference_tasks)
+        except Exception as err:
+            self._relay.warn(f"no TensorBoard layout for the forgetting charts: {err!r}")
         self.tracker.ensure_accumulators(self.reference_tasks, self.fisher.layout)
         if self.tracker.anchor is not None:  # restored from a checkpoint: keep the original anchor
             self._resume(host)
@@ -192,11 +200,11 @@ class ForgettingEngine:
         for task in tasks:
             try:
                 probe = self.fisher.run_probe(host, task)
+                with self._relay.catch(f"{task}: "):
+                    fisher0 = self.fisher.collector.fisher(task)
             except Exception as err:
                 self._relay.warn(f"no anchor for {task!r} ({err!r}); not watched")
                 continue
-            with self._relay.catch(f"{task}: "):
-                fisher0 = self.fisher.collector.fisher(task)
             self.tracker.anchor_task(task, probe.loss, fisher0)
             self.forecaster.grads[task] = self._local(probe.grad)
             self.history[task] = new_history()
@@ -219,7 +227,8 @@ class ForgettingEngine:
         rows: dict[str, float] = {}
         stop = False
         try:
-            probe_now = self._early_probe_due(step)
+            # a boundary at this step measures anyway: no second probe pass, no second row
+            probe_now = self._early_probe_due(step) and not host.boundary_follows()
             if self.forecast:  # the verdict goes with a measurement when one comes at this step
                 decide = not (probe_now or host.boundary_follows())
                 drifts = {t: self.warnings.last_drift(t) for t in fc.tasks}
@@ -592,11 +601,9 @@ class BoundaryPass:
         for task, hist in e.history.items():
             if hist["step"] and hist["step"][-1] == self.step:
                 try:
-                    fig = e.timeline_figure(task, self.step)
+                    e.report.timeline(self.host, task, e.timeline_figure(task, self.step), self.step)
                 except Exception as err:
                     e._relay.warn(f"no timeline of {task} at step {self.step}: {err!r}")
-                    continue
-                e.report.timeline(self.host, task, fig, self.step)
 
 
 _NOT_STATE = ("fisher", "tracker", "forecaster", "warnings", "report", "_arguments")

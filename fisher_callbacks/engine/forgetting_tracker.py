@@ -96,12 +96,21 @@ class ForgettingTracker:
 
     def advance(self, task: str, grad_b: TensorDict, delta: TensorDict, grad_now: TensorDict) -> None:
         """One trapezoid step of the first-order prediction: ``g_A`` at both ends of the step
-        ``delta`` = theta_now - theta_b, over the parameters all three have."""
-        names = [n for n in delta if n in grad_b and n in grad_now]
-        self.accumulators[task].update(
-            {n: grad_b[n] for n in names},
+        ``delta`` = theta_now - theta_b, over the parameters of ``delta``.
+
+        A weight frozen since fit start has no probe gradient at one end (frozen in this step:
+        the other end's is used, a left- or right-point step) or at both (frozen before it: it did
+        not move, its term is 0), so the prediction and its per-head split go on over the
+        weights that still train."""
+        accumulator = self.accumulators[task]
+        names = [n for n in delta if n in grad_b or n in grad_now]
+        layout = accumulator.layout
+        frozen = [] if layout is None else [n for n in layout.monitored_parameters() if n not in names]
+        accumulator.update(
+            {n: grad_b.get(n, grad_now.get(n)) for n in names},
             _Subset(delta, names),  # delta may be made when read: never all of it at once
-            grad_a_end={n: grad_now[n] for n in names},
+            grad_a_end={n: grad_now.get(n, grad_b.get(n)) for n in names},
+            frozen=frozen,
         )
 
     def evaluate(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .._validate import check_number
+from .._validate import SetupError, check_number
 from ..interference import QKOVHeatmap, QKOVInterferenceMetric, check_metric_options
 from ..layouts import AttentionLayout
 from ..memory import attribute_ledger
@@ -113,6 +113,11 @@ class QKOVEngine:
         """Read the samples of ``fisher``'s collector (instead of the one given, if any)."""
         self.fisher_monitor = fisher
 
+    @property
+    def relay(self) -> WarningRelay:
+        """This monitor's warnings (a view of the FisherMonitor's record once bound)."""
+        return self._relay
+
     def prepare(self, host: Host) -> None:
         """Ready for a fit on ``host``, after the Fisher engine's own ``prepare``: share its
         warning record (one record for the suite, so a warning seen by two monitors is shown
@@ -139,7 +144,10 @@ class QKOVEngine:
             if heatmap is None:
                 continue
             self.latest[(task_a, task_b)] = heatmap
-            self._report(host, heatmap, task_a, task_b)
+            try:  # logs without a collective (rank zero's scalars, figures), so a rank may fail alone
+                self._report(host, heatmap, task_a, task_b)
+            except Exception as err:
+                self._relay.warn(f"{task_a} vs {task_b}: nothing logged at step {host.step}: {err!r}")
         self._relay.flush()
 
     # ------------------------------------------------------------------ computing
@@ -197,7 +205,7 @@ class QKOVEngine:
         known = set().union(*gather(sorted(self.fisher_monitor.known_tasks())))
         unknown = sorted({t for pair in self.pairs for t in pair if t not in known})
         if unknown:
-            raise ValueError(
+            raise SetupError(
                 f"{RELAY_NAME}: pairs name unknown task(s) {unknown}; known tasks: "
                 f"{sorted(known)} (probe sets keep their name, training samples of a probe set's "
                 "task are under '<task>@train')"

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .._validate import SetupError
+
 if TYPE_CHECKING:
     from .host import Host
 
@@ -104,6 +106,23 @@ class WarningRelay:
         finally:  # outside the recording (re-emitted here), also when the block raised
             for w in got:
                 self._record(_dedup_key(str(w.message)), f"{context}{w.message}")
+
+    @contextmanager
+    def contain(self, what: str) -> Iterator[None]:
+        """The last line of defence around a monitor's hook: a failure inside the block is one
+        warning (``"{what} failed: ..."``) and training goes on. In one process only: under
+        DDP/FSDP it propagates, since a rank that left the block early would leave the others
+        waiting in a collective the block runs (the parts that can fail on one rank alone guard
+        themselves, so their ranks stay in step). A :class:`~fisher_callbacks._validate.SetupError`
+        (a setting only the fit can check) always propagates."""
+        try:
+            yield
+        except SetupError:
+            raise  # a mistake in the settings: the user's to fix, not a monitoring failure
+        except Exception as err:
+            if distributed():
+                raise
+            self.warn(f"{what} failed: {err!r}; training continues")
 
     def reset(self) -> None:
         """Forget the messages shown (a new fit shows them again); views share the reset."""

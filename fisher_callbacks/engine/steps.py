@@ -195,6 +195,12 @@ class StepCapture:
         pending, self._pending = self._pending, None
         self.remove_loss_check()
         capture = self.engine.capture
+        if pending is not None and capture is not None and capture.error is not None:
+            error, capture.error = capture.error, None  # a hook failed (gradients left as they were)
+            capture.disarm()
+            self._captured = None
+            self._fail(f"per-sample capture failed at step {pending['step']}: {error!r}")
+            return
         if pending is None or capture is None or not capture.armed:
             return
         try:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -240,7 +240,13 @@ class FirstOrderForgettingAccumulator:
         self._per_block_head: dict[str, Tensor] = {}
         self.num_updates = 0
 
-    def update(self, grad_a: TensorDict, delta: TensorDict, grad_a_end: TensorDict | None = None) -> Tensor:
+    def update(
+        self,
+        grad_a: TensorDict,
+        delta: TensorDict,
+        grad_a_end: TensorDict | None = None,
+        frozen: Collection[str] = (),
+    ) -> Tensor:
         """Add one step ``sum_k g_A,k delta_k`` (trapezoid rule when ``grad_a_end`` is given).
 
         Args:
@@ -248,13 +254,15 @@ class FirstOrderForgettingAccumulator:
             delta: ``{name: Tensor}`` ``theta_{s+1} - theta_s``, same keys and shapes.
             grad_a_end: Optional gradient at theta_{s+1}; then ``0.5 (g(theta_s) +
                 g(theta_{s+1}))`` replaces ``g(theta_s)`` (see :func:`first_order_forgetting`).
+            frozen: Monitored weights of the layout that did not train in this step (frozen
+                after the layout was taken): absent from the dicts, they add 0 to their heads.
 
         Returns:
             This step's contribution, a 0-d fp32 tensor (not synchronised to the host).
 
         Raises:
             KeyMismatchError: If the keys of the dicts differ, or (with a layout) a monitored
-                weight of the layout is missing from them.
+                weight of the layout is missing from them and not ``frozen``.
         """
         check_matching(grad_a, delta, names=("grad_a", "delta"))
         if grad_a_end is not None:
@@ -282,28 +290,32 @@ class FirstOrderForgettingAccumulator:
             else:
                 self._per_parameter[name] = part.clone()
         if self.layout is not None:
-            self._update_heads(products, acc_dtype)
+            self._update_heads(products, acc_dtype, set(frozen))
         self.num_updates += 1
         return step
 
-    def _update_heads(self, products: dict[str, Tensor], acc_dtype: torch.dtype) -> None:
+    def _update_heads(self, products: dict[str, Tensor], acc_dtype: torch.dtype, frozen: set[str]) -> None:
         layout = self.layout
         assert layout is not None
-        missing = [n for n in layout.monitored_parameters() if n not in products]
+        missing = [n for n in layout.monitored_parameters() if n not in products and n not in frozen]
         if missing:
             raise KeyMismatchError(
                 f"grad_a/delta lack monitored attention weights of the layout: {missing[:8]}"
             )
+        device = next(iter(products.values())).device if products else self._total.device
         for block in layout.blocks:
             rows = []
             for layer in range(layout.num_layers):
                 if not layout.is_monitored(layer, block):  # no adapter / frozen: NaN, not 0
-                    device = next(iter(products.values())).device
                     rows.append(torch.full((layout.heads_in_block(block),), math.nan, device=device))
                     continue
                 row = sum(  # [H_b]; the weight, plus the Q/K/V bias when the layout includes it
-                    self._head_sums(products[name], name, layer, block, is_bias)
-                    for name, is_bias in layout.block_entries(layer, block)
+                    (
+                        self._head_sums(products[name], name, layer, block, is_bias)
+                        for name, is_bias in layout.block_entries(layer, block)
+                        if name not in frozen  # did not move: adds 0
+                    ),
+                    torch.zeros(layout.heads_in_block(block), device=device),
                 )
                 rows.append(row)
             per_head = torch.stack(rows)
