@@ -4,6 +4,7 @@ suite, and the captured per-sample gradients under TRL's fused LM head equal the
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,8 @@ def fused_microbatch_gradients(model, batch, names):
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_fused_head_capture_equals_the_microbatch_loop(tmp_path, accumulation):
+def _sft(tmp_path, accumulation: int = 1, loss_type: str = "nll") -> tuple[SFTTrainer, FisherTrainerCallback]:
+    """One optimizer step (lr 0) over 8 "math" samples of different lengths, every one captured."""
     tok = hf_sft_lora.tokenizer()
     model = hf_sft_lora.tiny_llama(len(tok))
     callback = FisherTrainerCallback(
@@ -82,12 +83,19 @@ def test_fused_head_capture_equals_the_microbatch_loop(tmp_path, accumulation):
             bf16=False,  # TRL's default trains under bf16 autocast; the reference runs in fp32
             max_length=32,
             disable_tqdm=True,
+            loss_type=loss_type,
         ),
         train_dataset=Dataset.from_dict({"text": texts}),
         processing_class=tok,
         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
         callbacks=[callback],
     )
+    return trainer, callback
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_fused_head_capture_equals_the_microbatch_loop(tmp_path, accumulation):
+    trainer, callback = _sft(tmp_path, accumulation)
     # every training sample, collated as the trainer does (one optimizer step holds all 8)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
@@ -103,3 +111,16 @@ def test_fused_head_capture_equals_the_microbatch_loop(tmp_path, accumulation):
         assert_close_rel(rows.sum(0), ref.sum(0), rtol=1e-4)
         norms = lambda t: t.flatten(1).norm(dim=1).sort().values  # noqa: E731
         assert_close_rel(norms(rows), norms(ref), rtol=1e-4)
+
+
+@pytest.mark.parametrize(("loss_type", "warned"), [("nll", False), ("dft", True)])
+def test_a_loss_that_weights_tokens_unequally_is_one_warning(tmp_path, loss_type, warned):
+    """TRL's ``loss_type="dft"`` weights each target token by its probability: the captured
+    gradients are then those of the weighted loss (a Fisher 9.5x the token-mean one in the
+    review's run). Before: no warning."""
+    trainer, _ = _sft(tmp_path, loss_type=loss_type)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [w for w in caught if "weights its target tokens unequally" in str(w.message)]
+    assert len(said) == int(warned)
