@@ -20,6 +20,7 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ddp_run import leave_worker
 from tiny_models import lm_batch, tiny_causal_lm
 
 from fisher_callbacks import FisherCollector
@@ -75,3 +76,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    leave_worker()

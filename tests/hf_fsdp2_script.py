@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ddp_run import leave_worker
 from test_hf import _args, _callback, _pretrained
 from transformers import Trainer
 
@@ -115,3 +116,4 @@ def main(kind: str, out: str, resume: str | None = None) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    leave_worker()
