@@ -199,6 +199,11 @@ class StepCapture:
             error, capture.error = capture.error, None  # a hook failed (gradients left as they were)
             capture.disarm()
             self._captured = None
+            collector = self.engine.collector
+            if pending["flagged"] and collector.needs_whitening:
+                # the first flagged step's whitening is a collective: this rank joins it with no
+                # sample (as a skipped step does), so the others are not left waiting
+                collector.initial_whitening(None, 0)
             self._fail(f"per-sample capture failed at step {pending['step']}: {error!r}")
             return
         if pending is None or capture is None or not capture.armed:
