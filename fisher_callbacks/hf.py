@@ -127,7 +127,7 @@ class HFHost(Host):
 
     @property
     def validation_interval(self) -> float | None:
-        if str(getattr(self.args.eval_strategy, "value", self.args.eval_strategy)) != "steps":
+        if _eval_strategy(self.args) != "steps":
             return None
         every = self.args.eval_steps or self.args.logging_steps
         if every is not None and 0 < every < 1:  # a fraction of the run
@@ -283,8 +283,7 @@ class FisherTrainerCallback(TrainerCallback):
                 "silently): the callbacks watch the run as it is, unsharded.",
                 stacklevel=2,
             )
-        strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
-        if strategy == "no" and (self.qkov is not None or self.forgetting is not None):
+        if _eval_strategy(args) == "no" and (self.qkov is not None or self.forgetting is not None):
             warnings.warn(
                 "fisher_callbacks: eval_strategy='no': the QK-OV and forgetting monitors evaluate "
                 "at each on_evaluate, so they evaluate once at the end of training instead; set "
@@ -340,14 +339,15 @@ class FisherTrainerCallback(TrainerCallback):
             return
 
         def measured(grad: torch.Tensor) -> None:
-            weights = -grad.float()[grad != 0]  # each target token's weight in the loss
+            grad = grad.float()
+            weights = -grad[grad != 0]  # each target token's weight in the loss
             if weights.numel() and float(weights.max() - weights.min()) > 1e-3 * float(weights.abs().max()):
                 self.fisher.relay.warn(
                     "the training loss weights its target tokens unequally (TRL's loss_type='dft'?): "
                     "captured per-sample gradients are those of that weighted loss, divided by the "
                     "mean weight per token, not of the samples' own token-mean losses"
                 )
-            per_token = -float(grad.float().mean())  # the weight of each target token's loss
+            per_token = -float(grad.mean())  # the weight of each target token's loss
             capture = self.fisher.capture
             if capture is not None and math.isfinite(per_token) and per_token > 0:
                 capture.rescale(1.0 / (per_token * assumed))
@@ -514,6 +514,11 @@ class FisherTrainerCallback(TrainerCallback):
         for engine in self.engines:
             if type(engine).__name__ in state:
                 engine.load_state_dict(state[type(engine).__name__])
+
+
+def _eval_strategy(args: Any) -> str:
+    """``args.eval_strategy`` as its string (``"no"``, ``"steps"``, ``"epoch"``), enum or not."""
+    return str(getattr(args.eval_strategy, "value", args.eval_strategy))
 
 
 def _calling_handler() -> CallbackHandler | None:

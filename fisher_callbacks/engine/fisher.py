@@ -110,7 +110,7 @@ class FisherEngine:
         self._pending_state: dict[str, Any] | None = None
         self._relay = WarningRelay("FisherMonitor")
         self._warned_frozen: tuple[str, ...] = ()
-        self._frozen: frozenset[str] = frozenset()  # parameters frozen when the layout was taken
+        self._frozen: tuple[str, ...] = ()  # attention tensors the layout left out as frozen
 
     # ------------------------------------------------------------------ tasks
     def train_key(self, task: str) -> str:
@@ -207,29 +207,15 @@ class FisherEngine:
         """The layout of what trains now; warns once (per set of names) about frozen weights."""
         layout = AttentionLayout.from_model(module, include_bias=self.include_bias)
         layout, frozen = layout.trainable_only(module)
+        self._frozen = tuple(frozen)  # left out: resolve() says so if they are unfrozen later
         key = tuple(canonical_name(n) for n in frozen)
         if frozen and key != self._warned_frozen:
             self._warned_frozen = key
             self._relay.warn(frozen_message(frozen))
         return layout
 
-    def _warn_unfrozen(self, module: torch.nn.Module, unfrozen: frozenset[str]) -> None:
-        """Attention weights unfrozen since the layout was taken stay unmonitored (its samples
-        and the forgetting prediction cover what trained at fit start): one warning."""
-        if self.layout is None:
-            return
-        whole = AttentionLayout.from_model(module, include_bias=self.include_bias).monitored_parameters()
-        new = [n for n in whole if n in unfrozen and n not in self.layout.monitored_parameters()]
-        if new:
-            self._relay.warn(
-                f"{len(new)} attention tensor(s) were unfrozen during the fit and are not monitored "
-                f"({', '.join(new[:4])}{', ...' if len(new) > 4 else ''}): the monitors watch the "
-                "weights that trained at fit start; unfreeze before the fit to watch them"
-            )
-
     def _build(self, module: torch.nn.Module, layout: AttentionLayout) -> None:
         self.layout = layout
-        self._frozen = frozenset(n for n, p in module.named_parameters() if not p.requires_grad)
         self.collector = FisherCollector(
             module,
             self.layout,
@@ -259,10 +245,15 @@ class FisherEngine:
             self.collector.set_shards(Shards.of(module))
         params = dict(module.named_parameters())
         names = self.layout.monitored_parameters()
-        unfrozen = frozenset(n for n in self._frozen if n in params and params[n].requires_grad)
-        if unfrozen:  # BaseFinetuning, progressive unfreezing
-            self._frozen -= unfrozen
-            self._warn_unfrozen(module, unfrozen)
+        unfrozen = [n for n in self._frozen if n in params and params[n].requires_grad]
+        if unfrozen:  # BaseFinetuning, progressive unfreezing: they stay unmonitored
+            self._frozen = tuple(n for n in self._frozen if n not in unfrozen)
+            self._relay.warn(
+                f"{len(unfrozen)} attention tensor(s) were unfrozen during the fit and are not "
+                f"monitored ({', '.join(unfrozen[:4])}{', ...' if len(unfrozen) > 4 else ''}): the "
+                "monitors watch the weights that trained at fit start; unfreeze before the fit to "
+                "watch them"
+            )
         if all(n in params and params[n].requires_grad for n in names):
             return
         check_supported(module)  # wrapped since prepare (e.g. FSDP1 by the strategy)

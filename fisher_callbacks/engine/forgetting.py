@@ -227,10 +227,11 @@ class ForgettingEngine:
         rows: dict[str, float] = {}
         stop = False
         try:
+            boundary = host.boundary_follows()
             # a boundary at this step measures anyway: no second probe pass, no second row
-            probe_now = self._early_probe_due(step) and not host.boundary_follows()
+            probe_now = self._early_probe_due(step) and not boundary
             if self.forecast:  # the verdict goes with a measurement when one comes at this step
-                decide = not (probe_now or host.boundary_follows())
+                decide = not (probe_now or boundary)
                 drifts = {t: self.warnings.last_drift(t) for t in fc.tasks}
                 for task, value in fc.step(drifts).items():
                     stop |= self._forecast_task(host, task, step, value, rows, decide=decide)
