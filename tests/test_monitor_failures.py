@@ -15,7 +15,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from test_reliability_issue27 import DROPOUT, TINY, _loader, _trainer
 
 import fisher_callbacks.capture as capture_module
 from fisher_callbacks import FisherCollector, SetupError
@@ -26,15 +26,6 @@ from fisher_callbacks.engine import qkov_report
 from fisher_callbacks.engine.forgetting_report import ForgettingReport
 from fisher_callbacks.engine.forgetting_tracker import ForgettingTracker
 from lightning_examples.synthetic import SyntheticTask, TinyGPT, collate
-
-TINY = dict(n_layer=2, n_head=2, n_embd=16, pretrain_steps=0)
-DROPOUT = dict(
-    n_layer=2, n_head=2, n_embd=16, n_positions=32, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1
-)
-
-
-def _loader(task: str, n: int, seed: int, batch_size: int = 8, **kwargs) -> DataLoader:
-    return DataLoader(SyntheticTask(task, n, seed=seed), batch_size=batch_size, collate_fn=collate, **kwargs)
 
 
 def _suite() -> list[pl.Callback]:
@@ -50,24 +41,6 @@ def _suite() -> list[pl.Callback]:
         QKOVInterferenceMonitor(fm, pairs=[("general", "math")], n_permutations=5, variant="signed"),
         ForgettingRiskMonitor(fm, reference_tasks=["general"]),
     ]
-
-
-def _trainer(tmp_path, callbacks, **overrides) -> pl.Trainer:
-    options = dict(
-        max_steps=8,
-        val_check_interval=4,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-    )
-    return pl.Trainer(**{**options, **overrides})
 
 
 def _fit(tmp_path, model: pl.LightningModule, callbacks, max_steps: int = 8) -> tuple[pl.Trainer, list[str]]:

@@ -15,32 +15,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_reliability_issue27 import TINY, _trainer
 from torch.utils.data import ConcatDataset, DataLoader
 
 from fisher_callbacks import FisherCollector
 from fisher_callbacks.callbacks import FisherMonitor, ForgettingRiskMonitor, QKOVInterferenceMonitor
 from lightning_examples.multitask import OffsetIds
 from lightning_examples.synthetic import SyntheticTask, SyntheticTasks, TinyGPT, collate
-
-TINY = dict(n_layer=2, n_head=2, n_embd=16, pretrain_steps=0)
-
-
-def _trainer(tmp_path, callbacks, max_steps=8, val_every=4, **kwargs):
-    kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        max_steps=max_steps,
-        val_check_interval=val_every,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        **kwargs,
-    )
 
 
 def _val_loader():

@@ -23,12 +23,13 @@ DROPOUT = dict(
 
 
 def _trainer(tmp_path, callbacks, max_steps=8, val_every=4, **kwargs):
+    """A CPU Trainer validating every ``val_every`` steps (one batch), no logger, no checkpoints."""
     kwargs.setdefault("enable_checkpointing", False)
     kwargs.setdefault("limit_val_batches", 1)
+    kwargs.setdefault("check_val_every_n_epoch", None)
     return pl.Trainer(
         max_steps=max_steps,
         val_check_interval=val_every,
-        check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         accelerator="cpu",
         logger=False,

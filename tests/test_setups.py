@@ -6,7 +6,8 @@ from __future__ import annotations
 import warnings
 
 import lightning.pytorch as pl
-from test_monitor_failures import DROPOUT, TINY, _fit, _loader, _suite, _trainer
+from test_monitor_failures import _fit, _suite
+from test_reliability_issue27 import DROPOUT, TINY, _loader, _trainer
 
 from lightning_examples.synthetic import TinyGPT
 
@@ -58,9 +59,7 @@ def test_validation_every_other_epoch_is_the_validation_interval(tmp_path):
     """8 batches an epoch, ``check_val_every_n_epoch=2``: boundaries every 16 steps. Before: the
     interval read 8 until the first boundary (early probes stopped at step 4, horizon 16)."""
     suite = _suite()
-    trainer = _trainer(
-        tmp_path, suite, max_steps=-1, max_epochs=4, val_check_interval=None, check_val_every_n_epoch=2
-    )
+    trainer = _trainer(tmp_path, suite, max_steps=-1, val_every=None, max_epochs=4, check_val_every_n_epoch=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(TinyGPT(**TINY), _loader("math", 64, 0, shuffle=True), _loader("math", 8, 1))
